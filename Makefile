@@ -1,0 +1,31 @@
+# One-command set-up: `make demo` runs the whole pipeline on the built-in demo world,
+# `make test` runs the test suite. Both create .venv first if it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ROOT ?= geoloc-data/demo
+
+.PHONY: install demo test lint clean
+
+$(BIN)/geoloc: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision pinned to the builds this project is tested with (installed from local disk where present).
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/geoloc
+
+install: $(BIN)/geoloc
+
+demo: install
+	$(BIN)/geoloc demo --root $(ROOT)
+
+test: install
+	$(BIN)/ruff check geoloc_cli tests benchmarks
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check geoloc_cli tests benchmarks
+
+clean:
+	rm -rf geoloc-data .pytest_cache

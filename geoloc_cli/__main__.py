@@ -1,0 +1,3 @@
+from geoloc_cli.cli import main
+
+main()

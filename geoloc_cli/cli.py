@@ -1,0 +1,283 @@
+"""The `geoloc` command: thin typer commands that resolve the config and call one stage's `run`.
+
+Only this module knows typer. Heavy libraries (torch, timm, transformers) are imported inside the
+commands that need them, so `geoloc --help` stays fast. Every GeolocError becomes one line on stderr
+and its exit code (ConfigError: 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from geoloc_cli.errors import ConfigError, GeolocError
+
+app = typer.Typer(
+    name="geoloc",
+    help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Shared options (every command takes the config ones; device ones where a stage uses devices).
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config (default: ./geoloc.yaml if present, else built-in defaults)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable)."),
+]
+RootOpt = Annotated[Path | None, typer.Option("--root", help="Data root directory (config paths.root).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
+
+
+def _parse_gpus(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus: expected comma-separated integers like 0,1, got {text!r}") from None
+
+
+def _config(config: Path | None, sets: list[str] | None, root: Path | None, **options: Any):
+    """Resolve the config tree; `options` are explicit command options keyed by dotted config key."""
+    from geoloc_cli.config import load_config
+
+    if root is not None:
+        options["paths.root"] = str(root)
+    return load_config(config, sets, options)
+
+
+def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn domain errors into a clear message and an exit code (the one place that does so)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from geoloc_cli import console
+
+        console.set_quiet(bool(kwargs.get("quiet", False)))
+        try:
+            return fn(*args, **kwargs)
+        except GeolocError as e:
+            console.error(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command(
+    epilog="Examples:  geoloc fetch demo  |  geoloc fetch mp16  |  "
+    "geoloc fetch --urls list.csv --meta meta.csv --name mine  |  geoloc fetch ./photos --name holiday"
+)
+@_handled
+def fetch(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="Preset (demo, mp16, yfcc25600, im2gps, im2gps3k, yfcc4k) or a folder of photos."),
+    ] = None,
+    urls: Annotated[Path | None, typer.Option(help="URL list: image_id,url rows without a header.")] = None,
+    meta: Annotated[Path | None, typer.Option(help="Metadata CSV in *_places365.csv format.")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name (datasets/<name>/).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Retry failed items (not 404/410).")] = False,
+    retry_gone: Annotated[bool, typer.Option(help="With --retry-failed, retry 404/410 too.")] = False,
+    part: Annotated[str | None, typer.Option(help="Fetch slice i of N (i/N, 0-based) of the list.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download images (or import local photos) into tar shards with a manifest of statuses."""
+    from geoloc_cli.stages import fetch as stage
+
+    cfg = _config(config, set_, root)
+    stage.run(cfg, source=source, urls=urls, meta=meta, name=name, retry_failed=retry_failed,
+              retry_gone=retry_gone, part=part)
+
+
+@app.command(
+    epilog="Examples:  geoloc partition --cells all  |  "
+    "geoloc partition --input meta.csv --tau-min 50 --tau-max 1000 --output cells/  |  "
+    "geoloc partition --use-published cells/ --export-mapping labels.json"
+)
+@_handled
+def partition(
+    cells: Annotated[str, typer.Option(help="coarse, middle, fine or all.")] = "all",
+    input: Annotated[Path | None, typer.Option(help="Metadata CSV to partition (default: the config's dataset).")] = None,
+    tau_min: Annotated[int | None, typer.Option(help="Drop cells with at most this many images.")] = None,
+    tau_max: Annotated[int | None, typer.Option(help="Split cells with more images (one custom partitioning).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output directory (default partitions/<dataset>/).")] = None,
+    use_published: Annotated[Path | None, typer.Option(help="Assign classes with these cell tables.")] = None,
+    export_mapping: Annotated[Path | None, typer.Option(help="Write {IMG_ID: [coarse, middle, fine]} JSON.")] = None,
+    map: Annotated[Path | None, typer.Option("--map", help="Draw the cells on a world map (.png or .html).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build adaptive S2 geo-cell partitionings and assign each image its class."""
+    from geoloc_cli.stages import partition as stage
+
+    cfg = _config(config, set_, root, **{"partition.tau_min": tau_min})
+    stage.run(cfg, cells=cells, input=input, tau_max=tau_max, output=output, use_published=use_published,
+              export_mapping=export_mapping, map_path=map)
+
+
+@app.command("filter", epilog="Examples:  geoloc filter  |  geoloc filter mp16 --scene 1 --min-size 200")
+@_handled
+def filter_(
+    dataset: Annotated[str | None, typer.Argument(help="Dataset to index (default: train.dataset).")] = None,
+    scene: Annotated[int | None, typer.Option(help="scene_of_interest: 0 indoor, 1 natural, 2 urban, 3 all.")] = None,
+    min_size: Annotated[int | None, typer.Option(help="Minimum shorter side in pixels.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the training index: downloaded items with a class in every partitioning."""
+    from geoloc_cli.stages import filter as stage
+
+    cfg = _config(config, set_, root, **{"filter.scene_of_interest": scene, "filter.min_size": min_size})
+    stage.run(cfg, dataset=dataset)
+
+
+@app.command(
+    epilog="Examples:  geoloc segment  |  geoloc segment mp16 --gpus 0,1  |  geoloc segment --preview 8  |  "
+    "geoloc segment mp16 --import translocator_maps/"
+)
+@_handled
+def segment(
+    datasets: Annotated[list[str] | None, typer.Argument(help="Datasets (default: train and val datasets).")] = None,
+    preview: Annotated[int, typer.Option(help="Write N side-by-side preview PNGs instead of segmenting.")] = 0,
+    import_: Annotated[
+        Path | None, typer.Option("--import", help="Import colour-coded maps from a folder or archive.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = None,
+    gpus: GpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute ADE20K semantic segmentation maps into seg shards aligned with the image shards."""
+    from geoloc_cli.stages import segment as stage
+
+    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
+    stage.run(cfg, datasets=datasets or None, preview=preview, import_from=import_)
+
+
+@app.command(
+    epilog="Examples:  geoloc train  |  geoloc train --gpus 0,1  |  geoloc train --resume  |  "
+    "torchrun --nproc-per-node 8 -m geoloc_cli train"
+)
+@_handled
+def train(
+    run: Annotated[str | None, typer.Option(help="Run name (runs/<run>/).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last resume state.")] = False,
+    nnodes: Annotated[int, typer.Option(help="Number of nodes (multi-node training).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Port on node 0.")] = 29500,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = None,
+    gpus: GpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the multi-task ViT (RGB + segmentation branches) on the geo-cell and scene labels."""
+    from geoloc_cli.stages import train as stage
+
+    cfg = _config(
+        config, set_, root, **{"train.run": run, "runtime.device": device, "runtime.gpus": _parse_gpus(gpus)}
+    )
+    stage.launch(cfg, resume=resume, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                 master_port=master_port)
+
+
+@app.command(
+    epilog="Examples:  geoloc evaluate  |  geoloc evaluate im2gps3k yfcc4k --model runs/default/model.safetensors"
+    "  |  geoloc evaluate --from-predictions results.csv --json"
+)
+@_handled
+def evaluate(
+    datasets: Annotated[list[str] | None, typer.Argument(help="Datasets (default: evaluate.datasets).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Inference checkpoint (default: the run's best).")] = None,
+    from_predictions: Annotated[
+        Path | None, typer.Option(help="Recompute metrics from a per-image predictions CSV.")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Great-circle accuracy at 1/25/200/750/2500 km per partitioning and hierarchical prediction."""
+    from geoloc_cli.stages import evaluate as stage
+
+    cfg = _config(config, set_, root, **{"runtime.device": device})
+    stage.run(cfg, datasets=datasets or None, model=model, from_predictions=from_predictions, as_json=json_)
+
+
+@app.command(
+    epilog="Examples:  geoloc predict photo.jpg --model model.safetensors  |  geoloc predict photos/ --json"
+)
+@_handled
+def predict(
+    photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
+    model: Annotated[Path | None, typer.Option(help="Inference checkpoint (default: the run's best).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Candidate places per photo.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Geolocate photos: top-k places with probabilities, and the scene."""
+    from geoloc_cli.stages import predict as stage
+
+    cfg = _config(config, set_, root, **{"runtime.device": device, "predict.top_k": top_k})
+    failed = stage.run(cfg, photos=photos, model=model, as_json=json_)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")
+@_handled
+def show_config(
+    docs: Annotated[bool, typer.Option(help="Show every key with its documentation.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Print the resolved configuration (defaults < YAML < --set < options)."""
+    from geoloc_cli import config as cfgmod
+    from geoloc_cli import console
+
+    cfg = _config(config, set_, root)
+    if docs:
+        console.table("configuration", ["key", "value", "doc"], [(k, repr(v), d) for k, v, d in cfgmod.describe(cfg)])
+    else:
+        console.out.print(cfgmod.dump_yaml(cfg), markup=False, highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

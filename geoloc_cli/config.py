@@ -1,0 +1,336 @@
+"""One configuration tree for every stage.
+
+Precedence: dataclass defaults < YAML file < `--set a.b=c` overrides < explicit command options.
+Unknown keys, wrong types and bad values raise ConfigError naming the key. Every field carries its
+documentation in `metadata["doc"]`; `geoloc config` prints the resolved tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geoloc_cli.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "geoloc.yaml"
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a docstring (mutable defaults are copied per instance)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class PathsConfig:
+    root: str = doc("geoloc-data", "Data root: meta/, datasets/, partitions/, runs/ live under it.")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = doc("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    gpus: list[int] = doc([], "GPU indices for multi-GPU stages (train, segment); empty = use `device`.")
+    num_workers: int = doc(2, "Data-loading worker processes per training/inference process.")
+    seed: int = doc(0, "Random seed for everything that is random.")
+
+
+@dataclass
+class FetchConfig:
+    size_suffix: str = doc("_z", "Flickr size suffix added before the extension ('_z' = 640 px; '' = original).")
+    resize_shorter: int = doc(320, "Resize so the shorter side is this many pixels (0 = keep size).")
+    jpeg_quality: int = doc(90, "JPEG quality of stored images.")
+    shard_size: int = doc(1000, "Items per tar shard.")
+    processes: int = doc(2, "Download processes (each runs many concurrent requests).")
+    concurrency: int = doc(64, "Concurrent requests per process.")
+    per_host: int = doc(16, "Maximum concurrent requests to one host per process.")
+    connect_timeout: float = doc(5.0, "Seconds to establish a connection.")
+    read_timeout: float = doc(10.0, "Seconds to wait for data on an open connection.")
+    deadline: float = doc(30.0, "Overall seconds one item may take, retries included.")
+    retries: int = doc(3, "Retries for 429, 5xx and connection errors (never for 404/410).")
+    max_bytes: int = doc(20_000_000, "Largest response body accepted.")
+    max_pixels: int = doc(100_000_000, "Largest decoded image (width*height) accepted: decompression-bomb guard.")
+
+
+@dataclass
+class PartitionConfig:
+    dataset: str = doc("mp16", "Dataset whose metadata (meta/<dataset>_places365.csv) is partitioned.")
+    tau_min: int = doc(50, "Cells with at most this many images are dropped.")
+    tau_max: dict[str, int] = doc(
+        {"coarse": 5000, "middle": 2000, "fine": 1000},
+        "Per partitioning: cells with more images are split (published: 5000/2000/1000).",
+    )
+    lvl_min: int = doc(2, "S2 level partitioning starts from.")
+    lvl_max: int = doc(30, "Deepest S2 level a cell may be split to.")
+
+
+@dataclass
+class FilterConfig:
+    scene_of_interest: int = doc(3, "Keep one scene only: 0 indoor, 1 natural, 2 urban, 3 all.")
+    min_size: int = doc(0, "Drop images whose shorter side is below this many pixels.")
+
+
+@dataclass
+class SegmentConfig:
+    model: str = doc(
+        "nvidia/segformer-b0-finetuned-ade-512-512",
+        "ADE20K segmentation model: Hugging Face hub id or local directory; 'tiny-random' builds a small "
+        "randomly initialised SegFormer (tests, demo).",
+    )
+    batch_size: int = doc(32, "Images per inference batch.")
+    input_size: int = doc(512, "Images are resized to this square size before segmentation.")
+    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = doc("vit_base_patch16_224.augreg_in21k", "timm model name of each ViT branch.")
+    pretrained: str = doc(
+        "auto", "Backbone weights: auto (timm's if reachable, else random), none, or a local file path."
+    )
+    img_size: int = doc(224, "Input resolution of both branches.")
+    seg_channels: int = doc(3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
+    fusion: str = doc("late", "How branches are fused: late (learned weighting) or exchange (CLS per layer).")
+    scene_classes: int = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
+    partitionings: list[str] = doc(["coarse", "middle", "fine"], "Geo-cell heads, one per partitioning.")
+    overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = doc("mp16", "Training dataset (datasets/<name>/ with an index from `geoloc filter`).")
+    val_dataset: str = doc("yfcc25600", "Held-out dataset for validation ('' = none).")
+    run: str = doc("default", "Run name: outputs go to runs/<run>/.")
+    epochs: int = doc(15, "Training epochs.")
+    batch_size: int = doc(256, "Global batch size (split across GPUs).")
+    lr: float = doc(1e-4, "Peak learning rate.")
+    weight_decay: float = doc(0.05, "AdamW weight decay.")
+    optimizer: str = doc("adamw", "adamw or sgd.")
+    warmup_epochs: float = doc(1.0, "Linear warm-up length, then cosine decay.")
+    loss_weights: dict[str, float] = doc(
+        {"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0}, "Weight of each head's loss."
+    )
+    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    grad_clip: float = doc(1.0, "Clip the gradient norm to this (0 = off).")
+    grad_accum: int = doc(1, "Gradient accumulation steps.")
+    checkpoint_every: int = doc(1000, "Save resume state every N optimizer steps (and at each epoch end).")
+    augment: bool = doc(True, "Random resized crop + flip (same geometry for photo and seg map).")
+
+
+@dataclass
+class EvaluateConfig:
+    datasets: list[str] = doc(["yfcc25600"], "Datasets to evaluate on.")
+    thresholds_km: list[float] = doc([1, 25, 200, 750, 2500], "Accuracy thresholds in km.")
+    batch_size: int = doc(64, "Images per inference batch.")
+
+
+@dataclass
+class PredictConfig:
+    top_k: int = doc(5, "Number of candidate places per photo.")
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.paths.root)
+
+
+# Value checks beyond types: key -> (predicate, what is allowed).
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "runtime.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    "runtime.num_workers": (lambda v: v >= 0, ">= 0"),
+    "fetch.shard_size": (lambda v: v > 0, "> 0"),
+    "fetch.processes": (lambda v: v > 0, "> 0"),
+    "fetch.concurrency": (lambda v: v > 0, "> 0"),
+    "fetch.jpeg_quality": (lambda v: 1 <= v <= 100, "1..100"),
+    "partition.tau_min": (lambda v: v >= 0, ">= 0"),
+    "partition.lvl_min": (lambda v: 0 <= v <= 30, "0..30"),
+    "partition.lvl_max": (lambda v: 0 <= v <= 30, "0..30"),
+    "filter.scene_of_interest": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "segment.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    "segment.batch_size": (lambda v: v > 0, "> 0"),
+    "model.seg_channels": (lambda v: v in (0, 3, 150), "0, 3 or 150"),
+    "model.fusion": (lambda v: v in ("late", "exchange"), "late or exchange"),
+    "model.scene_classes": (lambda v: v in (3, 16, 365), "3, 16 or 365"),
+    "model.img_size": (lambda v: v > 0, "> 0"),
+    "model.partitionings": (lambda v: len(v) > 0, "at least one partitioning"),
+    "train.epochs": (lambda v: v > 0, "> 0"),
+    "train.batch_size": (lambda v: v > 0, "> 0"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.optimizer": (lambda v: v in ("adamw", "sgd"), "adamw or sgd"),
+    "train.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    "train.grad_accum": (lambda v: v > 0, "> 0"),
+    "train.checkpoint_every": (lambda v: v > 0, "> 0"),
+    "predict.top_k": (lambda v: v > 0, "> 0"),
+}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp` where that is lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _check_type(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a YAML `run: 1` or `size_suffix: 640` is meant as text
+    if isinstance(value, bool) and tp is not bool:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Write a nested mapping onto a dataclass tree, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, (ok, allowed) in _CHECKS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}: {value!r} is not allowed (expected {allowed})")
+    unknown = set(cfg.model.partitionings) - set(cfg.partition.tau_max)
+    if unknown:
+        raise ConfigError(f"model.partitionings: {sorted(unknown)} have no partition.tau_max entry")
+    if cfg.partition.lvl_min > cfg.partition.lvl_max:
+        raise ConfigError("partition.lvl_min: must not exceed partition.lvl_max")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=c` -> {"a": {"b": c}} with c parsed as YAML (so 3 is an int, [0,1] a list, x a string)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    path, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from None
+    if not all(path.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    return _nest(path.strip(), value)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve the configuration: defaults < YAML < --set overrides < explicit options.
+
+    `path` None means ./geoloc.yaml when present, else defaults only. `options` maps dotted keys to
+    values from explicit command options (None values are ignored).
+    """
+    cfg = Config()
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    if path is not None:
+        _merge(cfg, read_yaml(Path(path)))
+    for text in overrides or []:
+        _merge(cfg, parse_override(text))
+    for key, value in (options or {}).items():
+        if value is not None:
+            _merge(cfg, _nest(key, value))
+    _validate(cfg)
+    return cfg
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for k in reversed(key.split(".")):
+        out = {k: out}
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. stored in a checkpoint), with full checking."""
+    cfg = Config()
+    _merge(cfg, data)
+    _validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cfg: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, doc) for every field: used by `geoloc config` and the docs."""
+    cfg = cfg if cfg is not None else Config()
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,145 @@
+"""All terminal output: rich tables on stdout, progress bars and messages on stderr.
+
+Only this module imports rich. Only the main process (RANK 0, or no RANK at all) prints anything, so
+stages can call these functions unconditionally from every distributed worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+_state = {"quiet": False}
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool) -> None:
+    """Quiet: no progress bars; progress is logged as plain lines every few seconds instead."""
+    _state["quiet"] = quiet
+
+
+def is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def info(msg: str) -> None:
+    if is_main():
+        err.print(msg)
+
+
+def warn(msg: str) -> None:
+    if is_main():
+        err.print(f"[yellow]warning:[/] {msg}")
+
+
+def error(msg: str) -> None:
+    # Errors print from every rank: a failing worker must be able to say why.
+    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    if is_main():
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> None:
+    """Print a table; numbers are right-aligned, floats shown with 2 decimals unless already strings."""
+    if not is_main():
+        return
+    t = Table(title=title, caption=caption or None, title_justify="left")
+    first = rows[0] if rows else [""] * len(columns)
+    for name, sample in zip(columns, first, strict=False):
+        t.add_column(name, justify="right" if isinstance(sample, int | float) else "left")
+    for row in rows:
+        t.add_row(*(_fmt(v) for v in row))
+    out.print(t)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+class Task:
+    """Handle of a progress bar (or of its quiet log-line stand-in)."""
+
+    def __init__(self, progress: Progress | None, task_id: Any, description: str, total: float | None):
+        self._progress, self._id, self._desc, self._total = progress, task_id, description, total
+        self._done = 0.0
+        self._last_log = time.monotonic()
+        self._start = time.monotonic()
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        self._done += n
+        if self._progress is not None:
+            self._progress.update(self._id, advance=n, **fields)
+        elif is_main() and time.monotonic() - self._last_log > 10:
+            self._last_log = time.monotonic()
+            rate = self._done / max(time.monotonic() - self._start, 1e-9)
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            total = f"/{self._total:.0f}" if self._total else ""
+            err.print(f"{self._desc}: {self._done:.0f}{total} ({rate:.1f}/s) {extra}")
+
+    def set_total(self, total: float) -> None:
+        self._total = total
+        if self._progress is not None:
+            self._progress.update(self._id, total=total)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None, unit: str = "it", **fields: Any) -> Iterator[Task]:
+    """A progress bar with rate, ETA and free-form fields (e.g. loss=0.1) shown after the bar."""
+    if _state["quiet"] or not is_main():
+        yield Task(None, None, description, total)
+        return
+    extra = " ".join(f"{k}={{task.fields[{k}]}}" for k in fields)
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        _RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn(extra),
+    ]
+    with Progress(*columns, console=err, transient=False, refresh_per_second=4) as p:
+        task_id = p.add_task(description, total=total, **fields)
+        yield Task(p, task_id, description, total)
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second (rich's speed is None until two samples exist)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s")
