@@ -3,7 +3,6 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-ROOT ?= geoloc-data/demo
 
 .PHONY: install demo test lint clean
 
@@ -17,8 +16,17 @@ $(BIN)/geoloc: pyproject.toml
 
 install: $(BIN)/geoloc
 
+GEOLOC := $(BIN)/geoloc
+DEMO := -c configs/demo.yaml
+
 demo: install
-	$(BIN)/geoloc demo --root $(ROOT)
+	$(GEOLOC) fetch demo $(DEMO)
+	$(GEOLOC) partition --cells all $(DEMO)
+	$(GEOLOC) filter $(DEMO)
+	$(GEOLOC) segment $(DEMO)
+	$(GEOLOC) train $(DEMO)
+	$(GEOLOC) evaluate $(DEMO)
+	$(GEOLOC) predict geoloc-data/demo/sources/demo/00_00_10000000.jpg $(DEMO)
 
 test: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks

@@ -115,7 +115,7 @@ def fetch(
 @_handled
 def partition(
     cells: Annotated[str, typer.Option(help="coarse, middle, fine or all.")] = "all",
-    input: Annotated[Path | None, typer.Option(help="Metadata CSV to partition (default: the config's dataset).")] = None,
+    input: Annotated[Path | None, typer.Option(help="Metadata CSV to partition (default: config's dataset).")] = None,
     tau_min: Annotated[int | None, typer.Option(help="Drop cells with at most this many images.")] = None,
     tau_max: Annotated[int | None, typer.Option(help="Split cells with more images (one custom partitioning).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output directory (default partitions/<dataset>/).")] = None,

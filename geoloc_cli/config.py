@@ -37,6 +37,7 @@ class PathsConfig:
 class RuntimeConfig:
     device: str = doc("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     gpus: list[int] = doc([], "GPU indices for multi-GPU stages (train, segment); empty = use `device`.")
+    nproc: int = doc(0, "Processes per node when `gpus` is empty (CPU/gloo multi-process); 0 = one.")
     num_workers: int = doc(2, "Data-loading worker processes per training/inference process.")
     seed: int = doc(0, "Random seed for everything that is random.")
 
@@ -55,6 +56,7 @@ class FetchConfig:
     deadline: float = doc(30.0, "Overall seconds one item may take, retries included.")
     retries: int = doc(3, "Retries for 429, 5xx and connection errors (never for 404/410).")
     max_bytes: int = doc(20_000_000, "Largest response body accepted.")
+    demo_size: int = doc(1200, "Photos in the built-in demo world (3/4 training, 1/4 held out).")
     max_pixels: int = doc(100_000_000, "Largest decoded image (width*height) accepted: decompression-bomb guard.")
 
 
@@ -160,6 +162,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fetch.shard_size": (lambda v: v > 0, "> 0"),
     "fetch.processes": (lambda v: v > 0, "> 0"),
     "fetch.concurrency": (lambda v: v > 0, "> 0"),
+    "fetch.demo_size": (lambda v: v >= 8, ">= 8"),
     "fetch.jpeg_quality": (lambda v: 1 <= v <= 100, "1..100"),
     "partition.tau_min": (lambda v: v >= 0, ">= 0"),
     "partition.lvl_min": (lambda v: 0 <= v <= 30, "0..30"),
@@ -211,6 +214,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return {str(k): _check_type(f"{key}.{k}", v, val_tp) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # a YAML `run: 1` or `size_suffix: 640` is meant as text
     if isinstance(value, bool) and tp is not bool:

@@ -119,7 +119,7 @@ class ShardWriter:
         self.path = Path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
-        self._tar = tarfile.open(self._tmp, "w")
+        self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 - closed in close()/abort()
         self.count = 0
 
     def add(self, key: str, files: dict[str, bytes]) -> None:

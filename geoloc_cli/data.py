@@ -1,0 +1,234 @@
+"""Reading samples for training and inference: tar shards by key, joint photo/seg-map transforms.
+
+Samples are read by random access into the tar shards (each member's byte offset is indexed once per
+shard), so a map-style dataset with a deterministic sampler gives an exact split across ranks and
+workers and an exact mid-epoch resume. Augmentation randomness is derived from (seed, epoch, index),
+so it does not depend on which worker loads a sample.
+
+Segmentation maps travel as uint8 class indices and are colour-coded (3 channels) or one-hot encoded
+(150 channels) on the device, batched, by `seg_to_input` - 150 float channels per pixel are far too
+large to move through the data loader.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from geoloc_cli.errors import InputError
+
+SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
+
+
+def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {ext: (data offset, size)}} for one tar shard (reads headers only)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for m in tar:
+                if m.isfile():
+                    key, _, ext = m.name.rpartition("/")[2].partition(".")
+                    out.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        raise InputError(f"cannot read shard {path}: {e}") from None
+    return out
+
+
+class ShardReader:
+    """Random access to members of many tar shards; file handles are opened lazily per process."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_fds": {}}  # descriptors do not cross process boundaries
+
+
+def locate(rows: pd.DataFrame, shards_dir: Path, seg_dir: Path | None) -> pd.DataFrame:
+    """Add byte locations (img_off, img_len, seg_off, seg_len) to rows with columns key, shard.
+
+    A row whose image is missing from its shard is an error (the manifest and shards disagree); a
+    missing segmentation map is allowed (seg_len = 0: the segmenter could not read that image).
+    """
+    rows = rows.reset_index(drop=True).copy()
+    cols = {c: np.zeros(len(rows), dtype=np.int64) for c in ("img_off", "img_len", "seg_off", "seg_len")}
+    for shard, idx in rows.groupby("shard").indices.items():
+        img = tar_offsets(shards_dir / shard)
+        seg = tar_offsets(seg_dir / shard.replace("images-", "seg-", 1)) if seg_dir is not None else {}
+        for i in idx:
+            key = rows.at[i, "key"]
+            if key not in img or "jpg" not in img[key]:
+                raise InputError(f"{shards_dir / shard}: item {key} listed in the manifest is missing")
+            cols["img_off"][i], cols["img_len"][i] = img[key]["jpg"]
+            if key in seg and "png" in seg[key]:
+                cols["seg_off"][i], cols["seg_len"][i] = seg[key]["png"]
+    return rows.assign(**cols)
+
+
+def crop_box(w: int, h: int, size: int, train: bool, rng: np.random.Generator | None,
+             crop_pct: float = 1.0) -> tuple[tuple[float, float, float, float], bool]:
+    """(crop box in pixel coordinates, horizontal flip) - shared by the photo and its segmentation map."""
+    if not train:
+        side = min(w, h) * crop_pct
+        return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), False
+    assert rng is not None
+    for _ in range(10):  # RandomResizedCrop(scale=(0.35, 1), ratio=(3/4, 4/3))
+        area = w * h * rng.uniform(0.35, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = math.sqrt(area * ratio), math.sqrt(area / ratio)
+        if cw <= w and ch <= h:
+            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            return (x0, y0, x0 + cw, y0 + ch), bool(rng.random() < 0.5)
+    side = min(w, h)
+    return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), bool(rng.random() < 0.5)
+
+
+def transform(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any], train: bool,
+              rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop/resize/flip the photo and its map with the same geometry; normalise the photo.
+
+    Returns (float image (3,S,S), uint8 class map (S,S); all SEG_IGNORE when there is no map).
+    """
+    w, h = img.size
+    box, flip = crop_box(w, h, size, train, rng, pre.get("crop_pct", 1.0))
+    interp = Image.BICUBIC if pre.get("interpolation") == "bicubic" else Image.BILINEAR
+    img = img.resize((size, size), interp, box=box)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
+    std = torch.tensor(pre["std"]).view(3, 1, 1)
+    x = (x - mean) / std
+    if seg is not None:
+        sx, sy = seg.size[0] / w, seg.size[1] / h  # maps may be at a lower resolution than the photo
+        seg = seg.resize((size, size), Image.NEAREST, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+        s = torch.from_numpy(np.array(seg, dtype=np.uint8))
+    else:
+        s = torch.full((size, size), SEG_IGNORE, dtype=torch.uint8)
+    if flip:
+        x, s = x.flip(-1), s.flip(-1)
+    return x, s
+
+
+def open_image(data: bytes, size_hint: int | None = None) -> Image.Image:
+    """Decode a photo to RGB; JPEGs are decoded at reduced scale when much larger than needed."""
+    img = Image.open(io.BytesIO(data))
+    if size_hint and img.format == "JPEG":
+        img.draft("RGB", (size_hint, size_hint))
+    return img.convert("RGB")
+
+
+class GeoDataset(torch.utils.data.Dataset):
+    """Samples from located rows: image, seg map, targets per head (-1 = unknown), lat, lon."""
+
+    def __init__(self, rows: pd.DataFrame, shards_dir: Path, seg_dir: Path | None, size: int,
+                 pre: dict[str, Any], targets: dict[str, str], train: bool, seed: int = 0) -> None:
+        self.rows = rows
+        self.shards_dir, self.seg_dir = str(shards_dir), str(seg_dir) if seg_dir else None
+        self.size, self.pre, self.train, self.seed = size, pre, train, seed
+        # head name -> column of rows (missing columns give -1 targets)
+        self.targets = {h: rows[c].to_numpy(np.int64) if c in rows else np.full(len(rows), -1)
+                        for h, c in targets.items()}
+        self.epoch = 0
+        self.reader = ShardReader()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows.iloc[i]
+        data = self.reader.read(os.path.join(self.shards_dir, r["shard"]), int(r["img_off"]), int(r["img_len"]))
+        img = open_image(data, self.size)
+        seg = None
+        if self.seg_dir is not None and r["seg_len"] > 0:
+            seg_path = os.path.join(self.seg_dir, r["shard"].replace("images-", "seg-", 1))
+            seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        x, s = transform(img, seg, self.size, self.pre, self.train, rng)
+        return {
+            "image": x, "seg": s, "index": i,
+            "targets": {h: int(t[i]) for h, t in self.targets.items()},
+            "lat": float(r["lat"]), "lon": float(r["lon"]),
+        }
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Deterministic per-epoch permutation split across ranks: rank r takes every world-th index.
+
+    Every rank gets the same number of samples (the tail that does not divide evenly is dropped when
+    shuffling, so no sample is seen twice in an epoch); `start` skips already-consumed samples for an
+    exact mid-epoch resume.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0) -> None:
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            order = order[: self.n - self.n % self.world]
+        else:  # evaluation: every sample exactly once; ranks may differ by one
+            order = np.arange(self.n)
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(len(self.indices()) - self.start, 0)
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    heads = batch[0]["targets"].keys()
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "seg": torch.stack([b["seg"] for b in batch]),
+        "targets": {h: torch.tensor([b["targets"][h] for b in batch]) for h in heads},
+        "lat": torch.tensor([b["lat"] for b in batch], dtype=torch.float64),
+        "lon": torch.tensor([b["lon"] for b in batch], dtype=torch.float64),
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
+
+
+_PALETTE: dict[str, torch.Tensor] = {}
+
+
+def seg_to_input(seg: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 class maps (B,H,W) -> model input (B,C,H,W): palette colours in [-1,1] or one-hot.
+
+    SEG_IGNORE pixels become zeros in both codings.
+    """
+    idx = seg.long()
+    valid = idx < 150
+    idx = idx.clamp(max=149)
+    if channels == 150:
+        out = torch.nn.functional.one_hot(idx, 150).permute(0, 3, 1, 2).to(torch.float32)
+    else:
+        key = str(seg.device)
+        if key not in _PALETTE:
+            from geoloc_cli.segmentation import load_palette
+
+            _PALETTE[key] = torch.from_numpy(load_palette()).to(seg.device, torch.float32) / 127.5 - 1.0
+        out = _PALETTE[key][idx].permute(0, 3, 1, 2)
+    return out * valid.unsqueeze(1)

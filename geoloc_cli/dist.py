@@ -1,0 +1,83 @@
+"""Process-group set-up for single-process, multi-GPU (NCCL) and CPU (gloo) training.
+
+Model code never imports this: the training stage wraps the model in DDP from outside. Launchers
+(`geoloc train --gpus`, torchrun) set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from geoloc_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """auto -> this process's GPU if CUDA is available, else cpu; cuda:N must exist."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device: {spec} requested but CUDA is not available")
+        index = int(spec.split(":")[1]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device: {spec}: only {torch.cuda.device_count()} GPU(s) visible")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def setup(device_spec: str) -> DistInfo:
+    """Join the process group when launched with WORLD_SIZE > 1; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if world > 1 and not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if not tdist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]

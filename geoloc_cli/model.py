@@ -1,0 +1,166 @@
+"""The geolocation network: timm ViT branches (RGB, optional segmentation map), fusion, one head per
+partitioning plus a scene head; and the self-contained inference checkpoint.
+
+The model is single-device code; distribution (DDP) is applied from outside by the training stage.
+
+Inference checkpoint = one safetensors file: the network's weights under `model.`, optionally an
+embedded segmenter's weights under `segmenter.`, and a JSON document in the safetensors metadata
+(key "geoloc") with the model spec, preprocessing, cell tables (class centres), hierarchy, segmenter
+metadata and the resolved config. Loading it runs no pickle and needs no other file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geoloc_cli.errors import InputError
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network's architecture (stored in every checkpoint)."""
+
+    backbone: str
+    img_size: int
+    seg_channels: int  # 0 = RGB only
+    fusion: str  # late | exchange
+    heads: dict[str, int]  # head name -> classes, partitionings first, then "scene"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = dict(num_classes=0, img_size=spec.img_size, in_chans=in_chans, **spec.overrides)
+    if pretrained in ("none", ""):
+        return timm.create_model(spec.backbone, pretrained=False, **kwargs)
+    if pretrained != "auto":
+        path = Path(pretrained)
+        if not path.is_file():
+            raise InputError(f"model.pretrained: weights file {path} does not exist")
+        return timm.create_model(spec.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    try:  # timm's weights (Hugging Face hub); offline machines fall back to random init with a warning
+        return timm.create_model(spec.backbone, pretrained=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any download/IO failure means "not reachable"
+        from geoloc_cli import console
+
+        console.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init")
+        return timm.create_model(spec.backbone, pretrained=False, **kwargs)
+
+
+class GeoModel(nn.Module):
+    """RGB ViT (+ segmentation-map ViT) -> fused CLS feature -> {partitioning: logits, scene: logits}."""
+
+    def __init__(self, spec: ModelSpec, pretrained: str = "none") -> None:
+        super().__init__()
+        self.spec = spec
+        self.rgb = _create_vit(spec, 3, pretrained)
+        self.seg = _create_vit(spec, spec.seg_channels, pretrained) if spec.seg_channels else None
+        dim = self.rgb.num_features
+        # Late fusion: a learned weighting of the two CLS features (sigmoid keeps it a convex mix).
+        self.fuse_logit = nn.Parameter(torch.zeros(())) if self.seg is not None else None
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in spec.heads.items()})
+
+    @staticmethod
+    def _embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+    @staticmethod
+    def _pool(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return vit.forward_head(vit.norm(tokens), pre_logits=True)
+
+    def features(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        if self.seg is None:
+            return self.rgb(image)
+        assert seg is not None, "this model has a segmentation branch: pass the segmentation map"
+        if self.spec.fusion == "late":
+            w = torch.sigmoid(self.fuse_logit)
+            return w * self.rgb(image) + (1 - w) * self.seg(seg)
+        # exchange: after every block both branches continue with the mean of their CLS tokens
+        # (TransLocator-style); the patch tokens stay separate.
+        xr, xs = self._embed(self.rgb, image), self._embed(self.seg, seg)
+        for br, bs in zip(self.rgb.blocks, self.seg.blocks, strict=True):
+            xr, xs = br(xr), bs(xs)
+            cls = 0.5 * (xr[:, :1] + xs[:, :1])
+            xr, xs = torch.cat([cls, xr[:, 1:]], 1), torch.cat([cls, xs[:, 1:]], 1)
+        return 0.5 * (self._pool(self.rgb, xr) + self._pool(self.seg, xs))
+
+    def forward(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        f = self.features(image, seg)
+        return {name: head(f) for name, head in self.heads.items()}
+
+    def data_config(self) -> dict[str, Any]:
+        """Preprocessing derived from the backbone's own data config (mean/std/interpolation/crop)."""
+        import timm
+
+        cfg = timm.data.resolve_data_config({"input_size": (3, self.spec.img_size, self.spec.img_size)},
+                                            model=self.rgb)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def build_model(spec: ModelSpec, pretrained: str = "none") -> GeoModel:
+    return GeoModel(spec, pretrained)
+
+
+# ---------------------------------------------------------------- inference checkpoint
+
+
+def save_inference_checkpoint(path: Path, model: GeoModel, meta: dict[str, Any],
+                              segmenter_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights + metadata into one safetensors file, atomically.
+
+    `meta` should hold: partitionings ({name: {"hex_id", "lat", "lon"}}), hierarchy, segmenter (its
+    metadata, if the model has a seg branch), config (the resolved config dict).
+    """
+    from safetensors.torch import save_file
+
+    from geoloc_cli.store import atomic_path
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for k, v in (segmenter_tensors or {}).items():
+        tensors[f"segmenter.{k}"] = v.detach().cpu().contiguous()
+    doc = {"format": CHECKPOINT_FORMAT, "spec": asdict(model.spec), "preprocess": model.data_config(), **meta}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"geoloc": json.dumps(doc)})
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The JSON metadata of an inference checkpoint, without loading the weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("geoloc")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise InputError(f"{path} is not a safetensors checkpoint: {e}") from None
+    if raw is None:
+        raise InputError(f"{path} has no geoloc metadata: not a geoloc inference checkpoint")
+    doc = json.loads(raw)
+    if doc.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: checkpoint format {doc.get('format')} is not supported")
+    return doc
+
+
+def load_inference_checkpoint(path: Path, device: str = "cpu",
+                              ) -> tuple[GeoModel, dict[str, Any], dict[str, torch.Tensor]]:
+    """(model in eval mode, metadata, segmenter tensors) from an inference checkpoint."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_meta(path)
+    tensors = load_file(str(path), device="cpu")
+    model = GeoModel(ModelSpec(**meta["spec"]), pretrained="none")
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    seg = {k[len("segmenter."):]: v for k, v in tensors.items() if k.startswith("segmenter.")}
+    return model.to(device).eval(), meta, seg

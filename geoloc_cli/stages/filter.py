@@ -1,0 +1,62 @@
+"""filter: build the training index from a downloaded dataset and the partition labels.
+
+Rules, in order (each one's drop count is reported): downloaded (status ok); large enough
+(min_size); has a class in every configured partitioning; scene_of_interest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from geoloc_cli import console
+from geoloc_cli.config import Config
+from geoloc_cli.errors import InputError
+from geoloc_cli.store import OK, DataRoot, read_parquet, write_json_atomic, write_parquet_atomic
+
+SCENES = {0: "indoor", 1: "natural", 2: "urban"}
+
+
+def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: list[str],
+                scene_of_interest: int = 3, min_size: int = 0) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
+    """(index rows, [(rule, items dropped)]). Pure: no I/O."""
+    missing = [p for p in partitionings if p not in labels.columns]
+    if missing:
+        raise InputError(f"partition labels have no column for {missing}: run `geoloc partition --cells all`")
+    drops: list[tuple[str, int]] = []
+
+    def keep(df: pd.DataFrame, mask: pd.Series, rule: str) -> pd.DataFrame:
+        drops.append((rule, int((~mask).sum())))
+        return df[mask]
+
+    df = keep(manifest, manifest["status"] == OK, "not downloaded")
+    if min_size:
+        df = keep(df, df[["width", "height"]].min(axis=1) >= min_size, f"shorter side < {min_size} px")
+    labels = labels.drop_duplicates("IMG_ID").set_index("IMG_ID")[partitionings]
+    df = df.join(labels, on="id")
+    has_all = df[partitionings].notna().all(axis=1) & (df[partitionings].fillna(-1) >= 0).all(axis=1)
+    df = keep(df, has_all, "no class in every partitioning")
+    df = df.astype({p: "int64" for p in partitionings})
+    if scene_of_interest != 3:
+        if "S3_Label" not in df.columns:
+            raise InputError("scene_of_interest needs the S3_Label column: fetch with --meta *_places365.csv")
+        df = keep(df, df["S3_Label"] == scene_of_interest, f"scene is not {SCENES[scene_of_interest]}")
+    return df.reset_index(drop=True), drops
+
+
+def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
+    root = DataRoot(cfg.root)
+    name = dataset or cfg.train.dataset
+    manifest = read_parquet(root.manifest(name), f"manifest of dataset {name!r}", f"run `geoloc fetch {name}`")
+    labels_path = root.partitions(cfg.partition.dataset) / "labels.parquet"
+    labels = read_parquet(labels_path, "partition labels", "run `geoloc partition --cells all`")
+    index, drops = build_index(manifest, labels, cfg.model.partitionings, cfg.filter.scene_of_interest,
+                               cfg.filter.min_size)
+    if index.empty:
+        raise InputError(f"no item of {name!r} passes the filter rules: {drops}")
+    write_parquet_atomic(index, root.index(name))
+    stats = {"requested": len(manifest), "kept": len(index), "dropped": dict(drops)}
+    write_json_atomic(root.dataset(name) / "filter.json", stats)
+    console.table(f"filter {name}", ["rule", "dropped"], [*drops, ("kept", len(index))])
+    return stats

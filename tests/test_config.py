@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from geoloc_cli.cli import app
+from geoloc_cli.config import Config, describe, dump_yaml, from_dict, load_config, parse_override, to_dict
+from geoloc_cli.errors import ConfigError
+
+
+def test_defaults_match_published_thresholds():
+    cfg = load_config()
+    assert cfg.partition.tau_min == 50
+    assert cfg.partition.tau_max == {"coarse": 5000, "middle": 2000, "fine": 1000}
+    assert cfg.train.loss_weights == {"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0}
+
+
+def test_precedence_defaults_yaml_set_options(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.5\n  epochs: 3\npaths:\n  root: from-yaml\n")
+    cfg = load_config(f, ["train.lr=0.25"], {"train.epochs": 7, "paths.root": None})
+    assert cfg.train.lr == 0.25  # --set beats YAML
+    assert cfg.train.epochs == 7  # explicit option beats YAML
+    assert cfg.paths.root == "from-yaml"  # None option = not given
+    assert cfg.train.batch_size == Config().train.batch_size  # untouched default
+
+
+def test_default_file_is_picked_up(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "geoloc.yaml").write_text("train: {epochs: 2}\n")
+    assert load_config().train.epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "train.lrr: unknown key"),
+        ("nope.x=1", "nope: unknown key"),
+        ("train.lr=abc", "train.lr: expected float"),
+        ("train.epochs=1.5", "train.epochs: expected int"),
+        ("train.epochs=0", "train.epochs: 0 is not allowed"),
+        ("model.seg_channels=7", "model.seg_channels: 7 is not allowed"),
+        ("runtime.gpus=[a]", "runtime.gpus[0]: expected int"),
+        ("train.augment=3", "train.augment: expected bool"),
+        ("model.partitionings=[coarse,huge]", "model.partitionings"),
+        ("train", "expected key.path=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_override_parses_yaml_values():
+    assert parse_override("runtime.gpus=[0,1]") == {"runtime": {"gpus": [0, 1]}}
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0  # int accepted for a float
+
+
+def test_round_trip_and_docs():
+    cfg = load_config(None, ["train.epochs=4", "model.fusion=exchange"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "epochs: 4" in dump_yaml(cfg)
+    rows = describe()
+    assert all(d for _, _, d in rows), "every config field has a docstring"
+    assert any(k == "partition.tau_min" for k, _, _ in rows)
+
+
+def test_yaml_errors(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_cli_config_error_is_one_line_exit_2():
+    r = CliRunner().invoke(app, ["config", "--set", "train.batch_size=big"])
+    assert r.exit_code == 2
+    assert "train.batch_size: expected int" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_gpus_option_is_checked():
+    r = CliRunner().invoke(app, ["train", "--gpus", "0,x"])
+    assert r.exit_code == 2
+    assert "--gpus" in r.output
+
+
+@pytest.mark.parametrize("cmd", ["fetch", "partition", "filter", "segment", "train", "evaluate", "predict"])
+def test_every_command_has_help_with_example(cmd: str):
+    r = CliRunner().invoke(app, [cmd, "--help"])
+    assert r.exit_code == 0
+    assert "Examples" in r.output
+    for opt in ("--config", "--set", "--root"):
+        assert opt in r.output
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert cfg.train.dataset == "demo" and cfg.partition.tau_min == 5

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geoloc_cli.data import EpochSampler, seg_to_input, transform
+from geoloc_cli.errors import InputError
+from geoloc_cli.model import (
+    ModelSpec,
+    build_model,
+    load_inference_checkpoint,
+    read_checkpoint_meta,
+    save_inference_checkpoint,
+)
+
+TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def spec(seg_channels: int = 3, fusion: str = "late") -> ModelSpec:
+    return ModelSpec("vit_tiny_patch16_224", 32, seg_channels, fusion,
+                     {"coarse": 5, "fine": 9, "scene": 3}, dict(TINY))
+
+
+@pytest.mark.parametrize(("seg_channels", "fusion"), [(0, "late"), (3, "late"), (150, "exchange"), (3, "exchange")])
+def test_forward_shapes_and_gradients(seg_channels: int, fusion: str):
+    torch.manual_seed(0)
+    model = build_model(spec(seg_channels, fusion))
+    image = torch.randn(2, 3, 32, 32)
+    seg = seg_to_input(torch.randint(0, 150, (2, 32, 32), dtype=torch.uint8), seg_channels) if seg_channels else None
+    out = model(image, seg)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"coarse": (2, 5), "fine": (2, 9), "scene": (2, 3)}
+    sum(v.sum() for v in out.values()).backward()
+    assert model.rgb.patch_embed.proj.weight.grad is not None
+    if seg_channels:
+        assert model.seg.patch_embed.proj.weight.grad.abs().sum() > 0, "the seg branch must influence the output"
+
+
+def test_exchange_fusion_mixes_branches():
+    torch.manual_seed(0)
+    model = build_model(spec(3, "exchange")).eval()
+    image = torch.randn(1, 3, 32, 32)
+    a = model(image, torch.zeros(1, 3, 32, 32))["fine"]
+    b = model(image, torch.ones(1, 3, 32, 32))["fine"]
+    assert not torch.allclose(a, b)
+
+
+def test_inference_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(spec(0)).eval()
+    path = tmp_path / "m.safetensors"
+    save_inference_checkpoint(path, model, {"partitionings": {"names": ["coarse"]}, "config": {"x": 1}})
+    meta = read_checkpoint_meta(path)
+    assert meta["spec"]["heads"] == {"coarse": 5, "fine": 9, "scene": 3}
+    assert meta["preprocess"]["mean"] and meta["preprocess"]["input_size"] == [3, 32, 32]
+    loaded, meta2, seg = load_inference_checkpoint(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x)["fine"], loaded(x)["fine"])
+    assert seg == {} and meta2["config"] == {"x": 1}
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_checkpoint_meta(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(InputError, match="not a safetensors checkpoint"):
+        read_checkpoint_meta(junk)
+
+
+def test_photo_and_map_share_geometry():
+    # left half red / class 7, right half blue / class 3; the map at half resolution, like SegFormer's
+    arr = np.zeros((60, 80, 3), np.uint8)
+    arr[:, :40, 0] = 255
+    arr[:, 40:, 2] = 255
+    seg = np.full((30, 40), 3, np.uint8)
+    seg[:, :20] = 7
+    pre = {"mean": [0, 0, 0], "std": [1, 1, 1], "interpolation": "bilinear", "crop_pct": 1.0}
+    for i in range(20):
+        x, s = transform(Image.fromarray(arr), Image.fromarray(seg), 24, pre, True, np.random.default_rng(i))
+        red = x[0] > 0.5
+        assert torch.equal(red, s == 7) or (red ^ (s == 7)).float().mean() < 0.05, "photo and map must align"
+
+
+def test_seg_to_input_codings():
+    seg = torch.tensor([[[0, 1], [149, 255]]], dtype=torch.uint8)
+    onehot = seg_to_input(seg, 150)
+    assert onehot.shape == (1, 150, 2, 2) and onehot[0, 149, 1, 0] == 1 and onehot[0, :, 1, 1].sum() == 0
+    colour = seg_to_input(seg, 3)
+    assert colour.shape == (1, 3, 2, 2)
+    assert torch.allclose(colour[0, :, 0, 0], torch.tensor([120, 120, 120]) / 127.5 - 1)  # ADE20K wall
+    assert colour[0, :, 1, 1].abs().sum() == 0  # ignored pixel
+
+
+def test_epoch_sampler_splits_without_duplicates_and_resumes():
+    parts = [EpochSampler(103, r, 4, shuffle=True, seed=1) for r in range(4)]
+    for p in parts:
+        p.set_epoch(2)
+    seen = np.concatenate([p.indices() for p in parts])
+    assert len(seen) == len(set(seen)) == 100  # equal shares, no sample twice
+    full = list(parts[1])
+    parts[1].set_epoch(2, start=5)
+    assert list(parts[1]) == full[5:]
+    ev = [EpochSampler(103, r, 4, shuffle=False) for r in range(4)]
+    assert sorted(np.concatenate([e.indices() for e in ev])) == list(range(103))
