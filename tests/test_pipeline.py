@@ -1,0 +1,110 @@
+"""The whole pipeline through the CLI on a tiny demo world, and bad inputs at the edges."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from geoloc_cli.cli import app
+
+DEMO_CFG = Path(__file__).parents[1] / "configs" / "demo.yaml"
+runner = CliRunner()
+
+
+def geoloc(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny demo world run through every stage once; returns (config file, data root)."""
+    tmp = tmp_path_factory.mktemp("world")
+    cfg = yaml.safe_load(DEMO_CFG.read_text())
+    cfg["paths"]["root"] = str(tmp / "data")
+    cfg["fetch"].update(demo_size=200, shard_size=40, processes=1)
+    cfg["partition"].update(tau_min=2, tau_max={"coarse": 40, "middle": 20, "fine": 10})
+    cfg["segment"].update(input_size=64)
+    cfg["model"].update(img_size=32, overrides={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    cfg["train"].update(epochs=2, batch_size=16, checkpoint_every=5)
+    cfg["runtime"]["num_workers"] = 0
+    path = tmp / "geoloc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for cmd in (["fetch", "demo"], ["partition", "--cells", "all"], ["filter"], ["segment"], ["train"]):
+        r = geoloc(*cmd, "-c", str(path), "-q")
+        assert r.exit_code == 0, f"geoloc {' '.join(cmd)} failed:\n{r.output}"
+    return path, tmp / "data"
+
+
+def test_pipeline_outputs(world):
+    _, root = world
+    assert (root / "datasets/demo/manifest.parquet").is_file()
+    assert sorted(p.name for p in (root / "partitions/demo").glob("cells_*.csv")) == [
+        "cells_2_10.csv", "cells_2_20.csv", "cells_2_40.csv"]
+    assert (root / "datasets/demo/index.parquet").is_file()
+    assert len(list((root / "datasets/demo/seg").glob("seg-*.tar"))) == len(
+        list((root / "datasets/demo/shards").glob("images-*.tar")))
+    run = root / "runs/demo"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "val_hierarchical_acc_2500km" in json.loads(lines[-1])
+    for f in ("model.safetensors", "last.safetensors", "resume.pt", "config.yaml"):
+        assert (run / f).is_file(), f
+
+
+def test_evaluate_writes_metrics_and_published_predictions(world):
+    cfg, root = world
+    r = geoloc("evaluate", "-c", str(cfg), "--json")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((root / "runs/demo/eval/demo_val/metrics.json").read_text())
+    for kind in ("coarse", "middle", "fine", "hierarchical", "baseline (largest cell)"):
+        m = metrics[kind]
+        assert 0 <= m["acc_1km"] <= m["acc_25km"] <= m["acc_200km"] <= m["acc_750km"] <= m["acc_2500km"] <= 1
+    header = (root / "runs/demo/eval/demo_val/predictions.csv").read_text().splitlines()[0]
+    assert header == "img_id,gt_lat,predicted_lat,gt_long,predicted_long,great_circle_distance"
+    # the predictions file gives back the same hierarchical numbers
+    r2 = geoloc("evaluate", "--from-predictions", str(root / "runs/demo/eval/demo_val/predictions.csv"), "--json")
+    assert r2.exit_code == 0, r2.output
+    again = json.loads(r2.stdout)
+    (summary,) = again.values()
+    assert summary["acc_2500km"] == pytest.approx(metrics["hierarchical"]["acc_2500km"])
+
+
+def test_predict_top_k_and_per_file_errors(world, tmp_path):
+    cfg, root = world
+    photo = next((root / "sources/demo").glob("*.jpg"))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(photo.read_bytes()[:200])
+    r = geoloc("predict", str(photo), str(tmp_path / "missing.jpg"), str(corrupt), "-c", str(cfg), "--json",
+               "--top-k", "3")
+    assert r.exit_code == 1, "a failed photo makes the exit code non-zero"
+    results = json.loads(r.stdout)
+    assert [("error" in x) for x in results] == [False, True, True]
+    top = results[0]["top"]
+    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    assert 0.99 < sum(results[0]["scene"].values()) < 1.01
+    ok = geoloc("predict", str(photo), "-c", str(cfg))
+    assert ok.exit_code == 0 and "predictions" in ok.stdout
+
+
+def test_resume_continues_from_saved_state(world):
+    cfg, root = world
+    r = geoloc("train", "-c", str(cfg), "-q", "--resume", "--set", "train.epochs=3")
+    assert r.exit_code == 0, r.output
+    lines = (root / "runs/demo/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_missing_inputs_fail_early_with_clear_messages(tmp_path):
+    r = geoloc("train", "--root", str(tmp_path))
+    assert r.exit_code == 1 and "geoloc partition" in r.output and "Traceback" not in r.output
+    r = geoloc("filter", "--root", str(tmp_path))
+    assert r.exit_code == 1 and "geoloc fetch" in r.output
+    r = geoloc("predict", "x.jpg", "--model", str(tmp_path / "none.safetensors"))
+    assert r.exit_code == 1 and "does not exist" in r.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img_id,gt_lat\n1,2\n")
+    r = geoloc("evaluate", "--from-predictions", str(bad))
+    assert r.exit_code == 1 and "missing columns" in r.output
+    r = geoloc("partition", "--input", str(tmp_path / "nope.csv"), "--root", str(tmp_path))
+    assert r.exit_code != 0 and "nope.csv" in r.output
