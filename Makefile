@@ -26,7 +26,8 @@ demo: install
 	$(GEOLOC) segment $(DEMO)
 	$(GEOLOC) train $(DEMO)
 	$(GEOLOC) evaluate $(DEMO)
-	$(GEOLOC) predict geoloc-data/demo/sources/demo/00_00_10000000.jpg $(DEMO)
+	# a held-out photo (the first of the demo_val URL list)
+	$(GEOLOC) predict $$(head -1 geoloc-data/demo/meta/demo_val_urls.csv | cut -d, -f2 | sed 's|^file://||') $(DEMO)
 
 test: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks

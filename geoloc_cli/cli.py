@@ -120,7 +120,7 @@ def partition(
     tau_max: Annotated[int | None, typer.Option(help="Split cells with more images (one custom partitioning).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output directory (default partitions/<dataset>/).")] = None,
     use_published: Annotated[Path | None, typer.Option(help="Assign classes with these cell tables.")] = None,
-    export_mapping: Annotated[Path | None, typer.Option(help="Write {IMG_ID: [coarse, middle, fine]} JSON.")] = None,
+    export_mapping: Annotated[Path | None, typer.Option(help="Write {IMG_ID: \\[coarse, middle, fine]} JSON.")] = None,
     map: Annotated[Path | None, typer.Option("--map", help="Draw the cells on a world map (.png or .html).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

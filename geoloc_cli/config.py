@@ -241,6 +241,9 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # mappings merge key by key, so `--set partition.tau_max.fine=500` keeps coarse and middle
+            setattr(obj, key, {**current, **_check_type(full, value, hints[key])})
         else:
             setattr(obj, key, _check_type(full, value, hints[key]))
 

@@ -31,6 +31,8 @@ import pandas as pd
 from geoloc_cli.errors import InputError
 
 OK = "ok"  # manifest status of a successfully stored item
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; final files get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)

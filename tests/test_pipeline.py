@@ -108,3 +108,19 @@ def test_missing_inputs_fail_early_with_clear_messages(tmp_path):
     assert r.exit_code == 1 and "missing columns" in r.output
     r = geoloc("partition", "--input", str(tmp_path / "nope.csv"), "--root", str(tmp_path))
     assert r.exit_code != 0 and "nope.csv" in r.output
+
+
+def test_ddp_two_gloo_processes_match_one_process(world):
+    """Same global batch on 1 and 2 processes: same losses, same weights, identical on both ranks."""
+    from geoloc_cli.config import load_config
+    from geoloc_cli.stages import train
+
+    cfg_path, root = world
+    common = ["train.epochs=1", "train.val_dataset=", "runtime.device=cpu", "train.grad_clip=0"]
+    single = train.launch(load_config(cfg_path, [*common, "train.run=one", "runtime.nproc=1"]))
+    double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=29731)
+    assert [r["rank"] for r in double] == [0, 1]
+    assert double[0]["param_sum"] == double[1]["param_sum"], "DDP ranks must hold identical weights"
+    assert double[0]["param_sum"] == pytest.approx(single[0]["param_sum"], rel=1e-4)
+    assert double[0]["history"][0]["train_loss"] == pytest.approx(single[0]["history"][0]["train_loss"], rel=1e-3)
+    assert (root / "runs/two/model.safetensors").is_file()

@@ -98,12 +98,14 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | None = Non
         result = {str(from_predictions): metrics_from_predictions(from_predictions, thresholds)}
         console.print_json(result) if as_json else _table(f"predictions {from_predictions}", result, thresholds)
         return result
-    from geoloc_cli.dist import resolve_device
+    from geoloc_cli.dist import limit_cpu_threads, resolve_device
     from geoloc_cli.inference import HIER
     from geoloc_cli.model import load_inference_checkpoint
 
     ckpt = Path(model) if model else DataRoot(cfg.root).run(cfg.train.run) / "model.safetensors"
     device = resolve_device(cfg.runtime.device)
+    if device.type == "cpu":
+        limit_cpu_threads(cfg.runtime.num_workers)
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
     out: dict[str, Any] = {}
     for dataset in datasets or cfg.evaluate.datasets:

@@ -10,6 +10,7 @@ model.safetensors (best validation accuracy at 2500 km, hierarchical) as inferen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -82,12 +83,14 @@ def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
 
 
 def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
-           master_addr: str = "127.0.0.1", master_port: int = 29500) -> dict[str, Any] | None:
+           master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[dict[str, Any]]:
+    """Train in this process or in one process per GPU / `runtime.nproc`; returns each local rank's
+    summary (history, parameter checksum), in rank order."""
     plan = _check(cfg, nnodes)
     if resume and not (plan.run_dir / "resume.pt").is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
     if "LOCAL_RANK" in os.environ or (plan.nproc == 1 and nnodes == 1):
-        return train(cfg, resume)  # single process, or already started by torchrun
+        return [train(cfg, resume)]  # single process, or already started by torchrun
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if cfg.runtime.gpus:  # local rank i drives the i-th listed GPU
@@ -98,10 +101,10 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
         rdzv_configs={"rank": node_rank}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )
     results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume)
-    return results.get(0)
+    return [results[r] for r in sorted(results)]
 
 
-def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     return train(cfgmod.from_dict(cfg_dict), resume)
 
 
@@ -128,11 +131,13 @@ def _cells(cfg: Config, root: DataRoot):
     from geoloc_cli.partitioning import build_hierarchy, load_partitions
 
     tables = load_partitions(root.partitions(cfg.partition.dataset))
-    tables = {p: tables[p] for p in cfg.model.partitionings}
-    return CellSet.from_tables(tables, build_hierarchy(tables, tuple(tables)))
+    # coarse to fine by number of cells: the hierarchy is anchored on the finest partitioning
+    order = sorted(cfg.model.partitionings, key=lambda p: len(tables[p]))
+    hierarchy = build_hierarchy(tables, order)
+    return CellSet.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -142,6 +147,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
     from geoloc_cli.model import ModelSpec, build_model
 
     info = dist.setup(cfg.runtime.device)
+    if info.device.type == "cpu":
+        dist.limit_cpu_threads(cfg.runtime.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         plan = _check(cfg, 1)
         torch.manual_seed(cfg.runtime.seed)
@@ -160,7 +167,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
         sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed)
         steps_per_epoch = len(sampler.indices()) // local_batch
         total = steps_per_epoch * cfg.train.epochs
-        ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if info.world > 1 else model
         fused = info.device.type == "cuda"
         if cfg.train.optimizer == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -173,7 +181,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
         amp = amp_dtype(cfg.train.precision, info.device)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
-        state = {"step": 0, "epoch": 0, "best": -1.0}
+        state = {"step": 0, "epoch": 0, "best": float("-inf")}
         if resume:
             state = _load_resume(plan.run_dir / "resume.pt", model, opt, sched, scaler)
         if info.main:
@@ -208,6 +216,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
                     if state["step"] % cfg.train.checkpoint_every == 0:
                         _save_resume(info, plan.run_dir, model, opt, sched, scaler, state, epoch)
             n_steps = max(steps_per_epoch - start_batch, 1)
+            sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
             record = {"epoch": epoch + 1, "step": state["step"],
                       **{f"train_{k}": v / n_steps for k, v in sums.items()},
                       "images_per_s": seen / (time.perf_counter() - t0)}
@@ -221,7 +230,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any] | None:
             if info.main:
                 _write_epoch(plan.run_dir, record, model, cells, cfg, is_best)
         dist.barrier()
-        return {"run_dir": str(plan.run_dir), "history": history} if info.main else None
+        param_sum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history, "param_sum": param_sum}
     finally:
         dist.teardown()
 
@@ -241,7 +251,7 @@ def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float],
         seg = seg_to_input(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels) \
             if seg_channels else None
         # DDP: sync gradients only on the last micro-batch
-        sync = ddp.no_sync() if j < len(chunks) - 1 else _nullcontext()
+        sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
         with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = ddp(image, seg)
             loss = torch.zeros((), device=device)
@@ -259,14 +269,6 @@ def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float],
     scaler.update()
     sched.step()
     return totals
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any]):
@@ -332,7 +334,7 @@ def _save_resume(info, run_dir: Path, model, opt, sched, scaler, state: dict[str
         return
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "step": state["step"], "epoch": epoch, "best": state["best"],
-            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1]}
+            "torch_rng": torch.get_rng_state()}
     with atomic_path(run_dir / "resume.pt") as tmp:
         torch.save(blob, tmp)
 

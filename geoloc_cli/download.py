@@ -1,0 +1,514 @@
+"""Download engine of `geoloc fetch`: one item -> (status, JPEG), one shard job -> tar + manifest part.
+
+A worker process runs one asyncio loop with httpx transports (keep-alive), at most `concurrency`
+requests in flight and `per_host` per host. Typical images are decoded and resized on the loop itself
+(measured cheaper than a thread hand-off; with one worker per core the cores stay busy), big bodies
+in a thread. A worker takes a second shard when the first has fewer unfinished items than its
+concurrency, so the slow tail of one shard overlaps the start of the next. Every item ends with
+exactly one status; nothing an item does can stop the run.
+
+This module is core: no typer, no rich. It reports progress as small tuples on a multiprocessing queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import io
+import json
+import math
+import os
+import queue
+import random
+import time
+import traceback
+import urllib.parse
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard
+
+# Statuses that mean "this image is gone for good": --retry-failed skips them unless retry_gone.
+GONE = frozenset({"http_404", "http_410", "unavailable"})
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is not waited for
+BACKOFF_BASE = 0.5  # seconds; doubles per attempt, with jitter
+BACKOFF_MAX = 20.0
+SHARDS_PER_WORKER = 2  # active shards per worker process (overlaps one shard's tail with the next)
+DECODE_THREADS = 2
+CONNECTIONS_PER_CLIENT = 8
+# Bodies up to this size are decoded on the event loop (cheaper than a thread hand-off, and the other
+# processes keep the cores busy); bigger ones go to a thread so a huge image cannot stall the sockets.
+INLINE_DECODE_BYTES = 1_500_000
+USER_AGENT = "geoloc/0.1 (photo geolocation research; +https://github.com/)"
+# Flickr answers a deleted photo with a redirect to this placeholder image instead of a 404.
+FLICKR_PLACEHOLDER = "photo_unavailable"
+
+META_COLUMNS = ["AUTHOR", "S3_Label", "S16_Label", "S365_Label", "Prob_indoor", "Prob_natural", "Prob_urban"]
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("id", pa.string()), ("url", pa.string()),
+    ("lat", pa.float64()), ("lon", pa.float64()),
+    ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("shard", pa.string()),
+    ("AUTHOR", pa.string()), ("S3_Label", pa.int32()), ("S16_Label", pa.int32()), ("S365_Label", pa.int32()),
+    ("Prob_indoor", pa.float64()), ("Prob_natural", pa.float64()), ("Prob_urban", pa.float64()),
+])
+
+
+class ItemFailure(Exception):
+    """An item failed with a manifest status; `retry_after` is set when the server asked to wait."""
+
+    def __init__(self, status: str, error: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(error)
+        self.status, self.error, self.retryable, self.retry_after = status, error, retryable, retry_after
+
+
+@dataclass
+class Options:
+    """The fetch settings a worker needs (a plain copy of config.FetchConfig)."""
+
+    resize_shorter: int = 320
+    jpeg_quality: int = 90
+    concurrency: int = 64
+    per_host: int = 16
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    deadline: float = 30.0
+    retries: int = 3
+    max_bytes: int = 20_000_000
+    max_pixels: int = 100_000_000
+
+    @classmethod
+    def from_config(cls, fetch_cfg: Any) -> Options:
+        names = cls.__dataclass_fields__
+        return cls(**{k: getattr(fetch_cfg, k) for k in names})
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
+    """Decode, orient, convert to RGB, resize (shorter side = opts.resize_shorter), encode JPEG.
+
+    The declared size is checked before any pixel is decoded (decompression-bomb guard), and JPEGs are
+    decoded at a reduced scale with `draft` when the target is much smaller (the cheap path).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ItemFailure("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError:
+        raise ItemFailure("not_image", f"not an image ({_sniff(data)})") from None
+    w, h = im.size
+    if w <= 0 or h <= 0 or w * h > opts.max_pixels:
+        raise ItemFailure("decompression_bomb", f"declared size {w}x{h} exceeds {opts.max_pixels} pixels")
+    target = opts.resize_shorter
+    if im.format == "JPEG" and target:
+        scale = target / min(w, h)
+        if scale < 1:
+            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    try:
+        im.load()
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation != 1:  # phones store rotation as a tag; stored images are upright
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
+    except OSError as e:
+        status = "truncated" if "truncated" in str(e) else "corrupt"
+        raise ItemFailure(status, f"cannot decode: {e}") from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ItemFailure("corrupt", f"cannot decode: {e}") from None
+    if target:
+        w, h = im.size
+        s = target / min(w, h)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=opts.jpeg_quality)
+    return buf.getvalue(), im.size[0], im.size[1]
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")  # composite transparency on white, not black
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "HTML page"
+    if not data:
+        return "empty body"
+    return f"{len(data)} bytes starting {data[:8]!r}"
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _http_failure(r: httpx.Response) -> ItemFailure:
+    code = r.status_code
+    if code in (404, 410):
+        return ItemFailure(f"http_{code}", f"HTTP {code}")
+    if code == 429:
+        return ItemFailure("http_429", "HTTP 429", True, _retry_after(r.headers.get("retry-after")))
+    if code >= 500:
+        return ItemFailure("http_5xx", f"HTTP {code}", True, _retry_after(r.headers.get("retry-after")))
+    return ItemFailure("http_4xx" if code >= 400 else "http_other", f"HTTP {code}")
+
+
+class Fetcher:
+    """Fetches items within one worker process: small keep-alive connection pools, global and per-host
+    concurrency limits, retries within an overall deadline, decoding."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        # httpcore scans every connection of a pool on each request event, so one pool of 64 connections
+        # costs more CPU than eight pools of 8: requests go to the least busy of several small clients.
+        n = max(1, math.ceil(opts.concurrency / CONNECTIONS_PER_CLIENT))
+        per_client = math.ceil(opts.concurrency / n)
+        self.clients = [self._client(per_client) for _ in range(n)]
+        t = opts.read_timeout
+        self.timeouts = {"connect": opts.connect_timeout, "read": t, "write": t, "pool": None}
+        self.busy = [0] * n
+        self.slots = asyncio.Semaphore(opts.concurrency)
+        self.hosts: dict[str, asyncio.Semaphore] = {}
+        self.pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+
+    def _client(self, connections: int) -> httpx.AsyncHTTPTransport:
+        # The transport, not the Client: its cookie/auth/hook machinery costs ~30% of the CPU of a
+        # request and none of it is needed; redirects are followed in _get_with.
+        return httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.aclose()
+        self.pool.shutdown(wait=True)
+
+    async def fetch(self, url: str) -> tuple[bytes, int, int, int]:
+        """(jpeg, width, height, body bytes) or raise ItemFailure."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "file":
+            body = await asyncio.get_running_loop().run_in_executor(self.pool, self._read_file, url)
+        elif scheme in ("http", "https"):
+            body = await self._download(url)
+        else:
+            raise ItemFailure("bad_url", f"unsupported URL {url[:80]!r}")
+        if len(body) <= INLINE_DECODE_BYTES:
+            jpeg, w, h = process_image(body, self.opts)
+        else:
+            jpeg, w, h = await asyncio.get_running_loop().run_in_executor(self.pool, process_image, body, self.opts)
+        return jpeg, w, h, len(body)
+
+    def _read_file(self, url: str) -> bytes:
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+        try:
+            if path.stat().st_size > self.opts.max_bytes:
+                raise ItemFailure("too_large", f"file larger than {self.opts.max_bytes} bytes")
+            return path.read_bytes()
+        except OSError as e:
+            raise ItemFailure("io_error", f"{type(e).__name__}: {e}") from None
+
+    async def _download(self, url: str) -> bytes:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        host_slots = self.hosts.setdefault(host, asyncio.Semaphore(self.opts.per_host))
+        # Host slot first: items waiting for a busy host must not hold global slots.
+        async with host_slots, self.slots:
+            start = time.monotonic()
+            try:
+                async with asyncio.timeout(self.opts.deadline):
+                    return await self._with_retries(url, start)
+            except TimeoutError:
+                raise ItemFailure("deadline", f"no result within {self.opts.deadline:g} s") from None
+
+    async def _with_retries(self, url: str, start: float) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                return await self._get(url)
+            except ItemFailure as e:
+                if not e.retryable or attempt >= self.opts.retries:
+                    raise
+                wait = min(BACKOFF_MAX, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                if e.retry_after is not None:
+                    wait = max(wait, e.retry_after)
+                left = self.opts.deadline - (time.monotonic() - start)
+                if wait > MAX_RETRY_AFTER or wait >= left:
+                    raise  # waiting would not help before the deadline: keep the server's answer
+                attempt += 1
+                await asyncio.sleep(wait)
+
+    async def _body(self, r: httpx.Response, url: str) -> bytes:
+        if r.status_code != 200:
+            raise _http_failure(r)
+        if FLICKR_PLACEHOLDER in url:
+            raise ItemFailure("unavailable", f"redirected to placeholder {url}")
+        declared = r.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.opts.max_bytes:
+            raise ItemFailure("too_large", f"Content-Length {declared} > {self.opts.max_bytes}")
+        chunks, size = [], 0
+        async for chunk in r.stream:
+            size += len(chunk)
+            if size > self.opts.max_bytes:
+                raise ItemFailure("too_large", f"body exceeds {self.opts.max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _get(self, url: str) -> bytes:
+        i = self.busy.index(min(self.busy))
+        self.busy[i] += 1
+        try:
+            return await self._get_with(self.clients[i], url)
+        finally:
+            self.busy[i] -= 1
+
+    async def _get_with(self, client: httpx.AsyncHTTPTransport, url: str) -> bytes:
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                request = httpx.Request("GET", url, headers={"User-Agent": USER_AGENT},
+                                        extensions={"timeout": self.timeouts})
+                r = await client.handle_async_request(request)
+                try:
+                    location = r.headers.get("location")
+                    if r.status_code in REDIRECTS and location:
+                        url = urllib.parse.urljoin(url, location)
+                        continue
+                    return await self._body(r, url)
+                finally:
+                    await r.aclose()
+            raise ItemFailure("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+            raise ItemFailure("timeout", f"connect timeout: {e}", retryable=True) from None
+        except httpx.TimeoutException as e:
+            raise ItemFailure("timeout", f"{type(e).__name__}: {str(e) or 'timed out'}") from None
+        except httpx.ConnectError as e:
+            raise ItemFailure("connect_error", f"{e}", retryable=True) from None
+        except httpx.RemoteProtocolError as e:
+            # The peer closed mid-body (or sent garbage): a flaky connection, worth one more try.
+            raise ItemFailure("truncated", f"{e}", retryable=True) from None
+        except (httpx.DecodingError, httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+            raise ItemFailure("bad_url" if not isinstance(e, httpx.DecodingError) else "corrupt", str(e)) from None
+        except httpx.TransportError as e:
+            raise ItemFailure("connect_error", f"{type(e).__name__}: {e}", retryable=True) from None
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def _row(job: dict[str, Any], i: int, shard: str) -> dict[str, Any]:
+    row = {"key": job["keys"][i], "id": job["ids"][i], "url": job["urls"][i],
+           "lat": job["lat"][i], "lon": job["lon"][i], "status": "", "error": "", "bytes": 0,
+           "width": 0, "height": 0, "shard": shard}
+    for col in META_COLUMNS:
+        row[col] = job["meta"][col][i] if col in job["meta"] else None
+    return row
+
+
+def _nan_to_none(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+async def run_shard(fetcher: Fetcher, job: dict[str, Any], report: Any) -> Counter:
+    """Fetch one shard job and write its tar, then its manifest part (both atomically, in that order).
+
+    With job["retry"], successes already in the tar are kept, gone items (404/410) keep their old row
+    unless job["retry_gone"], and every other failure is fetched again.
+    """
+    tar_path, part_path = Path(job["tar"]), Path(job["part"])
+    shard = tar_path.name
+    rows = [_row(job, i, shard) for i in range(len(job["keys"]))]
+    kept: dict[str, dict[str, bytes]] = {}
+    old: dict[str, dict[str, Any]] = {}
+    if job.get("retry"):
+        kept = dict(iter_shard(tar_path)) if tar_path.is_file() else {}
+        if part_path.is_file():
+            old = {r["key"]: r for r in pq.read_table(part_path).to_pylist()}
+    images: dict[str, tuple[bytes, bytes]] = {}
+
+    async def one(row: dict[str, Any]) -> None:
+        key = row["key"]
+        if key in kept:  # stored in an earlier run: the tar is the record of successes
+            meta = json.loads(kept[key]["json"])
+            images[key] = (kept[key]["jpg"], kept[key]["json"])
+            prev = old.get(key, {})
+            row.update(status=OK, bytes=prev.get("bytes") or len(kept[key]["jpg"]),
+                       width=meta.get("width", 0), height=meta.get("height", 0))
+            report(OK)
+            return
+        prev = old.get(key)
+        if prev is not None and prev["status"] in GONE and not job.get("retry_gone"):
+            row.update(status=prev["status"], error=prev["error"], bytes=prev["bytes"])
+            report(row["status"])
+            return
+        row.update(_fetch_row(await _attempt(fetcher, row, job), images, row))
+        report(row["status"])
+
+    await asyncio.gather(*(one(r) for r in rows))
+    await asyncio.get_running_loop().run_in_executor(None, _write_shard, tar_path, part_path, rows, images)
+    return Counter(r["status"] for r in rows)
+
+
+async def _attempt(fetcher: Fetcher, row: dict[str, Any], job: dict[str, Any]) -> Any:
+    if job.get("require_gps") and (_nan_to_none(row["lat"]) is None or _nan_to_none(row["lon"]) is None):
+        return ItemFailure("no_gps", "no GPS position in EXIF")
+    try:
+        return await fetcher.fetch(row["url"])
+    except ItemFailure as e:
+        return e
+    except Exception as e:  # an item must never crash the run: record what happened
+        return ItemFailure("error", f"{type(e).__name__}: {e}")
+
+
+def _fetch_row(result: Any, images: dict[str, tuple[bytes, bytes]], row: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(result, ItemFailure):
+        return {"status": result.status, "error": result.error[:500]}
+    jpeg, w, h, nbytes = result
+    info = {"key": row["key"], "id": row["id"], "lat": _nan_to_none(row["lat"]),
+            "lon": _nan_to_none(row["lon"]), "width": w, "height": h, "url": row["url"]}
+    images[row["key"]] = (jpeg, json.dumps(info).encode())
+    return {"status": OK, "error": "", "bytes": nbytes, "width": w, "height": h}
+
+
+def _write_shard(tar_path: Path, part_path: Path, rows: list[dict[str, Any]],
+                 images: dict[str, tuple[bytes, bytes]]) -> None:
+    with ShardWriter(tar_path) as w:
+        for row in rows:  # key order
+            if row["key"] in images:
+                jpg, meta = images[row["key"]]
+                w.add(row["key"], {"jpg": jpg, "json": meta})
+    table = pa.Table.from_pylist([{k: _nan_to_none(v) for k, v in r.items()} for r in rows],
+                                 schema=MANIFEST_SCHEMA)
+    with atomic_path(part_path) as tmp:
+        pq.write_table(table, tmp)
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
+    """Entry point of a worker process: run shard jobs from `jobs` until a None arrives.
+
+    Events sent: ("items", Counter of statuses) every ~0.2 s, ("shard", shard_index, Counter) per
+    finished shard, ("error", shard_index, traceback) if writing a shard failed.
+    """
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own guard at the configured size
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_worker(opts, jobs, events, parent_pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _watch_parent(pid: int) -> None:
+    """A worker whose main process was killed exits at once: it must not race a resumed run."""
+    while True:
+        await asyncio.sleep(0.5)
+        if not _alive(pid):
+            os._exit(0)
+
+
+async def _worker(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
+    loop = asyncio.get_running_loop()
+    fetcher = Fetcher(opts)
+    pending: Counter = Counter()
+    unfinished = [0]  # items of this worker's active shards not yet reported
+    getter = ThreadPoolExecutor(1, thread_name_prefix="jobs")
+
+    def report(status: str) -> None:
+        pending[status] += 1
+        unfinished[0] -= 1
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if pending:
+                events.put(("items", Counter(pending)))
+                pending.clear()
+
+    async def shard_task(job: dict[str, Any]) -> None:
+        try:
+            counts = await run_shard(fetcher, job, report)
+            if pending:
+                events.put(("items", Counter(pending)))
+                pending.clear()
+            events.put(("shard", job["shard"], counts))
+        except Exception:
+            events.put(("error", job["shard"], traceback.format_exc()))
+
+    flusher = asyncio.create_task(flush_forever())
+    watchdog = asyncio.create_task(_watch_parent(parent_pid))
+    tasks: set[asyncio.Task] = set()
+    try:
+        while True:
+            # Take another shard only when this worker would otherwise run out of requests to make, so
+            # one worker never hoards the shards another one is idle for, and a shard's tail overlaps
+            # the next one's start.
+            while len(tasks) >= SHARDS_PER_WORKER or unfinished[0] > opts.concurrency:
+                await asyncio.sleep(0.05)
+            job = await loop.run_in_executor(getter, jobs.get)
+            if job is None:
+                break
+            unfinished[0] += len(job["keys"])
+            t = asyncio.create_task(shard_task(job))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+    finally:
+        flusher.cancel()
+        watchdog.cancel()
+        await fetcher.close()
+        getter.shutdown(wait=False)
+
+
+def drain(q: Any, timeout: float) -> list[Any]:
+    """Everything on a multiprocessing queue now, waiting up to `timeout` for the first event."""
+    out = []
+    with contextlib.suppress(queue.Empty):
+        out.append(q.get(timeout=timeout))
+        while True:
+            out.append(q.get_nowait())
+    return out
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

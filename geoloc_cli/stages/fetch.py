@@ -1,0 +1,482 @@
+"""`geoloc fetch`: presets, URL lists and photo folders -> tar shards + manifest.parquet + stats.json.
+
+Item i of a list has key `{i:09d}` and goes to shard i // shard_size. A shard is done when its tar and
+its manifest part (written after the tar) both exist, so a re-run skips it: that is how a killed run
+resumes. The list is streamed in shard-sized chunks and the metadata is held as numeric arrays, so
+memory stays flat in the length of the list. The download itself lives in geoloc_cli.download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from geoloc_cli import console
+from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
+from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.store import OK, DataRoot, atomic_path, shard_name, write_json_atomic, write_text_atomic
+
+PRESETS = ("mp16", "yfcc25600", "im2gps", "im2gps3k", "yfcc4k")
+_GH = "https://github.com/TIBHannover/GeoEstimation/releases/download"
+_RAW = "https://raw.githubusercontent.com"
+# Mirrors per metadata file, tried in order (first that answers wins), and sha256 where known.
+MIRRORS: dict[str, tuple[list[str], str | None]] = {
+    "mp16_urls.csv": ([f"{_GH}/v1.0/mp16_urls.csv", f"{_GH}/pytorch/mp16_urls.csv"], None),
+    "mp16_places365.csv": ([f"{_GH}/pytorch/mp16_places365.csv", f"{_GH}/v1.0/mp16_places365.csv"], None),
+    "yfcc25600_urls.csv": ([f"{_GH}/pytorch/yfcc25600_urls.csv", f"{_GH}/v1.0/yfcc25600_urls.csv"], None),
+    "yfcc25600_places365.csv": ([
+        f"{_GH}/pytorch/yfcc25600_places365.csv",
+        f"{_RAW}/ShramanPramanick/Transformer_Based_Geo-localization/main/resources/yfcc25600_places365.csv",
+    ], None),
+    "im2gps_urls.csv": ([f"{_GH}/pytorch/im2gps_urls.csv"], None),
+    "im2gps_places365.csv": ([
+        f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/im2gps_places365.csv",
+        f"{_RAW}/keyang1211/GeoEstimation/original_tf/meta/im2gps_places365.csv",
+    ], None),
+    "im2gps3k_urls.csv": ([f"{_GH}/pytorch/im2gps3k_urls.csv"], None),
+    "im2gps3k_places365.csv": ([
+        f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/im2gps3k_places365.csv",
+        f"{_RAW}/keyang1211/GeoEstimation/original_tf/meta/im2gps3k_places365.csv",
+    ], None),
+    "yfcc4k_urls.csv": ([f"{_GH}/pytorch/yfcc4k_urls.csv"], None),
+    "yfcc4k_places365.csv": ([f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/yfcc4k_places365.csv"], None),
+}
+MIRROR_TIMEOUT = 30.0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
+# Flickr file names: <id>_<secret>[_<size>].<ext>; the size part is what --size-suffix sets.
+_FLICKR_NAME = re.compile(r"^(?P<stem>\d+_[0-9a-f]+)(?P<size>_[a-z0-9]{1,2})?(?P<ext>\.[A-Za-z]+)$")
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+
+def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Path | None = None,
+        name: str | None = None, retry_failed: bool = False, retry_gone: bool = False,
+        part: str | None = None) -> dict[str, dict[str, Any]]:
+    """Resolve what to fetch (preset, list or folder), fetch each dataset, return {name: stats}."""
+    root = DataRoot(Path(cfg.paths.root))
+    kw = {"retry_failed": retry_failed, "retry_gone": retry_gone, "part": parse_part(part)}
+    if urls is not None:
+        if source is not None:
+            raise ConfigError(f"give either a source ({source!r}) or --urls, not both")
+        return {n: fetch_list(cfg, root, n, Path(urls), meta, **kw)
+                for n in [name or Path(urls).stem.removesuffix("_urls")]}
+    if source is None:
+        raise ConfigError("nothing to fetch: give a preset (demo, " + ", ".join(PRESETS)
+                          + "), a folder of photos, or --urls LIST.csv --name NAME")
+    if source == "demo":
+        from geoloc_cli import demo
+
+        return {n: fetch_list(cfg, root, n, u, m, **kw) for n, (u, m) in demo.generate(root, cfg).items()}
+    if source in PRESETS:
+        urls_csv, meta_csv = ensure_preset_files(root, source)
+        return {name or source: fetch_list(cfg, root, name or source, urls_csv, meta_csv, **kw)}
+    folder = Path(source)
+    if folder.is_dir():
+        n = name or folder.resolve().name
+        return {n: import_folder(cfg, root, n, folder, **kw)}
+    raise InputError(f"{source}: not a preset (demo, {', '.join(PRESETS)}) and not a folder")
+
+
+def parse_part(text: str | None) -> tuple[int, int]:
+    """'i/N' -> (i, N) with 0 <= i < N; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ConfigError(f"--part: expected i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def ensure_preset_files(root: DataRoot, preset: str) -> tuple[Path, Path]:
+    """Download <preset>_urls.csv and <preset>_places365.csv into <root>/meta/ unless present."""
+    paths = []
+    for fname in (f"{preset}_urls.csv", f"{preset}_places365.csv"):
+        dest = root.meta / fname
+        if not dest.is_file():
+            mirrors, sha256 = MIRRORS.get(fname, ([], None))
+            download_meta_file(dest, mirrors, sha256)
+        paths.append(dest)
+    return paths[0], paths[1]
+
+
+def download_meta_file(dest: Path, mirrors: list[str], sha256: str | None) -> None:
+    """Fetch `dest` from the first mirror that answers (checksum when known), atomically."""
+    tried = []
+    for url in mirrors:
+        console.info(f"downloading {dest.name} from {url}")
+        try:
+            with atomic_path(dest) as tmp:
+                digest = _download_to(url, tmp)
+                if sha256 and digest != sha256:
+                    raise ValueError(f"sha256 {digest} != expected {sha256}")
+            return
+        except Exception as e:  # any failure means: try the next mirror
+            tried.append(f"{url} ({type(e).__name__}: {str(e)[:80]})")
+    raise InputError(
+        f"metadata file {dest.name} is missing: not in {dest.parent} and no mirror answered "
+        f"(tried: {'; '.join(tried) or 'no mirrors known'}); get the file from the GeoEstimation "
+        f"release assets or a copy of it and put it at {dest}"
+    )
+
+
+def _download_to(url: str, path: Path) -> str:
+    h = hashlib.sha256()
+    req = urllib.request.Request(url, headers={"User-Agent": "geoloc"})
+    with urllib.request.urlopen(req, timeout=MIRROR_TIMEOUT) as r, open(path, "wb") as f:
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ list reading
+
+
+def read_list_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Stream an `image_id,url` list (no header) as DataFrames of `chunk_rows` rows (ids/urls as str)."""
+    if not Path(path).is_file():
+        raise InputError(f"URL list not found: {path}")
+    try:
+        yield from pd.read_csv(path, header=None, names=["id", "url"], dtype=str, keep_default_na=False,
+                               chunksize=chunk_rows, engine="c")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: malformed URL list (expected image_id,url rows): {e}") from None
+
+
+def count_rows(path: Path) -> int:
+    return sum(len(c) for c in read_list_chunks(path, 1_000_000))
+
+
+def flickr_sized(url: str, suffix: str) -> str:
+    """Insert Flickr's size suffix (e.g. _z) before the extension unless the name already has one."""
+    if not suffix:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if "flickr" not in (parts.hostname or ""):
+        return url
+    head, _, name = parts.path.rpartition("/")
+    m = _FLICKR_NAME.match(name)
+    if not m or m["size"]:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(path=f"{head}/{m['stem']}{suffix}{m['ext']}"))
+
+
+class MetaIndex:
+    """Metadata rows looked up by IMG_ID without a Python object per row.
+
+    IDs are kept as sorted 64-bit hashes with the row order, columns as numpy / Arrow arrays; a chunk
+    of ids is resolved with one vectorised searchsorted. 4.7 M rows take about 250 MB.
+    """
+
+    def __init__(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise InputError(f"metadata file not found: {path}")
+        hashes, cols = [], {c: [] for c in ["LAT", "LON", *META_COLUMNS]}
+        dtypes = {"IMG_ID": str, "AUTHOR": str}
+        # Ids stay text even when they read "NA"; empty numeric cells are missing values.
+        na = {c: [""] for c in cols if c != "AUTHOR"}
+        try:
+            for chunk in pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=na,
+                                     chunksize=500_000):
+                missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
+                if missing:
+                    raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+                hashes.append(_hash_ids(chunk["IMG_ID"].to_numpy()))
+                for c in cols:
+                    cols[c].append(pa.array(chunk[c]) if c in chunk.columns else pa.nulls(len(chunk)))
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: malformed metadata CSV: {e}") from None
+        h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        self.order = np.argsort(h, kind="stable")
+        self.sorted = h[self.order]
+        self.columns = {c: pa.chunked_array(v).combine_chunks() if v else pa.array([]) for c, v in cols.items()}
+
+    def lookup(self, ids: np.ndarray) -> dict[str, list]:
+        """Column values for each id (None where the id is not in the metadata)."""
+        h = _hash_ids(ids)
+        pos = np.searchsorted(self.sorted, h)
+        pos = np.minimum(pos, max(len(self.sorted) - 1, 0))
+        found = (self.sorted[pos] == h) if len(self.sorted) else np.zeros(len(h), bool)
+        rows = pa.array(np.where(found, self.order[pos] if len(self.sorted) else 0, 0), mask=~found)
+        return {c: col.take(rows).to_pylist() for c, col in self.columns.items()}
+
+
+def _hash_ids(ids: np.ndarray) -> np.ndarray:
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def _shard_paths(root: DataRoot, name: str, s: int) -> tuple[Path, Path]:
+    tar = root.shards(name) / shard_name(s)
+    return tar, tar.with_suffix(".parquet")
+
+
+def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: tuple[int, int],
+                retry_failed: bool, retry_gone: bool) -> tuple[list[int], list[int]]:
+    """(shards to fetch, shards to retry) of this part: not-done shards, plus done shards with
+    retryable failures when retry_failed."""
+    i, n = part
+    fetch, retry = [], []
+    for s in range(i, math.ceil(n_items / shard_size), n):
+        tar, pq_part = _shard_paths(root, name, s)
+        if not (tar.is_file() and pq_part.is_file()):
+            fetch.append(s)
+        elif retry_failed and _has_retryable(pq_part, retry_gone):
+            retry.append(s)
+    return fetch, retry
+
+
+def _has_retryable(part: Path, retry_gone: bool) -> bool:
+    status = pq.read_table(part, columns=["status"]).column("status").to_pylist()
+    return any(st != OK and (retry_gone or st not in GONE) for st in status)
+
+
+def _check_layout(root: DataRoot, name: str, urls_csv: Path, n_items: int, shard_size: int) -> None:
+    """Refuse to mix shards cut differently: keys and shard numbers depend on the list and shard size."""
+    spec_path = root.dataset(name) / "fetch.json"
+    spec = {"items": n_items, "shard_size": shard_size}
+    if spec_path.is_file():
+        old = json.loads(spec_path.read_text())
+        if {k: old.get(k) for k in spec} != spec:
+            raise InputError(
+                f"{spec_path}: this dataset was fetched with {old.get('items')} items and shard_size "
+                f"{old.get('shard_size')}, now {n_items} and {shard_size}; use the same list and "
+                f"fetch.shard_size, or another --name")
+        return
+    write_json_atomic(spec_path, {**spec, "urls": str(urls_csv)})
+
+
+def remove_stale_temps(folder: Path, shards: dict[int, bool]) -> None:
+    """Delete temp files a killed run left for the shards this run is about to write.
+
+    Temps of other shards are left alone: another --part may be writing them right now.
+    """
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".images-*.tmp"):
+        m = re.match(r"\.images-(\d+)\.", tmp.name)
+        if m and int(m[1]) in shards:
+            tmp.unlink(missing_ok=True)
+
+
+def iter_jobs(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta: MetaIndex | None,
+              wanted: dict[int, bool], retry_gone: bool, require_gps: bool) -> Iterator[dict[str, Any]]:
+    """Stream the list and yield one job per wanted shard ({shard: is_retry})."""
+    size = cfg.fetch.shard_size
+    last = max(wanted, default=-1)
+    for s, chunk in enumerate(read_list_chunks(urls_csv, size)):
+        if s > last:
+            return
+        if s not in wanted:
+            continue
+        ids = chunk["id"].to_numpy()
+        tar, part = _shard_paths(root, name, s)
+        info = meta.lookup(ids) if meta is not None else {}
+        nan = [math.nan] * len(chunk)
+        yield {
+            "shard": s, "tar": str(tar), "part": str(part), "retry": wanted[s], "retry_gone": retry_gone,
+            "require_gps": require_gps,
+            "keys": [f"{s * size + j:09d}" for j in range(len(chunk))],
+            "ids": ids.tolist(),
+            "urls": [flickr_sized(u, cfg.fetch.size_suffix) for u in chunk["url"].tolist()],
+            "lat": [math.nan if v is None else v for v in info.get("LAT", nan)],
+            "lon": [math.nan if v is None else v for v in info.get("LON", nan)],
+            "meta": {c: info[c] for c in META_COLUMNS if c in info},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+
+def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Path | None = None,
+               retry_failed: bool = False, retry_gone: bool = False, part: tuple[int, int] = (0, 1),
+               require_gps: bool = False) -> dict[str, Any]:
+    """Fetch an `image_id,url` list into <root>/datasets/<name>/; return the stats (also in stats.json)."""
+    t0 = time.monotonic()
+    size = cfg.fetch.shard_size
+    n_items = count_rows(urls_csv)
+    meta = MetaIndex(meta_csv) if meta_csv is not None else None
+    _check_layout(root, name, urls_csv, n_items, size)
+    fetch, retry = plan_shards(root, name, n_items, size, part, retry_failed, retry_gone)
+    wanted = {s: False for s in fetch} | {s: True for s in retry}
+    remove_stale_temps(root.shards(name), wanted)
+    total = sum(min(size, n_items - s * size) for s in wanted)
+    if wanted:
+        what = f"{len(fetch)} new" + (f" and {len(retry)} retried" if retry_failed else "")
+        console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards; fetching {what} "
+                     f"shard(s) ({total:,} items) with {cfg.fetch.processes} process(es)")
+        jobs = iter_jobs(cfg, root, name, urls_csv, meta, wanted, retry_gone, require_gps)
+        counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
+                          f"fetch {name}")
+    else:
+        counts = Counter()
+        console.info(f"{name}: every shard of this part is done (use --retry-failed to retry failures)")
+    stats = finish(root, name, n_items, size, counts, time.monotonic() - t0)
+    summary_table(name, stats)
+    return stats
+
+
+def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: int, processes: int,
+             label: str) -> Counter:
+    """Run shard jobs on `processes` worker processes; show progress; return counts by status."""
+    # fork is unsafe with threads around (progress bar, servers); a fork server preloaded with the
+    # download module starts workers in milliseconds after its first start.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["geoloc_cli.download"])
+    job_q, events = ctx.Queue(maxsize=max(2, processes * 2)), ctx.Queue()
+    workers = [ctx.Process(target=worker_main, args=(opts, job_q, events, os.getpid()), daemon=True)
+               for _ in range(processes)]
+    for w in workers:
+        w.start()
+    feed_error: list[BaseException] = []
+    feeder = threading.Thread(target=_feed, args=(jobs, job_q, processes, feed_error), daemon=True)
+    feeder.start()
+    counts: Counter = Counter()
+    try:
+        with console.progress(label, total=total, unit="img", ok=0, failed=0) as bar:
+            done = 0
+            while done < n_jobs:
+                for ev in drain(events, 0.5):
+                    if ev[0] == "items":
+                        counts.update(ev[1])
+                        bar.advance(sum(ev[1].values()), ok=counts[OK], failed=sum(counts.values()) - counts[OK])
+                    elif ev[0] == "shard":
+                        done += 1
+                    else:
+                        raise InputError(f"writing shard {ev[1]} failed:\n{ev[2]}")
+                if feed_error:
+                    raise feed_error[0]
+                if done < n_jobs and not any(w.is_alive() for w in workers):
+                    raise InputError(f"all fetch workers exited with {n_jobs - done} shard(s) left; "
+                                     "run the same command again to resume")
+    finally:
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+    return counts
+
+
+def _feed(jobs: Iterator[dict[str, Any]], job_q: Any, processes: int, errors: list[BaseException]) -> None:
+    try:
+        for job in jobs:
+            job_q.put(job)
+    except BaseException as e:  # reported by the main thread
+        errors.append(e)
+    for _ in range(processes):
+        job_q.put(None)
+
+
+# ------------------------------------------------------------------------------------------ finishing
+
+
+def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Counter,
+           seconds: float) -> dict[str, Any]:
+    """Combine all manifest parts present into manifest.parquet (streamed) and write stats.json."""
+    by_status: Counter = Counter()
+    n_shards = math.ceil(n_items / shard_size)
+    present, nbytes, rows = 0, 0, 0
+    with atomic_path(root.manifest(name)) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
+        for s in range(n_shards):
+            tar, part = _shard_paths(root, name, s)
+            if not (tar.is_file() and part.is_file()):
+                continue
+            table = pq.read_table(part).cast(MANIFEST_SCHEMA)
+            writer.write_table(table)
+            by_status.update(table.column("status").to_pylist())
+            nbytes += pc.sum(table.column("bytes")).as_py() or 0
+            present += 1
+            rows += table.num_rows
+    fetched = sum(counts.values())
+    stats = {
+        "dataset": name, "items": n_items, "shards": n_shards, "shards_done": present, "rows": rows,
+        "status": dict(sorted(by_status.items(), key=lambda kv: -kv[1])), "ok": by_status[OK],
+        "bytes": int(nbytes), "this_run": {"items": fetched, "ok": counts[OK], "seconds": round(seconds, 2),
+                                           "images_per_s": round(fetched / seconds, 1) if seconds else 0.0},
+    }
+    write_json_atomic(root.dataset(name) / "stats.json", stats)
+    if present < n_shards:
+        console.info(f"{name}: {present} of {n_shards} shards present; manifest.parquet covers those "
+                     "(fetch the other --part slices into the same root to complete it)")
+    return stats
+
+
+def summary_table(name: str, stats: dict[str, Any]) -> None:
+    rows_total = max(stats["rows"], 1)
+    rows = [(st, n, f"{100 * n / rows_total:.1f}%") for st, n in stats["status"].items()]
+    run = stats["this_run"]
+    console.table(f"fetch {name}", ["status", "items", "share"], rows,
+                  caption=f"{stats['rows']:,} of {stats['items']:,} items in {stats['shards_done']} shards; "
+                          f"this run {run['items']:,} items in {run['seconds']:.1f} s "
+                          f"({run['images_per_s']:.1f} img/s)")
+
+
+# ---------------------------------------------------------------------------------------- photo folders
+
+
+def exif_latlon(path: Path) -> tuple[float, float] | None:
+    """(lat, lon) from a photo's EXIF GPS block, or None when it has none."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            gps = im.getexif().get_ifd(0x8825)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    try:
+        lat = _dms(gps[2]) * (-1 if str(gps.get(1, "N")).upper().startswith("S") else 1)
+        lon = _dms(gps[4]) * (-1 if str(gps.get(3, "E")).upper().startswith("W") else 1)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180) or math.isnan(lat) or math.isnan(lon):
+        return None
+    return lat, lon
+
+
+def _dms(v: Any) -> float:
+    d, m, s = (float(x) for x in v)
+    return d + m / 60 + s / 3600
+
+
+def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, **kw: Any) -> dict[str, Any]:
+    """Import local photos: lat/lon from EXIF GPS; photos without GPS are listed with status no_gps."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    ids, uris, lats, lons = [], [], [], []
+    for p in files:
+        pos = exif_latlon(p)
+        ids.append(p.relative_to(folder).as_posix())
+        uris.append(p.resolve().as_uri())
+        lats.append(pos[0] if pos else math.nan)
+        lons.append(pos[1] if pos else math.nan)
+    urls_csv, meta_csv = root.meta / f"{name}_urls.csv", root.meta / f"{name}_places365.csv"
+    write_text_atomic(urls_csv, pd.DataFrame({"id": ids, "url": uris}).to_csv(index=False, header=False))
+    meta = pd.DataFrame({"IMG_ID": ids, "AUTHOR": "", "LAT": lats, "LON": lons})
+    with atomic_path(meta_csv) as tmp:
+        meta.to_csv(tmp, index=False)
+    return fetch_list(cfg, root, name, urls_csv, meta_csv, require_gps=True, **kw)

@@ -1,0 +1,250 @@
+"""`geoloc partition`: build adaptive S2 geo-cell partitionings and assign every image its classes.
+
+Reads a metadata CSV (IMG_ID, LAT, LON; default <root>/meta/<dataset>_places365.csv) and writes into
+the output directory (default <root>/partitions/<dataset>/):
+  cells_<tmin>_<tmax>.csv   one GeoEstimation-compatible cell table per partitioning
+  labels.parquet            IMG_ID + one int64 column per partitioning (-1 = no class)
+  hierarchy.json            {order: [coarse..fine], classes: {name: class per fine cell}} (2+ partitionings)
+  partitions.json           {name: {file, tau_min, tau_max, num_cells, ...}}, written last: later stages
+                            find everything through it (geoloc_cli.partitioning.load_partitions)
+With --use-published DIR the cell tables are read from DIR instead of built. Every input is read and
+checked before anything is written, and each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geoloc_cli import console, geo, store
+from geoloc_cli import partitioning as part
+from geoloc_cli.errors import ConfigError, InputError
+
+
+def run(
+    cfg: Any,
+    cells: str = "all",
+    input: Path | None = None,
+    tau_max: int | None = None,
+    output: Path | None = None,
+    use_published: Path | None = None,
+    export_mapping: Path | None = None,
+    map_path: Path | None = None,
+) -> dict:
+    specs = _selected(cfg, cells, tau_max)
+    if map_path is not None and Path(map_path).suffix.lower() not in (".png", ".html", ".htm"):
+        raise ConfigError(f"--map {map_path}: expected a .png or .html file")
+    root = store.DataRoot(cfg.root)
+    meta_path = Path(input) if input is not None else root.meta / f"{cfg.partition.dataset}_places365.csv"
+    out_dir = Path(output) if output is not None else root.partitions(cfg.partition.dataset)
+
+    start = time.perf_counter()
+    points = part.read_points(meta_path)
+    console.info(f"read {len(points.lat):,} images from {meta_path} ({time.perf_counter() - start:.1f} s)")
+
+    start = time.perf_counter()
+    if use_published is not None:
+        published = Path(use_published)
+        tables = {name: part.read_cells(published / part.cells_filename(*spec)) for name, spec in specs.items()}
+        sorted_points = part.SortedPoints(points.lat, points.lon)
+        labels = {name: part.assign_points(sorted_points, table) for name, table in tables.items()}
+        num_images = {name: table.attrs.get("num_images") or len(points.lat) for name, table in tables.items()}
+        console.info(f"assigned classes with the tables in {use_published} ({time.perf_counter() - start:.1f} s)")
+    else:
+        built = part.build_partitionings(points.lat, points.lon, specs, cfg.partition.lvl_min, cfg.partition.lvl_max)
+        tables = {name: p.cells for name, p in built.items()}
+        labels = {name: p.labels for name, p in built.items()}
+        num_images = {name: len(points.lat) for name in built}
+        console.info(f"built {len(built)} partitioning(s) ({time.perf_counter() - start:.1f} s)")
+
+    order = sorted(specs, key=lambda name: -specs[name][1])  # coarse (largest tau_max) to fine
+    hierarchy = part.build_hierarchy(tables, order) if len(order) > 1 else None
+    result = _write(out_dir, specs, tables, labels, num_images, points.img_id, order, hierarchy)
+    if export_mapping is not None:
+        n = part.export_mapping(points.img_id, labels, Path(export_mapping), order)
+        console.info(f"wrote {n:,} image labels {order} to {export_mapping}")
+        result["mapping"] = str(export_mapping)
+    if map_path is not None:
+        _draw_map(tables, order, Path(map_path))
+        console.info(f"drew the cells on {map_path}")
+        result["map"] = str(map_path)
+    _summary(result)
+    return result
+
+
+def _selected(cfg: Any, cells: str, tau_max: int | None) -> dict[str, tuple[int, int]]:
+    """{name: (tau_min, tau_max)} of the partitionings this run builds, in config order."""
+    tau_min = cfg.partition.tau_min
+    configured = cfg.partition.tau_max
+    if tau_max is not None:
+        if tau_max <= tau_min:
+            raise ConfigError(f"--tau-max {tau_max}: must be greater than tau_min ({tau_min})")
+        # One custom partitioning, named after --cells when that names one (so training finds it).
+        return {cells if cells != "all" else "custom": (tau_min, tau_max)}
+    if cells == "all":
+        return {name: (tau_min, t) for name, t in configured.items()}
+    if cells not in configured:
+        raise ConfigError(f"--cells {cells!r}: expected all or one of {', '.join(configured)} (partition.tau_max)")
+    return {cells: (tau_min, configured[cells])}
+
+
+def _write(
+    out_dir: Path,
+    specs: dict[str, tuple[int, int]],
+    tables: dict[str, pd.DataFrame],
+    labels: dict[str, np.ndarray],
+    num_images: dict[str, int],
+    img_ids: np.ndarray,
+    order: list[str],
+    hierarchy: dict[str, np.ndarray] | None,
+) -> dict:
+    info: dict[str, dict] = {}
+    for name, (tmin, tmax) in specs.items():
+        file = part.cells_filename(tmin, tmax)
+        part.write_cells(tables[name], out_dir / file, num_images[name])
+        levels = geo.level_of(part.table_cell_ids(tables[name]))
+        kept = int((labels[name] >= 0).sum())
+        info[name] = {
+            "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),
+            "images_kept": kept, "images_dropped": len(img_ids) - kept,
+            "level_min": int(levels.min()) if levels.size else None,
+            "level_max": int(levels.max()) if levels.size else None,
+        }
+    frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
+    store.write_parquet_atomic(frame, out_dir / part.LABELS_FILE)
+    hierarchy_file = out_dir / part.HIERARCHY_JSON
+    if hierarchy is not None:
+        store.write_json_atomic(hierarchy_file, part.hierarchy_to_json(hierarchy, order))
+    else:
+        hierarchy_file.unlink(missing_ok=True)  # a previous run's hierarchy would not match these tables
+    # Written last and unsorted (store.write_json_atomic sorts keys): its order is the head order.
+    store.write_text_atomic(out_dir / part.PARTITIONS_JSON, json.dumps(info, indent=2) + "\n")
+    return {
+        "output": str(out_dir),
+        "partitionings": info,
+        "labels": str(out_dir / part.LABELS_FILE),
+        "hierarchy": str(hierarchy_file) if hierarchy is not None else None,
+    }
+
+
+def _summary(result: dict) -> None:
+    rows = [
+        (name, f"{e['tau_min']}/{e['tau_max']}", e["num_cells"], e["images_kept"], e["images_dropped"],
+         f"{e['level_min']}-{e['level_max']}")
+        for name, e in result["partitionings"].items()
+    ]
+    console.table(
+        "partitionings",
+        ["name", "tau min/max", "cells", "images kept", "dropped", "S2 levels"],
+        rows,
+        caption=f"written to {result['output']}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# World map of the cells
+
+
+def _polygons(table: pd.DataFrame, points_per_edge: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cell outlines as (k, 2) lon/lat arrays, and the table row each one draws.
+
+    A cell crossing the antimeridian is drawn twice, once on each side of the map."""
+    lat, lon = geo.cell_outlines(part.table_cell_ids(table), points_per_edge)
+    lon = np.degrees(np.unwrap(np.radians(lon), axis=1))  # continuous across the antimeridian
+    shift = np.where(lon.mean(axis=1) > 180, -360.0, np.where(lon.mean(axis=1) < -180, 360.0, 0.0))
+    lon = lon + shift[:, None]
+    polys, owner = [], []
+    for k in range(lon.shape[0]):
+        outline = np.stack([lon[k], lat[k]], axis=1)
+        polys.append(outline)
+        owner.append(k)
+        for offset in (-360.0, 360.0):  # the part that sticks out on one side shows on the other
+            if (lon[k] + offset).min() < 180 and (lon[k] + offset).max() > -180:
+                polys.append(outline + [offset, 0.0])
+                owner.append(k)
+    return polys, np.asarray(owner, dtype=np.int64)
+
+
+def _draw_map(tables: dict[str, pd.DataFrame], order: list[str], path: Path) -> None:
+    if path.suffix.lower() == ".png":
+        _draw_png(tables, order, path)
+    else:
+        store.write_text_atomic(path, _html_map(tables, order))
+
+
+def _draw_png(tables: dict[str, pd.DataFrame], order: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.collections import PolyCollection
+        from matplotlib.colors import LogNorm
+    except ImportError:
+        raise InputError("--map .png needs matplotlib (pip install matplotlib), or use --map cells.html") from None
+    fig, axes = plt.subplots(len(order), 1, figsize=(12, 6.2 * len(order)), squeeze=False)
+    for ax, name in zip(axes[:, 0], order, strict=True):
+        polys, owner = _polygons(tables[name], 6)
+        values = tables[name]["imgs_per_cell"].to_numpy()[owner]
+        collection = PolyCollection(polys, array=values, cmap="viridis", norm=LogNorm(), edgecolors="face",
+                                    linewidths=0.2)
+        ax.add_collection(collection)
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_aspect("equal")
+        ax.set_facecolor("#f2f2f2")
+        ax.set_xticks(range(-180, 181, 60))
+        ax.set_yticks(range(-90, 91, 30))
+        ax.grid(color="white", linewidth=0.5)
+        ax.set_title(f"{name}: {len(tables[name]):,} cells")
+        fig.colorbar(collection, ax=ax, shrink=0.7, label="images per cell")
+    fig.tight_layout()
+    with store.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
+
+
+def _colour(values: np.ndarray) -> list[str]:
+    """Viridis-like colours on a log scale."""
+    v = np.log10(np.maximum(values, 1).astype(float))
+    t = (v - v.min()) / max(v.max() - v.min(), 1e-9) * (len(_RAMP) - 1)
+    k = np.minimum(t.astype(int), len(_RAMP) - 2)
+    rgb = _RAMP[k] + (_RAMP[k + 1] - _RAMP[k]) * (t - k)[:, None]
+    return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb.round().astype(int)]
+
+
+def _html_map(tables: dict[str, pd.DataFrame], order: list[str]) -> str:
+    """A self-contained page: one SVG per partitioning (equirectangular), a tooltip per cell."""
+    sections = []
+    for name in order:
+        table = tables[name]
+        polys, owner = _polygons(table, 3)
+        counts = table["imgs_per_cell"].to_numpy()
+        colours = _colour(counts[owner])
+        ids = table["hex_id"].tolist()
+        paths = []
+        for poly, colour, cell in zip(polys, colours, owner.tolist(), strict=True):
+            d = "M" + "L".join(f"{x:.3f},{-y:.3f}" for x, y in poly) + "Z"
+            tip = f"{ids[cell]}: {int(counts[cell]):,} images"
+            paths.append(f'<path d="{d}" fill="{colour}"><title>{html.escape(tip)}</title></path>')
+        sections.append(
+            f"<h2>{html.escape(name)}: {len(table):,} cells</h2>"
+            '<svg viewBox="-180 -90 360 180" width="100%" style="background:#eee">'
+            '<g stroke="#fff" stroke-width="0.02">' + "".join(paths) + "</g></svg>"
+        )
+    legend = "".join(f'<span style="background:{c};padding:0 1em"></span>' for c in _colour(np.logspace(0, 4, 20)))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>geoloc cells</title></head>"
+        "<body style='font-family:sans-serif'><h1>S2 geo-cells</h1>"
+        f"<p>colour: images per cell, log scale (few {legend} many); hover a cell for its token and count.</p>"
+        + "".join(sections) + "</body></html>\n"
+    )

@@ -1,0 +1,284 @@
+"""geoloc fetch against a loopback server: statuses, shards, resume, kill, retry, parts, presets, EXIF."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from loopback import LoopbackServer, bomb_jpeg, make_jpeg
+from PIL import Image
+from typer.testing import CliRunner
+
+from geoloc_cli.cli import app
+from geoloc_cli.config import load_config
+from geoloc_cli.download import Options, process_image
+from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.stages import fetch as stage
+from geoloc_cli.store import DataRoot, iter_shard
+
+FAST = ["fetch.read_timeout=0.4", "fetch.connect_timeout=0.5", "fetch.deadline=3", "fetch.retries=1",
+        "fetch.max_bytes=200000", "fetch.shard_size=4", "fetch.processes=1", "fetch.concurrency=16"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LoopbackServer() as srv:
+        srv.httpd.slow_seconds = 1.0
+        yield srv
+
+
+def make_cfg(root: Path, *extra: str):
+    cfg = load_config(None, FAST + list(extra))
+    cfg.paths.root = str(root)
+    return cfg
+
+
+def write_list(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(f"{i},{u}\n" for i, u in rows))
+    return path
+
+
+def write_meta(path: Path, ids: list[str]) -> Path:
+    n = len(ids)
+    pd.DataFrame({
+        "IMG_ID": ids, "AUTHOR": [f"{k}@N00" for k in range(n)], "LAT": np.linspace(-40, 40, n),
+        "LON": np.linspace(-100, 100, n), "S3_Label": [k % 3 for k in range(n)], "S16_Label": 5,
+        "S365_Label": 77, "Prob_indoor": 0.1, "Prob_natural": 0.2, "Prob_urban": 0.7,
+    }).to_csv(path, index=False)
+    return path
+
+
+def manifest(root: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(DataRoot(root).manifest(name))
+
+
+def stored(root: Path, name: str) -> dict[str, dict[str, bytes]]:
+    """Every sample of every shard, asserting that no key appears twice."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(DataRoot(root).shards(name).glob("images-*.tar")):
+        for key, files in iter_shard(tar):
+            assert key not in out, f"duplicate key {key}"
+            out[key] = files
+    return out
+
+
+# Route -> expected status (the refused connection and an unsupported scheme are added below).
+ROUTES = {
+    "img/a.jpg": "ok", "png/alpha.png": "ok", "redirect/r": "ok", "flaky/f": "ok", "429once/q": "ok",
+    "404/x": "http_404", "410/x": "http_410", "429/x": "http_429", "500/x": "http_5xx",
+    "slow/x": "timeout", "truncated/x": "truncated", "truncjpeg/x": "truncated", "html/x": "not_image",
+    "big/x": "too_large", "bomb.png": "decompression_bomb", "bomb.jpg": "decompression_bomb",
+    "loop/x": "too_many_redirects",
+}
+
+
+def test_every_status_one_row_each_and_readable_shards(server, tmp_path):
+    rows = [(f"id{k}", server.url(route)) for k, route in enumerate(ROUTES)]
+    rows += [("refused", server.refused_url()), ("ftp", "ftp://example.org/x.jpg"),
+             ("missing", (tmp_path / "nope.jpg").as_uri())]
+    expected = list(ROUTES.values()) + ["connect_error", "bad_url", "io_error"]
+    ids = [r[0] for r in rows]
+    urls = write_list(tmp_path / "list.csv", rows)
+    meta = write_meta(tmp_path / "meta.csv", ids[::-1])  # another order than the list
+    stats = stage.fetch_list(make_cfg(tmp_path / "root"), DataRoot(tmp_path / "root"), "t", urls, meta)
+
+    m = manifest(tmp_path / "root", "t")
+    assert list(m["key"]) == [f"{k:09d}" for k in range(len(rows))]
+    assert list(m["id"]) == ids
+    assert dict(zip(m["id"], m["status"], strict=True)) == dict(zip(ids, expected, strict=True))
+    assert stats["ok"] == 5 and stats["rows"] == len(rows)
+    assert (m.loc[m.status != "ok", "error"] != "").all()
+    # Retries: flaky and 429once needed exactly two requests, 404 exactly one (never retried).
+    assert server.hits["/flaky/f"] == 2 and server.hits["/429once/q"] == 2 and server.hits["/404/x"] == 1
+    # Metadata joined on id, in the manifest and in the shard json.
+    by_id = pd.read_csv(meta).set_index("IMG_ID")
+    ok = m[m.status == "ok"]
+    np.testing.assert_allclose(ok["lat"], by_id.loc[ok["id"], "LAT"])
+    assert list(ok["S3_Label"]) == list(by_id.loc[ok["id"], "S3_Label"])
+    assert list(ok["AUTHOR"]) == list(by_id.loc[ok["id"], "AUTHOR"])
+
+    samples = stored(tmp_path / "root", "t")
+    assert sorted(samples) == sorted(ok["key"])
+    for key, files in samples.items():
+        info = json.loads(files["json"])
+        img = Image.open(io.BytesIO(files["jpg"]))
+        assert img.format == "JPEG" and img.mode == "RGB" and min(img.size) == 320
+        assert info["key"] == key and (info["width"], info["height"]) == img.size
+        assert info["lat"] == pytest.approx(by_id.loc[info["id"], "LAT"])
+    redirected = samples[m.loc[m.id == "id2", "key"].item()]
+    assert Image.open(io.BytesIO(redirected["jpg"])).size == (400, 320)  # 500x400 source
+    stats_file = json.loads((DataRoot(tmp_path / "root").dataset("t") / "stats.json").read_text())
+    assert stats_file["status"]["ok"] == 5 and sum(stats_file["status"].values()) == len(rows)
+
+
+def test_process_image_guards_and_resize():
+    opts = Options(resize_shorter=320, max_pixels=10_000_000)
+    jpeg, w, h = process_image(make_jpeg(1024, 768), opts)
+    assert (w, h) == (427, 320) and Image.open(io.BytesIO(jpeg)).size == (427, 320)
+    _, w, h = process_image(make_jpeg(200, 300), opts)  # small images are scaled up to the same size
+    assert (w, h) == (320, 480)
+    with pytest.raises(Exception) as e:
+        process_image(bomb_jpeg(), opts)
+    assert e.value.status == "decompression_bomb"
+    _, w, h = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
+    assert (w, h) == (300, 200)
+
+
+def test_flickr_suffix_and_part_parsing():
+    u = "http://farm4.staticflickr.com/3209/2766212356_4fa6a2a4e1.jpg"
+    assert stage.flickr_sized(u, "_z") == "http://farm4.staticflickr.com/3209/2766212356_4fa6a2a4e1_z.jpg"
+    assert stage.flickr_sized(u.replace(".jpg", "_b.jpg"), "_z") == u.replace(".jpg", "_b.jpg")
+    assert stage.flickr_sized(u, "") == u
+    assert stage.flickr_sized("http://example.org/2766212356_4fa6a2a4e1.jpg", "_z").endswith("e1.jpg")
+    assert stage.parse_part("1/4") == (1, 4) and stage.parse_part(None) == (0, 1)
+    with pytest.raises(ConfigError):
+        stage.parse_part("4/4")
+
+
+def test_meta_index_lookup(tmp_path):
+    meta = stage.MetaIndex(write_meta(tmp_path / "m.csv", ["a", "NA", "c"]))
+    got = meta.lookup(np.array(["c", "zzz", "NA"], dtype=object))
+    assert got["LAT"][0] == pytest.approx(40) and got["LAT"][1] is None and got["LAT"][2] == pytest.approx(0)
+    assert got["AUTHOR"] == ["2@N00", None, "1@N00"]
+
+
+def test_resume_skips_done_shards(server, tmp_path):
+    root = tmp_path / "root"
+    urls = write_list(tmp_path / "l.csv", [(f"r{k}", server.url(f"img/resume{k}.jpg")) for k in range(10)])
+    cfg = make_cfg(root)
+    stage.fetch_list(cfg, DataRoot(root), "r", urls)
+    shards = DataRoot(root).shards("r")
+    first = {p.name: p.stat().st_mtime_ns for p in shards.glob("images-*")}
+    assert len(first) == 6  # 3 shards of 4, 4, 2 items: tar + part each
+    (shards / "images-000001.parquet").unlink()  # as if killed between the tar and its part
+    hits = dict(server.hits)
+    stage.fetch_list(cfg, DataRoot(root), "r", urls)
+    assert (shards / "images-000000.tar").stat().st_mtime_ns == first["images-000000.tar"]
+    assert all(server.hits[f"/img/resume{k}.jpg"] == hits[f"/img/resume{k}.jpg"] for k in (0, 1, 2, 3, 8, 9))
+    assert all(server.hits[f"/img/resume{k}.jpg"] == hits[f"/img/resume{k}.jpg"] + 1 for k in (4, 5, 6, 7))
+    assert len(stored(root, "r")) == 10 and (manifest(root, "r").status == "ok").all()
+    with pytest.raises(InputError, match="shard_size"):
+        stage.fetch_list(make_cfg(root, "fetch.shard_size=5"), DataRoot(root), "r", urls)
+
+
+def test_retry_failed_keeps_successes_and_skips_gone(server, tmp_path):
+    root = tmp_path / "root"
+    rows = [("ok0", server.url("img/rf0.jpg")), ("t1", server.url("toggle/rf1")), ("g2", server.url("404/rf2")),
+            ("ok3", server.url("img/rf3.jpg")), ("ok4", server.url("img/rf4.jpg")), ("ok5", server.url("img/rf5"))]
+    urls = write_list(tmp_path / "l.csv", rows)
+    cfg = make_cfg(root)
+    server.httpd.failing = True
+    stage.fetch_list(cfg, DataRoot(root), "f", urls)
+    assert list(manifest(root, "f").status) == ["ok", "http_5xx", "http_404", "ok", "ok", "ok"]
+    shard1 = DataRoot(root).shards("f") / "images-000001.tar"
+    mtime1 = shard1.stat().st_mtime_ns
+    server.httpd.failing = False
+    hits_ok, hits_gone = server.hits["/img/rf0.jpg"], server.hits["/404/rf2"]
+    stage.fetch_list(cfg, DataRoot(root), "f", urls, retry_failed=True)
+    assert list(manifest(root, "f").status) == ["ok", "ok", "http_404", "ok", "ok", "ok"]
+    assert server.hits["/img/rf0.jpg"] == hits_ok and server.hits["/404/rf2"] == hits_gone
+    assert shard1.stat().st_mtime_ns == mtime1  # a shard without failures is not rewritten
+    assert sorted(stored(root, "f")) == [f"{k:09d}" for k in (0, 1, 3, 4, 5)]
+    stage.fetch_list(cfg, DataRoot(root), "f", urls, retry_failed=True, retry_gone=True)
+    assert server.hits["/404/rf2"] == hits_gone + 1
+
+
+def test_parts_are_disjoint_and_combine(server, tmp_path):
+    root = tmp_path / "root"
+    urls = write_list(tmp_path / "l.csv", [(f"p{k}", server.url(f"img/part{k}.jpg")) for k in range(14)])
+    s0 = stage.fetch_list(make_cfg(root), DataRoot(root), "p", urls, part=(0, 2))
+    names0 = {p.name for p in DataRoot(root).shards("p").glob("*.tar")}
+    assert names0 == {"images-000000.tar", "images-000002.tar"} and s0["rows"] == 8
+    s1 = stage.fetch_list(make_cfg(root), DataRoot(root), "p", urls, part=(1, 2))
+    assert s1["rows"] == 14 and s1["shards_done"] == 4
+    m = manifest(root, "p")
+    assert list(m["id"]) == [f"p{k}" for k in range(14)] and (m.status == "ok").all()
+    assert sorted(stored(root, "p")) == [f"{k:09d}" for k in range(14)]
+
+
+def test_kill_and_resume(server, tmp_path):
+    root = tmp_path / "root"
+    n = 48
+    urls = write_list(tmp_path / "l.csv", [(f"k{k}", server.url(f"imgslow/kill{k}.jpg")) for k in range(n)])
+    cmd = [sys.executable, "-m", "geoloc_cli", "fetch", "--urls", str(urls), "--name", "k", "--root", str(root),
+           "-q", *sum((["--set", s] for s in FAST + ["fetch.concurrency=2"]), [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = DataRoot(root).shards("k")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(shards.glob("*.parquet")))
+    assert 2 <= done_before < n // 4, "the run was not killed mid-way"
+    time.sleep(0.7)  # orphaned workers notice their parent is gone and exit
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = manifest(root, "k")
+    assert len(m) == n and m["key"].is_unique and (m.status == "ok").all()
+    assert sorted(stored(root, "k")) == [f"{k:09d}" for k in range(n)]
+    assert sorted(p.name for p in shards.iterdir()) == sorted(
+        [f"images-{s:06d}.{ext}" for s in range(n // 4) for ext in ("tar", "parquet")])
+
+
+def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
+    monkeypatch.setitem(stage.MIRRORS, "im2gps_urls.csv", ([server.url("file/im2gps_urls.csv")], None))
+    monkeypatch.setitem(stage.MIRRORS, "im2gps_places365.csv", ([server.url("404/meta.csv")], None))
+    server.httpd.files["im2gps_urls.csv"] = f"a,{server.url('img/preset.jpg')}\n".encode()
+    root = tmp_path / "root"
+    with pytest.raises(InputError) as e:
+        stage.run(make_cfg(root), source="im2gps")
+    msg = str(e.value)
+    assert "im2gps_places365.csv" in msg and server.url("404/meta.csv") in msg
+    assert str(root / "meta" / "im2gps_places365.csv") in msg
+    assert (root / "meta" / "im2gps_urls.csv").read_bytes() == server.httpd.files["im2gps_urls.csv"]
+    write_meta(root / "meta" / "im2gps_places365.csv", ["a"])  # supplied by hand: now it runs
+    out = stage.run(make_cfg(root), source="im2gps")
+    assert out["im2gps"]["ok"] == 1
+
+
+def _gps_jpeg(path: Path, lat: tuple | None, lon: tuple | None, refs: tuple[str, str] = ("N", "E")) -> None:
+    exif = Image.Exif()
+    if lat is not None:
+        gps = exif.get_ifd(0x8825)
+        gps.update({1: refs[0], 2: lat, 3: refs[1], 4: lon})
+    Image.open(io.BytesIO(make_jpeg(480, 360))).save(path, "JPEG", exif=exif)
+
+
+def test_folder_import_reads_exif_gps(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    _gps_jpeg(photos / "paris.jpg", (48.0, 51.0, 29.0), (2.0, 17.0, 40.0))
+    _gps_jpeg(photos / "sub" / "rio.jpg", (22.0, 54.0, 0.0), (43.0, 12.0, 0.0), ("S", "W"))
+    _gps_jpeg(photos / "nogps.jpg", None, None)
+    root = tmp_path / "root"
+    out = stage.run(make_cfg(root), source=str(photos), name="trip")
+    m = manifest(root, "trip").set_index("id")
+    assert out["trip"]["ok"] == 2 and m.loc["nogps.jpg", "status"] == "no_gps"
+    assert m.loc["paris.jpg", "lat"] == pytest.approx(48.858, abs=1e-3)
+    assert m.loc["paris.jpg", "lon"] == pytest.approx(2.2944, abs=1e-3)
+    assert m.loc["sub/rio.jpg", "lat"] == pytest.approx(-22.9) and m.loc["sub/rio.jpg", "lon"] == pytest.approx(-43.2)
+    assert len(stored(root, "trip")) == 2
+
+
+def test_cli_fetch_and_bad_part(server, tmp_path):
+    urls = write_list(tmp_path / "l.csv", [("c0", server.url("img/cli0.jpg")), ("c1", server.url("404/cli1"))])
+    args = ["fetch", "--urls", str(urls), "--name", "cli", "--root", str(tmp_path / "root"), "-q"]
+    args += sum((["--set", s] for s in FAST), [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "http_404" in r.output and "ok" in r.output
+    assert list(manifest(tmp_path / "root", "cli").status) == ["ok", "http_404"]
+    r = CliRunner().invoke(app, [*args, "--part", "2/2"])
+    assert r.exit_code == 2 and "--part" in r.output
+    r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "none.csv"), "--root", str(tmp_path)])
+    assert r.exit_code == 1 and "none.csv" in r.output
