@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geoloc_cli.segmentation import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Segmenter, resolve_device
+from geoloc_cli.dist import resolve_device
+from geoloc_cli.segmentation import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Segmenter
 from geoloc_cli.stages import segment as stage
 from geoloc_cli.store import DataRoot, ShardWriter
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.random_init and args.model.endswith("-random"):
         sys.exit("--random-init is for hub ids and directories; *-random models are random already")
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     jpegs = synthetic_jpegs(args.n)
     segmenter = build_segmenter(args, device)
     model_rate = bench_model(segmenter, jpegs, args.batch_size)

@@ -6,8 +6,8 @@ workers and an exact mid-epoch resume. Augmentation randomness is derived from (
 so it does not depend on which worker loads a sample.
 
 Segmentation maps travel as uint8 class indices and are colour-coded (3 channels) or one-hot encoded
-(150 channels) on the device, batched, by `seg_to_input` - 150 float channels per pixel are far too
-large to move through the data loader.
+(150 channels) on the device, batched, by `segmentation.encode_seg_torch` - 150 float channels per
+pixel are far too large to move through the data loader.
 """
 
 from __future__ import annotations
@@ -209,26 +209,3 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "lon": torch.tensor([b["lon"] for b in batch], dtype=torch.float64),
         "index": torch.tensor([b["index"] for b in batch]),
     }
-
-
-_PALETTE: dict[str, torch.Tensor] = {}
-
-
-def seg_to_input(seg: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 class maps (B,H,W) -> model input (B,C,H,W): palette colours in [-1,1] or one-hot.
-
-    SEG_IGNORE pixels become zeros in both codings.
-    """
-    idx = seg.long()
-    valid = idx < 150
-    idx = idx.clamp(max=149)
-    if channels == 150:
-        out = torch.nn.functional.one_hot(idx, 150).permute(0, 3, 1, 2).to(torch.float32)
-    else:
-        key = str(seg.device)
-        if key not in _PALETTE:
-            from geoloc_cli.segmentation import load_palette
-
-            _PALETTE[key] = torch.from_numpy(load_palette()).to(seg.device, torch.float32) / 127.5 - 1.0
-        out = _PALETTE[key][idx].permute(0, 3, 1, 2)
-    return out * valid.unsqueeze(1)

@@ -42,6 +42,16 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def amp_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """Autocast dtype for a precision setting; None = plain fp32. auto: bf16 on GPUs that support it
+    (else fp16), fp32 on CPU."""
+    if precision == "auto":
+        if not str(device).startswith("cuda"):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def limit_cpu_threads(num_workers: int, world: int = 1) -> None:
     """Give each process only the cores nobody else uses: OpenMP threads that share a core with data
     workers or other ranks spin and stall each other (10x slower steps measured on 2 cores)."""

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geoloc_cli.data import seg_to_input
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, hierarchical_probs
+from geoloc_cli.segmentation import encode_seg_torch
 
 HIER = "hierarchical"
 
@@ -71,19 +71,12 @@ class CellSet:
         )
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: auto = bf16 on GPU, none (fp32) on CPU."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 @torch.inference_mode()
 def probabilities(model: torch.nn.Module, image: torch.Tensor, seg: torch.Tensor, seg_channels: int,
                   device: torch.device, amp: torch.dtype | None) -> dict[str, np.ndarray]:
     """Softmax probabilities of every head for one batch, as float32 numpy arrays."""
     image = image.to(device, non_blocking=True)
-    seg_in = seg_to_input(seg.to(device, non_blocking=True), seg_channels) if seg_channels else None
+    seg_in = encode_seg_torch(seg.to(device, non_blocking=True), seg_channels) if seg_channels else None
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         logits = model(image, seg_in)
     return {h: torch.softmax(v.float(), -1).cpu().numpy() for h, v in logits.items()}

@@ -91,15 +91,18 @@ def encode_seg(class_map: np.ndarray, channels: int) -> np.ndarray:
 
 
 def encode_seg_torch(class_maps: torch.Tensor, channels: int) -> torch.Tensor:
-    """Batched encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32."""
+    """Batched encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32.
+
+    Values >= 150 (data.SEG_IGNORE: the image had no map) become all-zero pixels."""
     import torch
 
-    index = class_maps.long()
+    valid = (class_maps.long() < NUM_CLASSES).unsqueeze(1)  # e.g. 255 = no map: encoded as zeros
+    index = class_maps.long().clamp(max=NUM_CLASSES - 1)
     if channels == 3:
         palette = torch.from_numpy(load_palette()).to(index.device, torch.float32) / 255.0
-        return palette[index].permute(0, 3, 1, 2).contiguous()
+        return (palette[index].permute(0, 3, 1, 2) * valid).contiguous()
     if channels == NUM_CLASSES:
-        return torch.nn.functional.one_hot(index, NUM_CLASSES).permute(0, 3, 1, 2).float().contiguous()
+        return (torch.nn.functional.one_hot(index, NUM_CLASSES).permute(0, 3, 1, 2).float() * valid).contiguous()
     raise ConfigError(f"model.seg_channels: {channels} cannot encode a segmentation map (expected 3 or 150)")
 
 
@@ -151,26 +154,6 @@ def colorize(class_map: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- devices
 
 
-def resolve_device(spec: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
-    if spec != "auto":
-        return spec
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for plain fp32 (auto: bf16 on GPU, fp32 on CPU)."""
-    import torch
-
-    if precision == "auto":
-        if not device.startswith("cuda"):
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 # -------------------------------------------------------------------------------------------- segmenter
 
 
@@ -196,12 +179,14 @@ class Segmenter:
 
     def __init__(self, model: Any, preprocess: Preprocess, device: str = "cpu", precision: str = "auto",
                  name: str = "") -> None:
-        self.device = resolve_device(device)
+        from geoloc_cli.dist import amp_dtype, resolve_device
+
+        self.device = str(resolve_device(device))
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         self.precision = precision
         self.name = name
-        self._dtype = autocast_dtype(self.device, precision)
+        self._dtype = amp_dtype(precision, self.device)
         labels = int(model.config.num_labels)
         if labels != NUM_CLASSES:
             raise ConfigError(f"segment.model: {name or 'model'} predicts {labels} classes, ADE20K needs 150")

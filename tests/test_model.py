@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geoloc_cli.data import EpochSampler, seg_to_input, transform
+from geoloc_cli.data import EpochSampler, transform
 from geoloc_cli.errors import InputError
 from geoloc_cli.model import (
     ModelSpec,
@@ -12,6 +12,7 @@ from geoloc_cli.model import (
     read_checkpoint_meta,
     save_inference_checkpoint,
 )
+from geoloc_cli.segmentation import encode_seg_torch as seg_to_input
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -87,7 +88,7 @@ def test_seg_to_input_codings():
     assert onehot.shape == (1, 150, 2, 2) and onehot[0, 149, 1, 0] == 1 and onehot[0, :, 1, 1].sum() == 0
     colour = seg_to_input(seg, 3)
     assert colour.shape == (1, 3, 2, 2)
-    assert torch.allclose(colour[0, :, 0, 0], torch.tensor([120, 120, 120]) / 127.5 - 1)  # ADE20K wall
+    assert torch.allclose(colour[0, :, 0, 0], torch.tensor([120, 120, 120]) / 255)  # ADE20K wall
     assert colour[0, :, 1, 1].abs().sum() == 0  # ignored pixel
 
 

@@ -22,7 +22,7 @@ from geoloc_cli.metrics import accuracy, trivial_baseline
 from geoloc_cli.store import OK, DataRoot, read_parquet, write_bytes_atomic, write_json_atomic
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
-BASELINE = "baseline (largest cell)"
+BASELINE = "largest cell (baseline)"
 
 
 def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, float]:
@@ -55,7 +55,8 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     import torch
 
     from geoloc_cli.data import GeoDataset, collate, locate
-    from geoloc_cli.inference import CellSet, amp_dtype, run_geolocation, summarize
+    from geoloc_cli.dist import amp_dtype
+    from geoloc_cli.inference import CellSet, run_geolocation, summarize
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]

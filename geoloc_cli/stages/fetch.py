@@ -343,6 +343,7 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
 def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: int, processes: int,
              label: str) -> Counter:
     """Run shard jobs on `processes` worker processes; show progress; return counts by status."""
+    processes = max(1, min(processes, n_jobs))  # a worker per job at most: each start costs CPU
     # fork is unsafe with threads around (progress bar, servers); a fork server preloaded with the
     # download module starts workers in milliseconds after its first start.
     ctx = mp.get_context("forkserver")

@@ -36,6 +36,7 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
+from geoloc_cli.dist import resolve_device
 from geoloc_cli.errors import ConfigError, GeolocError, InputError
 from geoloc_cli.segmentation import (
     Segmenter,
@@ -43,7 +44,6 @@ from geoloc_cli.segmentation import (
     decode_png,
     encode_png,
     preview_image,
-    resolve_device,
 )
 from geoloc_cli.store import (
     OK,
@@ -151,7 +151,7 @@ def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
     pending = [j for j in jobs if not j.seg_shard.is_file()]
     settings = Settings(cfg.segment.model, cfg.segment.precision, cfg.segment.input_size,
                         cfg.segment.batch_size, max(1, cfg.runtime.num_workers))
-    devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [resolve_device(cfg.runtime.device)]
+    devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [str(resolve_device(cfg.runtime.device))]
     total = sum(len(shard_keys(j.image_shard)) for j in pending)
     console.info(f"segment: {len(pending)} of {len(jobs)} shards to do ({total:,} images) with "
                  f"{settings.model} on {', '.join(devices)}")
@@ -289,7 +289,7 @@ def write_previews(cfg: Config, root: DataRoot, name: str, n: int) -> None:
                 class_map = decode_png(stored[key]["png"], f"{seg_path}:{key}.png")
             else:
                 if segmenter is None:
-                    segmenter = Segmenter.from_name(cfg.segment.model, resolve_device(cfg.runtime.device),
+                    segmenter = Segmenter.from_name(cfg.segment.model, str(resolve_device(cfg.runtime.device)),
                                                     cfg.segment.precision, cfg.segment.input_size)
                 class_map = segmenter([photo])[0]
             buf = io.BytesIO()

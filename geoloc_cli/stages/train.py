@@ -142,8 +142,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from geoloc_cli import dist
-    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate, seg_to_input
-    from geoloc_cli.inference import amp_dtype
+    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
+    from geoloc_cli.dist import amp_dtype
     from geoloc_cli.model import ModelSpec, build_model
 
     info = dist.setup(cfg.runtime.device)
@@ -206,7 +206,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                   unit="step", loss="-", lr="-", img_s="-") as bar:
                 for batch in loader:
                     losses = _step(ddp, opt, sched, scaler, batch, micro, weights, amp, info.device,
-                                   cfg.model.seg_channels, cfg.train.grad_clip, seg_to_input)
+                                   cfg.model.seg_channels, cfg.train.grad_clip)
                     state["step"] += 1
                     seen += local_batch * info.world
                     for k, v in losses.items():
@@ -237,10 +237,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float], amp, device, seg_channels: int,
-          grad_clip: float, seg_to_input) -> dict[str, float]:
+          grad_clip: float) -> dict[str, float]:
     """One optimizer step over a local batch, in `len(batch) / micro` accumulation chunks."""
     import torch
     import torch.nn.functional as F
+
+    from geoloc_cli.segmentation import encode_seg_torch
 
     n = batch["image"].shape[0]
     chunks = range(0, n, micro)
@@ -248,7 +250,7 @@ def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float],
     opt.zero_grad(set_to_none=True)
     for j, s in enumerate(chunks):
         image = batch["image"][s:s + micro].to(device, non_blocking=True)
-        seg = seg_to_input(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels) \
+        seg = encode_seg_torch(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels) \
             if seg_channels else None
         # DDP: sync gradients only on the last micro-batch
         sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
