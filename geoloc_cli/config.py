@@ -123,6 +123,8 @@ class TrainConfig:
     grad_accum: int = doc(1, "Gradient accumulation steps.")
     checkpoint_every: int = doc(1000, "Save resume state every N optimizer steps (and at each epoch end).")
     augment: bool = doc(True, "Random resized crop + flip (same geometry for photo and seg map).")
+    ema_decay: float = doc(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
+    compile: bool = doc(False, "torch.compile the model (GPU; helps long runs, costs start-up time).")
 
 
 @dataclass
@@ -130,11 +132,16 @@ class EvaluateConfig:
     datasets: list[str] = doc(["yfcc25600"], "Datasets to evaluate on.")
     thresholds_km: list[float] = doc([1, 25, 200, 750, 2500], "Accuracy thresholds in km.")
     batch_size: int = doc(64, "Images per inference batch.")
+    crops: str = doc("center", "Test-time crops: center, five (corners + centre) or ten (five + flips).")
+    crop_reduce: str = doc("mean", "How crop probabilities are combined: mean or max.")
 
 
 @dataclass
 class PredictConfig:
     top_k: int = doc(5, "Number of candidate places per photo.")
+    batch_size: int = doc(16, "Photos per inference batch.")
+    backend: str = doc("auto", "auto (ONNX Runtime when an exported .onnx sits beside the checkpoint, else torch), "
+                       "onnx or torch.")
 
 
 @dataclass
@@ -183,6 +190,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.grad_accum": (lambda v: v > 0, "> 0"),
     "train.checkpoint_every": (lambda v: v > 0, "> 0"),
     "predict.top_k": (lambda v: v > 0, "> 0"),
+    "predict.batch_size": (lambda v: v > 0, "> 0"),
+    "predict.backend": (lambda v: v in ("auto", "onnx", "torch"), "auto, onnx or torch"),
+    "evaluate.crops": (lambda v: v in ("center", "five", "ten"), "center, five or ten"),
+    "evaluate.crop_reduce": (lambda v: v in ("mean", "max"), "mean or max"),
+    "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
 }
 
 
