@@ -508,7 +508,3 @@ def drain(q: Any, timeout: float) -> list[Any]:
         while True:
             out.append(q.get_nowait())
     return out
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
