@@ -71,7 +71,7 @@ def parse(text: str) -> Gazetteer:
         text = text.partition("\n")[2]
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[0] == COLUMNS, f"gazetteer columns {rows[0]}"
-    col = dict(zip(COLUMNS, zip(*rows[1:]), strict=True))
+    col = dict(zip(COLUMNS, zip(*rows[1:], strict=True), strict=True))
     return Gazetteer(
         name=np.asarray(col["name"], dtype=object), country_code=np.asarray(col["country_code"], dtype=object),
         country=np.asarray(col["country"], dtype=object), lat=np.asarray(col["lat"], dtype=np.float64),

@@ -4,23 +4,31 @@ evaluate and predict).
 Cells are carried as a `CellSet` built from the checkpoint metadata: per partitioning the S2 token,
 the class centre (mean location of its training images) and, for the finest partitioning, the index
 of its containing cell in every coarser one (the hierarchy).
+
+This module imports torch and pandas only inside the functions that need them: the torch-free predict
+path (ONNX Runtime) uses CellSet, the numpy preprocessing and `rank_places` from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
 
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, hierarchical_probs
-from geoloc_cli.segmentation import encode_seg_torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from PIL import Image
 
 HIER = "hierarchical"
+SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
+SEG_IGNORE = 255  # class-map value for "no map" (as data.SEG_IGNORE): encoded as zeros
+MULTICROP_PCT = 0.875  # five/ten-crop side as a fraction of the shorter side (Resize(256) + FiveCrop(224))
 
 
 @dataclass
@@ -71,15 +79,43 @@ class CellSet:
         )
 
 
-@torch.inference_mode()
 def probabilities(model: torch.nn.Module, image: torch.Tensor, seg: torch.Tensor, seg_channels: int,
                   device: torch.device, amp: torch.dtype | None) -> dict[str, np.ndarray]:
     """Softmax probabilities of every head for one batch, as float32 numpy arrays."""
-    image = image.to(device, non_blocking=True)
-    seg_in = encode_seg_torch(seg.to(device, non_blocking=True), seg_channels) if seg_channels else None
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(image, seg_in)
-    return {h: torch.softmax(v.float(), -1).cpu().numpy() for h, v in logits.items()}
+    import torch
+
+    from geoloc_cli.segmentation import encode_seg_torch
+
+    with torch.inference_mode():
+        image = image.to(device, non_blocking=True)
+        seg_in = encode_seg_torch(seg.to(device, non_blocking=True), seg_channels) if seg_channels else None
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(image, seg_in)
+        return {h: torch.softmax(v.float(), -1).cpu().numpy() for h, v in logits.items()}
+
+
+def crop_probabilities(model: torch.nn.Module, image: torch.Tensor, seg: torch.Tensor, seg_channels: int,
+                       device: torch.device, amp: torch.dtype | None, reduce: str = "mean") -> dict[str, np.ndarray]:
+    """`probabilities` for a batch of crop stacks (B, K, 3, S, S) + (B, K, S, S), reduced over the K crops.
+
+    A plain (B, 3, S, S) batch is passed through unchanged."""
+    if image.ndim == 4:
+        return probabilities(model, image, seg, seg_channels, device, amp)
+    b, k = image.shape[:2]
+    probs = probabilities(model, image.flatten(0, 1), seg.flatten(0, 1), seg_channels, device, amp)
+    return reduce_crops({h: p.reshape(b, k, -1) for h, p in probs.items()}, reduce)
+
+
+def reduce_crops(probs: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+    """(B, K, C) per head -> (B, C): the mean over crops, or the max renormalised to sum to 1."""
+    if how == "mean":
+        return {h: p.mean(axis=1) for h, p in probs.items()}
+    assert how == "max", how
+    out = {}
+    for h, p in probs.items():
+        m = p.max(axis=1)
+        out[h] = m / m.sum(axis=-1, keepdims=True)
+    return out
 
 
 def decode(probs: dict[str, np.ndarray], cells: CellSet) -> dict[str, np.ndarray]:
@@ -95,12 +131,15 @@ def predicted_location(name: str, cls_idx: np.ndarray, cells: CellSet) -> tuple[
 
 
 def run_geolocation(model: torch.nn.Module, batches: Iterable[dict[str, Any]], cells: CellSet,
-                    seg_channels: int, device: torch.device, amp: torch.dtype | None) -> pd.DataFrame:
+                    seg_channels: int, device: torch.device, amp: torch.dtype | None,
+                    reduce: str = "mean") -> pd.DataFrame:
     """One row per image: index, gt lat/lon, scene prediction, and per prediction kind its class,
-    location and great-circle error."""
+    location and great-circle error. Batches of crop stacks are reduced over crops by `reduce`."""
+    import pandas as pd
+
     frames = []
     for batch in batches:
-        probs = probabilities(model, batch["image"], batch["seg"], seg_channels, device, amp)
+        probs = crop_probabilities(model, batch["image"], batch["seg"], seg_channels, device, amp, reduce)
         lat, lon = batch["lat"].numpy(), batch["lon"].numpy()
         cols: dict[str, Any] = {"index": batch["index"].numpy(), "lat": lat, "lon": lon}
         if "scene" in probs:
@@ -117,3 +156,106 @@ def run_geolocation(model: torch.nn.Module, batches: Iterable[dict[str, Any]], c
 def summarize(pred: pd.DataFrame, cells: CellSet, thresholds=THRESHOLDS_KM) -> dict[str, dict[str, float]]:
     """Accuracy at each threshold, median and mean error for every prediction kind."""
     return {name: accuracy(pred[f"{name}_km"].to_numpy(), thresholds) for name in [*cells.names, HIER]}
+
+
+# ------------------------------------------------------------------ ranked places (torch-free)
+
+
+def rank_places(probs: dict[str, np.ndarray], cells: CellSet, top_k: int) -> list[dict[str, Any]]:
+    """Per image: the top-k cells of the (renormalised) hierarchical distribution and the scene
+    probabilities: {"top": [{"rank", "lat", "lon", "cell", "probability"}], "scene": {name: p}}."""
+    hier = hierarchical_distribution(probs, cells)
+    fine = cells.finest
+    out = []
+    for i in range(hier.shape[0]):
+        top = np.argsort(-hier[i], kind="stable")[:top_k]
+        scene = probs["scene"][i] if "scene" in probs else np.zeros(0)
+        names = SCENES3 if len(scene) == 3 else [str(j) for j in range(len(scene))]
+        out.append({
+            "top": [{"rank": r + 1, "lat": float(cells.lat[fine][c]), "lon": float(cells.lon[fine][c]),
+                     "cell": cells.hex_id[fine][c], "probability": float(hier[i, c])} for r, c in enumerate(top)],
+            "scene": {n: float(p) for n, p in zip(names, scene, strict=True)},
+        })
+    return out
+
+
+def hierarchical_distribution(probs: dict[str, np.ndarray], cells: CellSet) -> np.ndarray:
+    """(B, finest classes) probabilities of the hierarchical prediction, each row summing to 1."""
+    hier = hierarchical_probs({n: probs[n] for n in cells.names}, cells.parents, cells.finest)
+    return hier / hier.sum(-1, keepdims=True)
+
+
+# ------------------------------------------------------------ numpy preprocessing (torch-free)
+
+
+def crop_boxes(w: int, h: int, crops: str, crop_pct: float = 1.0) -> list[tuple[tuple[float, ...], bool]]:
+    """(box, horizontal flip) per test-time crop, in pixel coordinates of a w x h photo.
+
+    center: the eval crop of data.transform (a centred square of side crop_pct * shorter side);
+    five: squares of MULTICROP_PCT * shorter side at the four corners and the centre of the whole photo;
+    ten: the five crops and their mirror images. Photo and segmentation map share these boxes."""
+    if crops == "center":
+        side = min(w, h) * crop_pct
+        return [(((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), False)]
+    side = min(w, h) * MULTICROP_PCT
+    corners = [(0.0, 0.0), (w - side, 0.0), (0.0, h - side), (w - side, h - side), ((w - side) / 2, (h - side) / 2)]
+    boxes = [((x, y, x + side, y + side), False) for x, y in corners]
+    if crops == "ten":
+        boxes += [(b, True) for b, _ in boxes]
+    assert crops in ("five", "ten"), crops
+    return boxes
+
+
+def view(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],
+         box: tuple[float, ...], flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One crop of a photo and its class map, as data.transform does for evaluation: (3, S, S) float32
+    normalised photo, (S, S) uint8 class map (all SEG_IGNORE without a map)."""
+    from PIL import Image
+
+    w, h = img.size
+    interp = Image.BICUBIC if pre.get("interpolation") == "bicubic" else Image.BILINEAR
+    x = np.asarray(img.resize((size, size), interp, box=box), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    x = (x - np.asarray(pre["mean"], np.float32)[:, None, None]) / np.asarray(pre["std"], np.float32)[:, None, None]
+    if seg is not None:
+        sx, sy = seg.size[0] / w, seg.size[1] / h  # maps may be at a lower resolution than the photo
+        seg = seg.resize((size, size), Image.NEAREST, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+        s = np.array(seg, dtype=np.uint8)
+    else:
+        s = np.full((size, size), SEG_IGNORE, dtype=np.uint8)
+    if flip:
+        x, s = x[:, :, ::-1], s[:, ::-1]
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(s)
+
+
+def views(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],
+          crops: str = "center") -> tuple[np.ndarray, np.ndarray]:
+    """All test-time crops of one photo: (K, 3, S, S) float32 and (K, S, S) uint8."""
+    pairs = [view(img, seg, size, pre, box, flip)
+             for box, flip in crop_boxes(*img.size, crops, pre.get("crop_pct", 1.0))]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def encode_seg_np(class_maps: np.ndarray, channels: int) -> np.ndarray:
+    """numpy twin of segmentation.encode_seg_torch: (B, H, W) uint8 -> (B, C, H, W) float32, values
+    >= 150 (no map) as all-zero pixels."""
+    from geoloc_cli.segmentation import NUM_CLASSES, load_palette
+
+    valid = (class_maps < NUM_CLASSES)[:, None].astype(np.float32)
+    index = np.minimum(class_maps, NUM_CLASSES - 1)
+    if channels == 3:
+        palette = load_palette().astype(np.float32) / 255.0
+        return np.ascontiguousarray(palette[index].transpose(0, 3, 1, 2) * valid)
+    assert channels == NUM_CLASSES, channels
+    return (np.arange(NUM_CLASSES, dtype=np.uint8)[None, :, None, None] == index[:, None]) * valid
+
+
+def segmenter_input(images: list[Image.Image], pre: dict[str, Any]) -> np.ndarray:
+    """Photos -> (B, 3, S, S) float32 as Segmenter.prepare + predict normalise them (bilinear resize)."""
+    from PIL import Image
+
+    size = int(pre["size"])
+    batch = np.stack([np.asarray(im.convert("RGB") if im.size == (size, size)
+                                 else im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images])
+    mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1) * 255.0
+    std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1) * 255.0
+    return ((batch.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std).astype(np.float32)

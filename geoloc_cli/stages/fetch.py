@@ -17,7 +17,6 @@ import re
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,10 +141,13 @@ def download_meta_file(dest: Path, mirrors: list[str], sha256: str | None) -> No
 
 
 def _download_to(url: str, path: Path) -> str:
+    import httpx
+
     h = hashlib.sha256()
-    req = urllib.request.Request(url, headers={"User-Agent": "geoloc"})
-    with urllib.request.urlopen(req, timeout=MIRROR_TIMEOUT) as r, open(path, "wb") as f:
-        while chunk := r.read(1 << 20):
+    with httpx.stream("GET", url, headers={"User-Agent": "geoloc"}, timeout=MIRROR_TIMEOUT,
+                      follow_redirects=True) as r, open(path, "wb") as f:
+        r.raise_for_status()
+        for chunk in r.iter_bytes(1 << 20):
             h.update(chunk)
             f.write(chunk)
     return h.hexdigest()
