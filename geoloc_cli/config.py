@@ -122,6 +122,9 @@ class TrainConfig:
     grad_clip: float = doc(1.0, "Clip the gradient norm to this (0 = off).")
     grad_accum: int = doc(1, "Gradient accumulation steps.")
     checkpoint_every: int = doc(1000, "Save resume state every N optimizer steps (and at each epoch end).")
+    shuffle_window_shards: int = doc(
+        16, "Shuffle buffer: each epoch permutes the shards, then mixes samples within windows of this many "
+        "consecutive shards (reads stream through few files at a time).")
     augment: bool = doc(True, "Random resized crop + flip (same geometry for photo and seg map).")
     ema_decay: float = doc(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     compile: bool = doc(False, "torch.compile the model (GPU; helps long runs, costs start-up time).")
@@ -194,6 +197,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "predict.backend": (lambda v: v in ("auto", "onnx", "torch"), "auto, onnx or torch"),
     "evaluate.crops": (lambda v: v in ("center", "five", "ten"), "center, five or ten"),
     "evaluate.crop_reduce": (lambda v: v in ("mean", "max"), "mean or max"),
+    "train.shuffle_window_shards": (lambda v: v > 0, "> 0"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
 }
 

@@ -3,7 +3,9 @@
 Samples are read by random access into the tar shards (each member's byte offset is indexed once per
 shard), so a map-style dataset with a deterministic sampler gives an exact split across ranks and
 workers and an exact mid-epoch resume. Augmentation randomness is derived from (seed, epoch, index),
-so it does not depend on which worker loads a sample.
+so it does not depend on which worker loads a sample. The per-epoch order is shard-local (shards
+permuted, samples shuffled within windows of a few shards, see EpochSampler): each reader streams
+through a few files at a time, as a shuffle buffer over a stream would, with exact splits kept.
 
 Segmentation maps travel as uint8 class indices and are colour-coded (3 channels) or one-hot encoded
 (150 channels) on the device, batched, by `segmentation.encode_seg_torch` - 150 float channels per
@@ -16,6 +18,7 @@ import io
 import math
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,19 +48,30 @@ def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
 
 
 class ShardReader:
-    """Random access to members of many tar shards; file handles are opened lazily per process."""
+    """Random access to members of many tar shards; file handles are opened lazily per process and
+    the least recently used are closed beyond `max_open` (MP-16 has thousands of image + map shards,
+    more than the usual limit of 1024 open files; the shard-local order needs only a few at a time)."""
 
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open = max_open
+        self._fds: OrderedDict[str, int] = OrderedDict()
 
     def read(self, path: str, offset: int, size: int) -> bytes:
         fd = self._fds.get(path)
         if fd is None:
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        else:
+            self._fds.move_to_end(path)
         return os.pread(fd, size, offset)
 
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"_fds": {}}  # descriptors do not cross process boundaries
+        return {"max_open": self.max_open, "_fds": OrderedDict()}  # descriptors stay in their process
 
 
 def locate(rows: pd.DataFrame, shards_dir: Path, seg_dir: Path | None) -> pd.DataFrame:
@@ -169,28 +183,63 @@ class GeoDataset(torch.utils.data.Dataset):
         }
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Deterministic per-epoch permutation split across ranks: rank r takes every world-th index.
+SHUFFLE_WINDOW_SHARDS = 8  # the "shuffle buffer": samples mix within this many consecutive shards
 
-    Every rank gets the same number of samples (the tail that does not divide evenly is dropped when
-    shuffling, so no sample is seen twice in an epoch); `start` skips already-consumed samples for an
-    exact mid-epoch resume.
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Deterministic per-epoch order split across ranks: rank r takes every world-th index.
+
+    With `groups` (each sample's shard), the order is shard-local: the shards are permuted, then the
+    samples of each window of `window` consecutive shards are shuffled together, so the readers stream
+    through a few files at a time (a shuffle buffer of `window` shards) while the order stays a pure
+    function of (seed, epoch). Every rank gets the same number of samples (the tail that does not
+    divide evenly is dropped when shuffling, so no sample is seen twice in an epoch); `start` skips
+    already-consumed samples for an exact mid-epoch resume.
     """
 
-    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
+                 groups: np.ndarray | None = None, window: int = SHUFFLE_WINDOW_SHARDS) -> None:
+        assert 0 <= rank < world and window > 0
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.window = window
         self.epoch, self.start = 0, 0
+        self._members: list[np.ndarray] | None = None
+        if groups is not None:  # sample indices of each group, in index order
+            assert len(groups) == n
+            _, inv = np.unique(np.asarray(groups), return_inverse=True)
+            by_group = np.argsort(inv, kind="stable")
+            bounds = np.searchsorted(inv[by_group], np.arange(inv.max(initial=-1) + 2))
+            self._members = [by_group[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self._cache: tuple[int, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def _order(self) -> np.ndarray:
+        """The whole epoch's order, before the rank split."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self._members is None:
+            return rng.permutation(self.n)
+        shards = rng.permutation(len(self._members))
+        parts = []
+        for w in range(0, len(shards), self.window):
+            part = np.concatenate([self._members[g] for g in shards[w:w + self.window]])
+            rng.shuffle(part)
+            parts.append(part)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def indices(self) -> np.ndarray:
+        """This rank's indices for the current epoch (from the epoch's start)."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            order = self._order()
             order = order[: self.n - self.n % self.world]
         else:  # evaluation: every sample exactly once; ranks may differ by one
             order = np.arange(self.n)
-        return order[self.rank :: self.world]
+        mine = order[self.rank :: self.world]
+        self._cache = (self.epoch, mine)
+        return mine
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :].tolist())

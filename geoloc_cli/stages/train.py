@@ -3,9 +3,13 @@
 `launch` checks everything that can be checked before heavy work, then either trains in this process
 or starts one process per GPU (or per `runtime.nproc` CPU process, gloo) with torch.distributed's
 elastic launcher, the engine behind torchrun; under torchrun it just trains. Only rank 0 prints and
-writes. Outputs in runs/<run>/: config.yaml, metrics.jsonl, resume.pt (optimizer, scheduler, step,
-RNG; written atomically every checkpoint_every steps and at each epoch end), last.safetensors and
-model.safetensors (best validation accuracy at 2500 km, hierarchical) as inference checkpoints.
+writes. Outputs in runs/<run>/: config.yaml, metrics.jsonl, resume.pt (weights, optimizer, scheduler,
+scaler, EMA, step, every rank's RNG and running loss sums; written atomically every checkpoint_every
+steps and at each epoch end), last.safetensors and model.safetensors (best validation accuracy at
+2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0.
+
+`--resume` continues exactly: the sample order and augmentation are functions of (seed, epoch,
+index), so the same weights come out as from an uninterrupted run (tested with kill -9 on CPU).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_text_atomic
 
 SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}
+# torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
+COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -42,7 +48,12 @@ class Plan:
     nproc: int
 
 
-def _check(cfg: Config, nnodes: int) -> Plan:
+def _nproc(cfg: Config) -> int:
+    return len(cfg.runtime.gpus) or max(cfg.runtime.nproc, 1)
+
+
+def _check(cfg: Config, world: int) -> Plan:
+    """Inputs and settings that cannot work, before any heavy work; `world` = processes in all."""
     from geoloc_cli.partitioning import load_partitions
 
     root = DataRoot(cfg.root)
@@ -59,12 +70,10 @@ def _check(cfg: Config, nnodes: int) -> Plan:
     if scene_col not in rows.columns:
         raise InputError(f"the training index has no {scene_col} column for the scene head: "
                          "fetch with --meta *_places365.csv")
-    nproc = len(cfg.runtime.gpus) or max(cfg.runtime.nproc, 1)
-    world = nproc * nnodes
     if cfg.train.batch_size % (world * cfg.train.grad_accum):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                           f"{world} processes x {cfg.train.grad_accum} accumulation steps")
-    if len(rows) < cfg.train.batch_size:
+    if len(rows) - len(rows) % world < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(rows)} training images")
     val = None
     if cfg.train.val_dataset:
@@ -73,7 +82,7 @@ def _check(cfg: Config, nnodes: int) -> Plan:
         val = m[m["status"] == OK].reset_index(drop=True)
         if cfg.model.seg_channels and not _has_seg(root, v, val):
             raise InputError(f"validation dataset {v!r} has no segmentation maps: run `geoloc segment {v}`")
-    return Plan(root, root.run(cfg.train.run), rows, val, nproc)
+    return Plan(root, root.run(cfg.train.run), rows, val, _nproc(cfg))
 
 
 def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
@@ -82,25 +91,71 @@ def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
     return all((root.seg(name) / seg_shard_for(s)).is_file() for s in rows["shard"].unique())
 
 
+def _check_devices(cfg: Config) -> None:
+    """GPUs that are asked for must exist, checked in the launching process before any worker starts."""
+    from geoloc_cli.dist import resolve_device
+
+    gpus = cfg.runtime.gpus
+    if not gpus:
+        resolve_device(cfg.runtime.device)  # raises for cuda without CUDA
+        return
+    flag = f"--gpus {','.join(map(str, gpus))}"
+    if cfg.runtime.device == "cpu":
+        raise ConfigError(f"{flag} conflicts with runtime.device=cpu: drop one of them")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"{flag}: a GPU is listed twice")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{flag}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}): leave out --gpus to train on the CPU")
+    n = torch.cuda.device_count()
+    bad = [g for g in gpus if not 0 <= g < n]
+    if bad:
+        raise ConfigError(f"{flag}: GPU(s) {bad} do not exist, {n} visible (indices 0..{n - 1})")
+
+
+def _visible_devices(gpus: list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for the listed GPUs; indices count within an already restricted set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [x.strip() for x in visible.split(",")]
+        return ",".join(ids[g] for g in gpus)
+    return ",".join(map(str, gpus))
+
+
 def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[dict[str, Any]]:
-    """Train in this process or in one process per GPU / `runtime.nproc`; returns each local rank's
-    summary (history, parameter checksum), in rank order."""
-    plan = _check(cfg, nnodes)
+    """Train in this process or in one process per GPU / `runtime.nproc` (on each of `nnodes` nodes);
+    returns each local rank's summary (history, parameter checksum), in rank order."""
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank} with --nnodes {nnodes}: need 0 <= node rank < nodes")
+    under_torchrun = "LOCAL_RANK" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else _nproc(cfg) * nnodes
+    plan = _check(cfg, world)
+    _check_devices(cfg)
     if resume and not (plan.run_dir / "resume.pt").is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
-    if "LOCAL_RANK" in os.environ or (plan.nproc == 1 and nnodes == 1):
-        return [train(cfg, resume)]  # single process, or already started by torchrun
+    if under_torchrun or world == 1:
+        return [train(cfg, resume)]
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if cfg.runtime.gpus:  # local rank i drives the i-th listed GPU
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.runtime.gpus))
+    # the same settings torchrun derives from --nnodes/--node-rank/--master-addr/--master-port
     lc = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=plan.nproc, run_id=f"geoloc-{cfg.train.run}",
         rdzv_backend="static", rdzv_endpoint=f"{master_addr}:{master_port}",
         rdzv_configs={"rank": node_rank}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )
-    results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume)
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cfg.runtime.gpus:  # local rank i drives the i-th listed GPU (workers inherit the variable)
+        os.environ["CUDA_VISIBLE_DEVICES"] = _visible_devices(cfg.runtime.gpus)
+    try:
+        results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
     return [results[r] for r in sorted(results)]
 
 
@@ -137,26 +192,34 @@ def _cells(cfg: Config, root: DataRoot):
     return CellSet.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
 
 
+def _device_spec(cfg: Config) -> str:
+    """One process on one listed GPU drives that GPU; launched workers see only theirs (local rank)."""
+    if cfg.runtime.gpus and "LOCAL_RANK" not in os.environ:
+        return f"cuda:{cfg.runtime.gpus[0]}"
+    return cfg.runtime.device
+
+
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from geoloc_cli import dist
-    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
+    from geoloc_cli.data import EpochSampler, GeoDataset, locate
     from geoloc_cli.dist import amp_dtype
     from geoloc_cli.model import ModelSpec, build_model
 
-    info = dist.setup(cfg.runtime.device)
+    info = dist.setup(_device_spec(cfg))
     if info.device.type == "cpu":
         dist.limit_cpu_threads(cfg.runtime.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
-        plan = _check(cfg, 1)
+        plan = _check(cfg, info.world)
         torch.manual_seed(cfg.runtime.seed)
         cells = _cells(cfg, plan.root)
         heads = {p: len(cells.hex_id[p]) for p in cfg.model.partitionings} | {"scene": cfg.model.scene_classes}
         spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
                          heads, dict(cfg.model.overrides))
         model = build_model(spec, cfg.model.pretrained).to(info.device)
+        ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         pre = model.data_config()
         seg_dir = plan.root.seg(cfg.train.dataset) if cfg.model.seg_channels else None
         rows = locate(plan.train_rows, plan.root.shards(cfg.train.dataset), seg_dir)
@@ -164,81 +227,143 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                         _targets(cfg), train=cfg.train.augment, seed=cfg.runtime.seed)
         local_batch = cfg.train.batch_size // info.world
         micro = local_batch // cfg.train.grad_accum
-        sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed)
+        sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
+                               groups=rows["shard"].to_numpy(), window=cfg.train.shuffle_window_shards)
         steps_per_epoch = len(sampler.indices()) // local_batch
         total = steps_per_epoch * cfg.train.epochs
+        # DDP and torch.compile wrap the single-device model from outside; `model` stays the plain one
         ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
             if info.world > 1 else model
-        fused = info.device.type == "cuda"
-        if cfg.train.optimizer == "adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                    fused=fused)
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9,
-                                  weight_decay=cfg.train.weight_decay)
+        fwd = torch.compile(ddp, backend=COMPILE_BACKEND) if cfg.train.compile else ddp
+        opt = _optimizer(cfg, model, info.device)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, _lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch)))
         amp = amp_dtype(cfg.train.precision, info.device)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
-        state = {"step": 0, "epoch": 0, "best": float("-inf")}
+        state: dict[str, Any] = {"step": 0, "epoch": 0, "best": float("-inf"), "sums": {}}
         if resume:
-            state = _load_resume(plan.run_dir / "resume.pt", model, opt, sched, scaler)
+            state = _load_resume(plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, info,
+                                 steps_per_epoch)
         if info.main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
+            _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
+            extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
             console.info(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
-                         f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} steps/epoch")
+                         f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} steps/epoch"
+                         + extras)
         val_loader = _val_loader(cfg, plan, info, pre) if plan.val_rows is not None else None
+        eval_model = ema.module if ema is not None else model  # validated and exported
         history = []
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_batch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             sampler.set_epoch(epoch, start_batch * local_batch)
             ds.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=local_batch, sampler=sampler, num_workers=cfg.runtime.num_workers,
-                collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
-                persistent_workers=False, prefetch_factor=4 if cfg.runtime.num_workers else None)
+            loader = _epoch_loader(ds, sampler, local_batch, cfg, info, epoch)
             ddp.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, float] = state["sums"] if start_batch > 0 else {}  # restored mid-epoch sums
             t0, seen = time.perf_counter(), 0
             with console.progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch - start_batch,
                                   unit="step", loss="-", lr="-", img_s="-") as bar:
                 for batch in loader:
-                    losses = _step(ddp, opt, sched, scaler, batch, micro, weights, amp, info.device,
+                    losses = _step(fwd, ddp, opt, sched, scaler, batch, micro, weights, amp, info.device,
                                    cfg.model.seg_channels, cfg.train.grad_clip)
+                    if ema is not None:
+                        ema.update(model)
                     state["step"] += 1
                     seen += local_batch * info.world
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v
                     bar.advance(1, loss=f"{losses['loss']:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                    if state["step"] % cfg.train.checkpoint_every == 0:
-                        _save_resume(info, plan.run_dir, model, opt, sched, scaler, state, epoch)
-            n_steps = max(steps_per_epoch - start_batch, 1)
+                    mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch end saves anyway
+                    if state["step"] % cfg.train.checkpoint_every == 0 and mid_epoch:
+                        _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch, sums)
             sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
             record = {"epoch": epoch + 1, "step": state["step"],
-                      **{f"train_{k}": v / n_steps for k, v in sums.items()},
+                      **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                       "images_per_s": seen / (time.perf_counter() - t0)}
             if val_loader is not None:
-                record.update(_validate(model, val_loader, cells, cfg, info, amp))
+                record.update(_validate(eval_model, val_loader, cells, cfg, info, amp))
             history.append(record)
             score = record.get("val_hierarchical_acc_2500km", -record.get("train_loss", 0.0))
             is_best = score > state["best"]
             state["best"] = max(score, state["best"])
-            _save_resume(info, plan.run_dir, model, opt, sched, scaler, state, epoch + 1)
+            # outputs first, resume state last: a kill in between redoes the epoch's tail on --resume
+            # (and _trim_metrics drops the record written twice) instead of losing the epoch's outputs
             if info.main:
-                _write_epoch(plan.run_dir, record, model, cells, cfg, is_best)
+                _write_epoch(plan.run_dir, record, eval_model, cells, cfg, is_best)
+            _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch + 1, {})
         dist.barrier()
-        param_sum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history, "param_sum": param_sum}
+        return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
+                "param_sum": _checksum(model), "ema_sum": _checksum(ema.module) if ema is not None else None}
     finally:
         dist.teardown()
 
 
-def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float], amp, device, seg_channels: int,
-          grad_clip: float) -> dict[str, float]:
-    """One optimizer step over a local batch, in `len(batch) / micro` accumulation chunks."""
+def _epoch_loader(ds, sampler, local_batch: int, cfg: Config, info, epoch: int):
+    import torch
+
+    from geoloc_cli.data import collate
+
+    return torch.utils.data.DataLoader(
+        ds, batch_size=local_batch, sampler=sampler, num_workers=cfg.runtime.num_workers,
+        collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if cfg.runtime.num_workers else None,
+        # its own generator: creating the loader must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch))
+
+
+def _checksum(module) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+def _optimizer(cfg: Config, model, device):
+    import torch
+
+    if cfg.train.optimizer == "adamw":  # fused: one kernel for all parameters on the GPU
+        return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                 fused=device.type == "cuda")
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+
+
+class Ema:
+    """Exponential moving average of a model's weights, kept in a twin module that is validated and
+    exported instead of the trained weights. The decay warms up as min(decay, (1+n)/(10+n)) after n
+    updates, so the random initialisation is forgotten quickly in short runs."""
+
+    def __init__(self, model, decay: float) -> None:
+        import copy
+
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def update(self, model) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            mine, theirs = self.module.state_dict(), model.state_dict()
+            floats = [k for k, v in mine.items() if v.is_floating_point()]
+            torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], 1.0 - d)
+            for k, v in mine.items():  # integer buffers (counters) are copied
+                if not v.is_floating_point():
+                    v.copy_(theirs[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float], amp, device,
+          seg_channels: int, grad_clip: float) -> dict[str, float]:
+    """One optimizer step over a local batch, in `len(batch) / micro` accumulation chunks; `fwd` is the
+    (possibly compiled) forward, `ddp` the DDP wrapper or the model itself."""
     import torch
     import torch.nn.functional as F
 
@@ -246,7 +371,7 @@ def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float],
 
     n = batch["image"].shape[0]
     chunks = range(0, n, micro)
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}  # detached device tensors: read back once per step (one GPU sync)
     opt.zero_grad(set_to_none=True)
     for j, s in enumerate(chunks):
         image = batch["image"][s:s + micro].to(device, non_blocking=True)
@@ -255,22 +380,22 @@ def _step(ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float],
         # DDP: sync gradients only on the last micro-batch
         sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
         with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = ddp(image, seg)
+            logits = fwd(image, seg)
             loss = torch.zeros((), device=device)
             for h, w in weights.items():
                 t = batch["targets"][h][s:s + micro].to(device)
                 lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1)
                 loss = loss + w * lh
-                totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.item() / len(chunks)
+                totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach() / len(chunks)
             scaler.scale(loss / len(chunks)).backward()
-        totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(chunks)
+        totals["loss"] = totals.get("loss", 0.0) + loss.detach() / len(chunks)
     if grad_clip > 0:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), grad_clip)
     scaler.step(opt)
     scaler.update()
     sched.step()
-    return totals
+    return dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))
 
 
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any]):
@@ -329,25 +454,63 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
     save_inference_checkpoint(path, model, meta, seg_tensors)
 
 
-def _save_resume(info, run_dir: Path, model, opt, sched, scaler, state: dict[str, Any], epoch: int) -> None:
+def _rng_state(device) -> dict[str, Any]:
     import torch
 
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _save_resume(info, run_dir: Path, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
+                 epoch: int, sums: dict[str, float]) -> None:
+    """Everything an exact continuation needs; every rank calls this (its RNG and running loss sums are
+    gathered), rank 0 writes."""
+    import torch
+
+    from geoloc_cli import dist
+
+    ranks = dist.gather({"rng": _rng_state(info.device), "sums": dict(sums)})
     if not info.main:
         return
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "step": state["step"], "epoch": epoch, "best": state["best"],
-            "torch_rng": torch.get_rng_state()}
+            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "step": state["step"], "epoch": epoch, "best": state["best"], "ranks": ranks}
     with atomic_path(run_dir / "resume.pt") as tmp:
         torch.save(blob, tmp)
 
 
-def _load_resume(path: Path, model, opt, sched, scaler) -> dict[str, Any]:
+def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
+                 steps_per_epoch: int) -> dict[str, Any]:
     import torch
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    step, epoch = int(blob["step"]), int(blob["epoch"])
+    if not epoch * steps_per_epoch <= step <= (epoch + 1) * steps_per_epoch:
+        raise ConfigError(f"{path}: step {step} of epoch {epoch + 1} does not fit {steps_per_epoch} steps per "
+                          "epoch: resume with the train.batch_size and dataset the run started with")
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
-    torch.set_rng_state(blob["torch_rng"])
-    return {"step": int(blob["step"]), "epoch": int(blob["epoch"]), "best": float(blob["best"])}
+    if ema is not None:
+        if blob.get("ema") is not None:
+            ema.load_state_dict(blob["ema"])
+        else:  # EMA switched on for the rest of a run: start it from the current weights
+            ema.module.load_state_dict(blob["model"])
+    # resume states written before per-rank RNG and loss sums were kept hold rank 0's CPU RNG only
+    ranks = blob.get("ranks") or [{"rng": {"cpu": blob["torch_rng"], "cuda": None}, "sums": {}}]
+    mine = ranks[info.rank] if len(ranks) == info.world else ranks[0]
+    torch.set_rng_state(mine["rng"]["cpu"])
+    if info.device.type == "cuda" and mine["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["rng"]["cuda"], info.device)
+    return {"step": step, "epoch": epoch, "best": float(blob["best"]), "sums": dict(mine["sums"])}
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop records of epochs the resume state does not include (written before a kill, redone now)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [x for x in lines if x.strip() and json.loads(x)["epoch"] <= epochs_done]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(x + "\n" for x in keep))

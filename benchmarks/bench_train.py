@@ -1,0 +1,161 @@
+"""CPU training throughput of the tiny demo config, and whether data loading keeps up.
+
+    python benchmarks/bench_train.py                      # demo config, 1500 demo photos, 3 epochs
+    python benchmarks/bench_train.py --num-workers 0 --demo-size 800 --epochs 2
+
+Builds a demo world in a temporary directory through the CLI (`geoloc fetch demo`, `partition`,
+`filter`, `segment`, with configs/demo.yaml: ViT-tiny-sized branches at 64 px, RGB + 3-channel seg map),
+then reports images/s of
+- `stage`: `geoloc train` itself (the `train` stage in this process, validation off), per epoch from
+  metrics.jsonl; the first epoch carries the start-up (loader workers, first steps), so the figure is
+  the median of the later epochs;
+- `data`: the same DataLoader (dataset, shard-local sampler, workers, batch size, collate) iterated
+  without a model: what decoding, augmentation and collation deliver at most;
+- `step`: optimizer steps on ready tensors (the model alone, no data loading).
+If `data` is well above `step`, loading keeps up and the stage runs at the model's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from geoloc_cli.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_world(tmp: Path, args: argparse.Namespace) -> Path:
+    """A demo world under tmp through the CLI; returns the config file."""
+    cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    cfg["paths"]["root"] = str(tmp / "data")
+    cfg["fetch"]["demo_size"] = args.demo_size
+    cfg["runtime"]["num_workers"] = args.num_workers
+    cfg["train"].update(epochs=args.epochs, batch_size=args.batch_size, val_dataset="",
+                        checkpoint_every=10**9, run="bench")
+    path = tmp / "geoloc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for cmd in (["fetch", "demo"], ["partition", "--cells", "all"], ["filter"], ["segment", "demo"]):
+        subprocess.run([sys.executable, "-m", "geoloc_cli", *cmd, "-c", str(path), "-q"], check=True)
+    return path
+
+
+def train_loader(cfg: Config, epoch: int = 0):
+    """The DataLoader the train stage builds for one process (rank 0 of 1)."""
+    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
+    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.stages import train
+    from geoloc_cli.store import DataRoot, read_parquet
+
+    root = DataRoot(cfg.root)
+    name = cfg.train.dataset
+    rows = read_parquet(root.index(name), "training index", "run `geoloc filter`")
+    seg_dir = root.seg(name) if cfg.model.seg_channels else None
+    rows = locate(rows, root.shards(name), seg_dir)
+    spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
+                     {"scene": 3}, dict(cfg.model.overrides))
+    pre = build_model(spec).data_config()
+    ds = GeoDataset(rows, root.shards(name), seg_dir, cfg.model.img_size, pre, train._targets(cfg),
+                    train=cfg.train.augment, seed=cfg.runtime.seed)
+    sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.runtime.seed, groups=rows["shard"].to_numpy())
+    sampler.set_epoch(epoch)
+    ds.set_epoch(epoch)
+    w = cfg.runtime.num_workers
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=w,
+                                       collate_fn=collate, drop_last=True, prefetch_factor=4 if w else None)
+
+
+def data_rate(cfg: Config, epochs: int = 2) -> float:
+    """Images/s out of the training DataLoader alone (epochs after the first, which starts workers)."""
+    from geoloc_cli import dist
+
+    dist.limit_cpu_threads(cfg.runtime.num_workers)  # as the train stage does
+    rates = []
+    for epoch in range(epochs + 1):
+        loader = train_loader(cfg, epoch)
+        it = iter(loader)
+        next(it)  # start-up: worker processes, first batch
+        t0, n = time.perf_counter(), 0
+        for batch in it:
+            n += batch["image"].shape[0]
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
+    """Images/s of optimizer steps on ready tensors (model, loss, backward, AdamW, scheduler)."""
+    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.stages import train
+
+    loader = train_loader(cfg)
+    batch = next(iter(loader))
+    heads = {"coarse": 40, "middle": 70, "fine": 150, "scene": 3}  # the demo world's order of size
+    batch["targets"] = {h: torch.randint(0, n, (cfg.train.batch_size,)) for h, n in heads.items()}
+    spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
+                     heads, dict(cfg.model.overrides))
+    model = build_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(enabled=False)
+    weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
+    dev = torch.device("cpu")
+
+    def step() -> None:
+        train._step(model, model, opt, sched, scaler, batch, cfg.train.batch_size, weights, None, dev,
+                    cfg.model.seg_channels, cfg.train.grad_clip)
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
+def stage_rate(cfg: Config) -> tuple[float, list[float]]:
+    """Images/s of the train stage, per epoch; median of the epochs after the first."""
+    from geoloc_cli import console
+    from geoloc_cli.stages import train
+
+    console.set_quiet(True)
+    (result,) = train.launch(cfg)
+    rates = [r["images_per_s"] for r in result["history"]]
+    return statistics.median(rates[1:] or rates), rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo-size", type=int, default=1500, help="demo photos to generate (train + val)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=1, help="data-loading workers (demo config: 1)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = build_world(Path(tmp), args)
+        cfg = load_config(path, ["runtime.device=cpu"])
+        print(f"world built in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} cores, "
+              f"{args.num_workers} loader worker(s), batch {args.batch_size}, "
+              f"{cfg.model.backbone} {cfg.model.overrides} at {cfg.model.img_size} px, "
+              f"seg_channels={cfg.model.seg_channels}", flush=True)
+        stage, per_epoch = stage_rate(cfg)
+        data = data_rate(cfg)
+        step = step_rate(cfg)
+    print(f"stage  {stage:8.1f} images/s   (train stage, per epoch: {', '.join(f'{r:.0f}' for r in per_epoch)})")
+    print(f"data   {data:8.1f} images/s   (DataLoader alone: decode + augment + collate)")
+    print(f"step   {step:8.1f} images/s   (model steps on ready tensors)")
+    print(f"data / step = {data / step:.2f}: loading {'keeps up' if data > step else 'is the bottleneck'}")
+
+
+if __name__ == "__main__":
+    main()
