@@ -209,14 +209,22 @@ def train(
 
 @app.command(
     epilog="Examples:  geoloc evaluate  |  geoloc evaluate im2gps3k yfcc4k --model runs/default/model.safetensors"
+    "  |  geoloc evaluate yfcc4k --model a.safetensors --model b.safetensors --set evaluate.crops=ten"
     "  |  geoloc evaluate --from-predictions results.csv --json"
 )
 @_handled
 def evaluate(
-    datasets: Annotated[list[str] | None, typer.Argument(help="Datasets (default: evaluate.datasets).")] = None,
-    model: Annotated[Path | None, typer.Option(help="Inference checkpoint (default: the run's best).")] = None,
+    datasets: Annotated[
+        list[str] | None,
+        typer.Argument(help="Datasets, e.g. im2gps im2gps3k yfcc4k yfcc25600 (default: evaluate.datasets)."),
+    ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(help="Inference checkpoint (default: the run's best); repeat to compare models side by side."),
+    ] = None,
     from_predictions: Annotated[
-        Path | None, typer.Option(help="Recompute metrics from a per-image predictions CSV.")
+        list[Path] | None,
+        typer.Option(help="Recompute metrics from a per-image predictions CSV (published format); repeatable."),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     config: ConfigOpt = None,
@@ -229,11 +237,13 @@ def evaluate(
     from geoloc_cli.stages import evaluate as stage
 
     cfg = _config(config, set_, root, **{"runtime.device": device})
-    stage.run(cfg, datasets=datasets or None, model=model, from_predictions=from_predictions, as_json=json_)
+    stage.run(cfg, datasets=datasets or None, model=model or None, from_predictions=from_predictions or None,
+              as_json=json_)
 
 
 @app.command(
-    epilog="Examples:  geoloc predict photo.jpg --model model.safetensors  |  geoloc predict photos/ --json"
+    epilog="Examples:  geoloc predict photo.jpg --model model.safetensors  |  geoloc predict photos/ --json  |  "
+    "geoloc predict photos/ --csv > out.csv  |  geoloc predict a.jpg b.jpg --map map.html"
 )
 @_handled
 def predict(
@@ -241,19 +251,47 @@ def predict(
     model: Annotated[Path | None, typer.Option(help="Inference checkpoint (default: the run's best).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Candidate places per photo.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print one CSV row per photo and rank.")] = False,
+    geojson: Annotated[bool, typer.Option("--geojson", help="Print a GeoJSON FeatureCollection.")] = False,
+    map_: Annotated[Path | None, typer.Option("--map", help="Write a self-contained HTML map.")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto, onnx or torch (predict.backend).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     root: RootOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Geolocate photos: top-k places with probabilities, and the scene."""
+    """Geolocate photos: top-k places with probabilities and names, the scene, the EXIF truth if any."""
     from geoloc_cli.stages import predict as stage
 
-    cfg = _config(config, set_, root, **{"runtime.device": device, "predict.top_k": top_k})
-    failed = stage.run(cfg, photos=photos, model=model, as_json=json_)
+    if json_ + csv_ + geojson > 1:
+        raise ConfigError("choose one of --json, --csv, --geojson")
+    fmt = "json" if json_ else "csv" if csv_ else "geojson" if geojson else "table"
+    cfg = _config(config, set_, root, **{"runtime.device": device, "predict.top_k": top_k,
+                                         "predict.backend": backend})
+    failed = stage.run(cfg, photos=photos, model=model, fmt=fmt, map_path=map_)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command(
+    epilog="Examples:  geoloc export runs/default/model.safetensors  |  geoloc export ckpt.safetensors -o m.onnx"
+)
+@_handled
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Inference checkpoint (.safetensors).")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Network file (default: CKPT with suffix .onnx; "
+                                  "predict finds only that one).")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
+    from geoloc_cli import console
+    from geoloc_cli.export import export_onnx
+
+    for path in export_onnx(ckpt, output):
+        console.info(f"wrote {path}")
 
 
 @app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")

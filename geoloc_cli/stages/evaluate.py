@@ -1,13 +1,24 @@
-"""evaluate: great-circle accuracy of a trained model on held-out datasets, or of a predictions file.
+"""evaluate: great-circle accuracy of trained models on held-out datasets, or of predictions files.
 
-For each dataset: accuracy at the configured thresholds, median and mean error, for every
-partitioning, the hierarchical prediction and the trivial baseline (always the largest cell).
-Writes <run>/eval/<dataset>/metrics.json and predictions.csv in the published results format
-(img_id,gt_lat,predicted_lat,gt_long,predicted_long,great_circle_distance; hierarchical prediction).
+For each model and dataset (the standard test sets im2gps, im2gps3k, yfcc4k and yfcc25600 are dataset
+names under <root>/datasets/, fetched by `geoloc fetch <name>`): accuracy at the configured thresholds,
+median and mean error, for every partitioning, the hierarchical prediction and the trivial baseline
+(always the largest cell), overall and per scene (S3_Label: indoor / natural / urban). Test-time crops
+(evaluate.crops: center, five, ten; photo and segmentation map cropped alike) are combined by
+evaluate.crop_reduce (mean or max of the probabilities).
+
+Writes to <checkpoint dir>/eval/<dataset>[-<crops>-<reduce>]/ (eval-<stem>/ for a checkpoint not named
+model.safetensors): metrics.json, predictions.csv in the published results format
+(img_id,gt_lat,predicted_lat,gt_long,predicted_long,great_circle_distance; hierarchical prediction)
+and accuracy.png (accuracy versus distance). Several models give one table per dataset, a row per model.
+
+The published definition, used everywhere here: haversine distance with R = 6371 km, and an image
+counts as correct at t km when its error is <= t.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +30,23 @@ from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.metrics import accuracy, trivial_baseline
-from geoloc_cli.store import OK, DataRoot, read_parquet, write_bytes_atomic, write_json_atomic
+from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_bytes_atomic, write_json_atomic
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
+PRESETS = ("im2gps", "im2gps3k", "yfcc4k", "yfcc25600")
+SCENES3 = ("indoor", "natural", "urban")
+
+
+# --------------------------------------------------------------------------- predictions files
 
 
 def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, float]:
-    """Recompute the summary of a published-format predictions CSV from its coordinates."""
+    """Recompute the summary of a published-format predictions CSV from its coordinates (the file's
+    great_circle_distance column is ignored: distances are recomputed with the one ruler)."""
     try:
         df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise InputError(f"cannot read predictions file {path}: {e}") from None
     missing = [c for c in PUBLISHED_COLUMNS[:5] if c not in df.columns]
     if missing:
@@ -44,14 +61,90 @@ def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, f
     return accuracy(d, thresholds)
 
 
-def _table(title: str, results: dict[str, dict[str, float]], thresholds: list[float]) -> None:
-    cols = [f"acc_{int(t) if float(t).is_integer() else t}km" for t in thresholds]
-    rows = [(name, *(f"{100 * m[c]:.1f}%" for c in cols), round(m["median_km"], 1), m["n"])
+# --------------------------------------------------------------------------- tables and plots
+
+
+def _cols(thresholds: list[float]) -> list[str]:
+    return [f"acc_{int(t) if float(t).is_integer() else t}km" for t in thresholds]
+
+
+def _table(title: str, results: dict[str, dict[str, float]], thresholds: list[float], first: str = "prediction",
+           caption: str = "") -> None:
+    """One row per entry of `results` (a prediction kind, a model, a scene, a file)."""
+    cols = _cols(thresholds)
+    rows = [(name, *(f"{100 * m[c]:.1f}" for c in cols), _km(m["median_km"]), _km(m["mean_km"]), m["n"])
             for name, m in results.items()]
-    console.table(title, ["prediction", *[c[4:] for c in cols], "median km", "n"], rows)
+    console.table(f"{title} - accuracy % within", [first, *[f"{c[4:]}" for c in cols], "median km", "mean km", "n"],
+                  rows, caption=caption)
+
+
+def _km(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def plot_accuracy(path: Path, curves: dict[str, np.ndarray], thresholds: list[float], title: str) -> None:
+    """PNG of the fraction of images within d km, for d from 1 to 20,000 km (log scale), one line per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.logspace(0, np.log10(20038), 400)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, err in curves.items():
+        err = np.sort(np.asarray(err, dtype=np.float64))
+        ax.plot(d, np.searchsorted(err, d, side="right") / max(len(err), 1), label=label)  # <= d counts
+    for t in thresholds:
+        ax.axvline(t, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlim(1, 20038)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("great-circle distance d (km)")
+    ax.set_ylabel("fraction of images with error <= d")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- model evaluation
+
+
+def _crop_dataset(base: type) -> type:
+    """GeoDataset that returns every test-time crop of a sample: image (K,3,S,S), seg (K,S,S)."""
+    import torch
+
+    from geoloc_cli.data import open_image
+    from geoloc_cli.inference import views
+
+    class CropDataset(base):
+        crops = "five"
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            import io
+
+            from PIL import Image
+
+            r = self.rows.iloc[i]
+            img = open_image(self.reader.read(os.path.join(self.shards_dir, r["shard"]), int(r["img_off"]),
+                                              int(r["img_len"])), self.size)
+            seg = None
+            if self.seg_dir is not None and r["seg_len"] > 0:
+                seg_path = os.path.join(self.seg_dir, r["shard"].replace("images-", "seg-", 1))
+                seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
+            x, s = views(img, seg, self.size, self.pre, self.crops)
+            return {"image": torch.from_numpy(x), "seg": torch.from_numpy(s), "index": i,
+                    "targets": {h: int(t[i]) for h, t in self.targets.items()},
+                    "lat": float(r["lat"]), "lon": float(r["lon"])}
+
+    return CropDataset
 
 
 def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, device) -> tuple[dict, pd.DataFrame]:
+    """(metrics, one row per image) of one model on one dataset."""
     import torch
 
     from geoloc_cli.data import GeoDataset, collate, locate
@@ -60,7 +153,8 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]
-    manifest = read_parquet(root.manifest(dataset), f"manifest of {dataset!r}", f"run `geoloc fetch {dataset}`")
+    hint = f"run `geoloc fetch {dataset}`" + (" (a standard test set preset)" if dataset in PRESETS else "")
+    manifest = read_parquet(root.manifest(dataset), f"manifest of {dataset!r}", hint)
     rows = manifest[manifest["status"] == OK].reset_index(drop=True)
     if rows.empty:
         raise InputError(f"dataset {dataset!r} has no downloaded images")
@@ -69,8 +163,12 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
         raise InputError(f"the model needs segmentation maps: run `geoloc segment {dataset}`")
     rows = locate(rows, root.shards(dataset), seg_dir)
     scene_col = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}[spec["heads"]["scene"]]
-    ds = GeoDataset(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"],
-                    {"scene": scene_col}, train=False)
+    crops = cfg.evaluate.crops
+    cls = GeoDataset if crops == "center" else _crop_dataset(GeoDataset)
+    ds = cls(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"], {"scene": scene_col},
+             train=False)
+    if crops != "center":
+        ds.crops = crops
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.evaluate.batch_size, collate_fn=collate,
                                          num_workers=cfg.runtime.num_workers)
     cells = CellSet.from_meta(meta["partitionings"])
@@ -80,49 +178,123 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
             for b in loader:
                 yield b
                 bar.advance(1)
-        pred = run_geolocation(model, batches(), cells, spec["seg_channels"], device, amp)
-    results = summarize(pred, cells, cfg.evaluate.thresholds_km)
+        pred = run_geolocation(model, batches(), cells, spec["seg_channels"], device, amp, cfg.evaluate.crop_reduce)
+    thresholds = cfg.evaluate.thresholds_km
+    results: dict[str, Any] = summarize(pred, cells, thresholds)
     base = cells.names[0]
     results[BASELINE] = accuracy(trivial_baseline(cells.count[base], cells.lat[base], cells.lon[base],
-                                                  pred["lat"].to_numpy(), pred["lon"].to_numpy()),
-                                 cfg.evaluate.thresholds_km)
+                                                  pred["lat"].to_numpy(), pred["lon"].to_numpy()), thresholds)
     if "scene_pred" in pred:
         results["scene"] = {"accuracy": float((pred["scene_pred"] == pred["scene_true"]).mean())}
     pred.insert(0, "img_id", rows["id"].to_numpy()[pred["index"].to_numpy()])
+    if "S3_Label" in rows:
+        pred["s3"] = pd.to_numeric(rows["S3_Label"], errors="coerce").to_numpy()[pred["index"].to_numpy()]
+        results["by_scene"] = by_scene(pred, [*cells.names, "hierarchical"], thresholds)
+    results["setup"] = {"dataset": dataset, "crops": crops, "crop_reduce": cfg.evaluate.crop_reduce,
+                        "thresholds_km": list(thresholds)}
     return results, pred
 
 
-def run(cfg: Config, datasets: list[str] | None = None, model: Path | None = None,
-        from_predictions: Path | None = None, as_json: bool = False) -> dict[str, Any]:
+def by_scene(pred: pd.DataFrame, kinds: list[str], thresholds: list[float]) -> dict[str, dict[str, Any]]:
+    """{scene: {kind: accuracy}} over the images whose S3_Label (column s3) is that scene."""
+    out = {}
+    for code, name in enumerate(SCENES3):
+        sub = pred[pred["s3"] == code]
+        if len(sub):
+            out[name] = {k: accuracy(sub[f"{k}_km"].to_numpy(), thresholds) for k in kinds}
+    return out
+
+
+def eval_dir(ckpt: Path, dataset: str, crops: str, reduce: str) -> Path:
+    base = ckpt.parent / ("eval" if ckpt.stem == "model" else f"eval-{ckpt.stem}")
+    return base / (dataset if crops == "center" else f"{dataset}-{crops}-{reduce}")
+
+
+def labels(paths: list[Path]) -> list[str]:
+    """Shortest distinct trailing parts of the checkpoint paths (runs/a/model.safetensors -> a/model)."""
+    resolved = [p.resolve().with_suffix("") for p in paths]
+    for k in range(1, max(len(p.parts) for p in resolved) + 1):
+        names = ["/".join(p.parts[-k:]) for p in resolved]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def _write(out_dir: Path, results: dict[str, Any], pred: pd.DataFrame, kinds: list[str], thresholds: list[float],
+           title: str) -> None:
+    from geoloc_cli.inference import HIER
+
+    write_json_atomic(out_dir / "metrics.json", results)
+    published = pd.DataFrame({
+        "img_id": pred["img_id"], "gt_lat": pred["lat"], "predicted_lat": pred[f"{HIER}_lat"],
+        "gt_long": pred["lon"], "predicted_long": pred[f"{HIER}_lon"],
+        "great_circle_distance": pred[f"{HIER}_km"]})
+    write_bytes_atomic(out_dir / "predictions.csv", published.to_csv(index=False).encode())
+    plot_accuracy(out_dir / "accuracy.png", {k: pred[f"{k}_km"].to_numpy() for k in kinds}, thresholds, title)
+
+
+def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path] | None = None,
+        from_predictions: Path | list[Path] | None = None, as_json: bool = False) -> dict[str, Any]:
+    """Evaluate one or more checkpoints (or predictions files); returns the metrics.
+
+    Returned (and printed with --json): {dataset: metrics} for one checkpoint, {label: {dataset: metrics}}
+    for several, {file: summary} for predictions files."""
     thresholds = cfg.evaluate.thresholds_km
     if from_predictions is not None:
-        result = {str(from_predictions): metrics_from_predictions(from_predictions, thresholds)}
-        console.print_json(result) if as_json else _table(f"predictions {from_predictions}", result, thresholds)
+        files = [from_predictions] if isinstance(from_predictions, str | Path) else list(from_predictions)
+        result = {str(f): metrics_from_predictions(Path(f), thresholds) for f in files}
+        if as_json:
+            console.print_json(result)
+        else:
+            short = dict(zip(labels([Path(f) for f in files]), result.values(), strict=True))
+            _table("predictions files", short, thresholds, first="file")
         return result
+    models = [model] if isinstance(model, str | Path) else list(model or [])
+    ckpts = [Path(m) for m in models] or [DataRoot(cfg.root).run(cfg.train.run) / "model.safetensors"]
+    names = datasets or cfg.evaluate.datasets
+    per_model = {label: evaluate_model(cfg, ckpt, names, quiet_tables=as_json or len(ckpts) > 1)
+                 for label, ckpt in zip(labels(ckpts), ckpts, strict=True)}
+    if len(ckpts) > 1 and not as_json:
+        _side_by_side(per_model, names, thresholds, cfg)
+    out = per_model[next(iter(per_model))] if len(ckpts) == 1 else per_model
+    if as_json:
+        console.print_json(out)
+    return out
+
+
+def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: bool = False) -> dict[str, Any]:
     from geoloc_cli.dist import limit_cpu_threads, resolve_device
-    from geoloc_cli.inference import HIER
     from geoloc_cli.model import load_inference_checkpoint
 
-    ckpt = Path(model) if model else DataRoot(cfg.root).run(cfg.train.run) / "model.safetensors"
     device = resolve_device(cfg.runtime.device)
     if device.type == "cpu":
         limit_cpu_threads(cfg.runtime.num_workers)
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
+    thresholds = cfg.evaluate.thresholds_km
+    kinds = [*meta["partitionings"]["names"], "hierarchical"]
     out: dict[str, Any] = {}
-    for dataset in datasets or cfg.evaluate.datasets:
+    for dataset in datasets:
         results, pred = evaluate_dataset(cfg, net, meta, dataset, device)
+        results["setup"]["model"] = str(ckpt)
         out[dataset] = results
-        eval_dir = ckpt.parent / "eval" / dataset
-        write_json_atomic(eval_dir / "metrics.json", results)
-        published = pd.DataFrame({
-            "img_id": pred["img_id"], "gt_lat": pred["lat"], "predicted_lat": pred[f"{HIER}_lat"],
-            "gt_long": pred["lon"], "predicted_long": pred[f"{HIER}_lon"],
-            "great_circle_distance": pred[f"{HIER}_km"]})
-        write_bytes_atomic(eval_dir / "predictions.csv", published.to_csv(index=False).encode())
-        if not as_json:
-            _table(f"{dataset}: {ckpt}", {k: v for k, v in results.items() if k != "scene"}, thresholds)
-            if "scene" in results:
-                console.info(f"scene accuracy: {100 * results['scene']['accuracy']:.1f}%")
-    if as_json:
-        console.print_json(out)
+        where = eval_dir(ckpt, dataset, cfg.evaluate.crops, cfg.evaluate.crop_reduce)
+        _write(where, results, pred, kinds, thresholds, f"{dataset}: {ckpt.parent.name}/{ckpt.name}")
+        if quiet_tables:
+            continue
+        crops = "" if cfg.evaluate.crops == "center" else f" ({cfg.evaluate.crops} crops, {cfg.evaluate.crop_reduce})"
+        _table(f"{dataset}: {ckpt}{crops}", {k: results[k] for k in [*kinds, BASELINE]}, thresholds,
+               caption=f"written to {where}")
+        if "scene" in results:
+            console.info(f"scene accuracy: {100 * results['scene']['accuracy']:.1f}%")
+        if results.get("by_scene"):
+            _table(f"{dataset} by scene (hierarchical)", {s: m["hierarchical"] for s, m in results["by_scene"].items()},
+                   thresholds, first="scene")
     return out
+
+
+def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thresholds: list[float],
+                  cfg: Config) -> None:
+    crops = "" if cfg.evaluate.crops == "center" else f", {cfg.evaluate.crops} crops ({cfg.evaluate.crop_reduce})"
+    for dataset in datasets:
+        _table(f"{dataset}: hierarchical prediction{crops}",
+               {label: runs[dataset]["hierarchical"] for label, runs in per_model.items()}, thresholds, first="model")

@@ -1,11 +1,19 @@
-"""predict: geolocate photos with an inference checkpoint: top-k places and the scene.
+"""predict: geolocate photos with an inference checkpoint: top-k places (with names) and the scene.
 
-Each photo is handled on its own: a missing, unreadable or corrupt file is reported as an error row
-and the other photos are still predicted; `run` returns how many failed (the CLI's exit code).
+Two backends give the same numbers: ONNX Runtime on an exported checkpoint (`geoloc export`; no torch
+is imported at all, so a cold start is fast) and torch (GPUs, checkpoints not exported). Each photo is
+handled on its own: a missing, unreadable, corrupt or oversized file is reported as an error and the
+other photos are still predicted; `run` returns how many failed (the CLI's exit code).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +21,11 @@ import numpy as np
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.store import DataRoot
+from geoloc_cli.errors import ConfigError, InputError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-SCENES = ("indoor", "natural", "urban")
+FORMATS = ("table", "json", "csv", "geojson")
+GPS_IFD = 0x8825
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -30,103 +39,390 @@ def collect(paths: list[Path]) -> list[Path]:
     return out
 
 
-def load_photo(path: Path):
-    """RGB PIL image (EXIF orientation applied), or an error string."""
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class Photo:
+    image: Any  # PIL RGB image
+    gps: tuple[float, float] | None  # (lat, lon) from EXIF
+
+
+def load_photo(path: Path, max_pixels: int = 100_000_000, draft: int = 1024) -> Photo | str:
+    """An RGB photo (EXIF orientation applied, transparency over white) and its EXIF GPS, or an error string."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
         return f"no such file: {path}"
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (1024, 1024))  # huge JPEGs decode at reduced scale
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return f"{path}: {w} x {h} pixels is over the limit of {max_pixels:,} (fetch.max_pixels)"
+                gps = _exif_gps(im)
+                im.draft("RGB", (draft, draft))  # huge JPEGs decode at reduced scale
+                return Photo(_to_rgb(ImageOps.exif_transpose(im)), gps)
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires at open for the largest ones
+        return f"{path}: over the limit of decodable pixels: {e}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         return f"cannot read {path}: {type(e).__name__}: {e}"
 
 
-class Predictor:
-    """A loaded checkpoint (and its embedded segmenter) that turns photos into ranked places."""
+def _to_rgb(im: Any) -> Any:
+    from PIL import Image
 
-    def __init__(self, ckpt: Path, device: str = "cpu") -> None:
-        from geoloc_cli.inference import CellSet
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale: stretch to 8 bits
+        a = np.asarray(im, dtype=np.float64)
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-9) * 255
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _exif_gps(im: Any) -> tuple[float, float] | None:
+    """(lat, lon) in degrees from the EXIF GPS IFD, or None when absent or malformed."""
+    try:
+        gps = im.getexif().get_ifd(GPS_IFD)
+        lat, lon = _dms(gps[2]), _dms(gps[4])
+        lat = -lat if str(gps.get(1, "N")).upper().startswith("S") else lat
+        lon = -lon if str(gps.get(3, "E")).upper().startswith("W") else lon
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError):
+        return None
+    return (lat, lon) if -90 <= lat <= 90 and -180 <= lon <= 180 and (lat, lon) != (0.0, 0.0) else None
+
+
+def _dms(v: Any) -> float:
+    d, m, s = (float(x) for x in v)
+    return d + m / 60 + s / 3600
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+class TorchModel:
+    """The checkpoint run with torch (and its embedded segmenter): the same preprocessing as ONNX."""
+
+    name = "torch"
+
+    def __init__(self, ckpt: Path, meta: dict[str, Any], device: str) -> None:
         from geoloc_cli.model import load_inference_checkpoint
 
         self.model, self.meta, seg_tensors = load_inference_checkpoint(ckpt, device)
-        self.device = self.model.heads[next(iter(self.model.heads))].weight.device
-        self.cells = CellSet.from_meta(self.meta["partitionings"])
-        self.spec = self.meta["spec"]
+        self.spec = meta["spec"]
+        self.device = next(self.model.parameters()).device
         self.segmenter = None
         if self.spec["seg_channels"]:
             from geoloc_cli.segmentation import Segmenter
 
-            self.segmenter = Segmenter.from_state(seg_tensors, self.meta["segmenter"], device=str(self.device))
+            self.segmenter = Segmenter.from_state(seg_tensors, self.meta["segmenter"], device=str(self.device),
+                                                  precision="fp32")
 
-    def __call__(self, images: list, top_k: int) -> list[dict[str, Any]]:
+    def probabilities(self, images: list[Any]) -> dict[str, np.ndarray]:
         import torch
         from PIL import Image
 
-        from geoloc_cli.data import transform
-        from geoloc_cli.inference import probabilities
-        from geoloc_cli.metrics import hierarchical_probs
+        from geoloc_cli.inference import probabilities, views
 
         maps = self.segmenter(images) if self.segmenter is not None else [None] * len(images)
-        xs, ss = zip(*(transform(im, Image.fromarray(m) if m is not None else None, self.spec["img_size"],
-                                 self.meta["preprocess"], False, None) for im, m in zip(images, maps, strict=True)),
-                     strict=True)
-        probs = probabilities(self.model, torch.stack(xs), torch.stack(ss), self.spec["seg_channels"],
-                              self.device, None)
-        cells = self.cells
-        hier = hierarchical_probs({n: probs[n] for n in cells.names}, cells.parents, cells.finest)
-        hier /= hier.sum(-1, keepdims=True)
-        out = []
-        for i in range(len(images)):
-            top = np.argsort(-hier[i])[:top_k]
-            out.append({
-                "top": [{"rank": r + 1, "lat": float(cells.lat[cells.finest][c]),
-                         "lon": float(cells.lon[cells.finest][c]), "cell": cells.hex_id[cells.finest][c],
-                         "probability": float(hier[i, c])} for r, c in enumerate(top)],
-                "scene": {SCENES[j] if len(probs["scene"][i]) == 3 else str(j): float(p)
-                          for j, p in enumerate(probs["scene"][i])} if "scene" in probs else {},
-            })
-        return out
+        pairs = [views(im, Image.fromarray(m) if m is not None else None, self.spec["img_size"],
+                       self.meta["preprocess"]) for im, m in zip(images, maps, strict=True)]
+        x = torch.from_numpy(np.concatenate([p[0] for p in pairs]))
+        s = torch.from_numpy(np.concatenate([p[1] for p in pairs]))
+        return probabilities(self.model, x, s, self.spec["seg_channels"], self.device, None)
+
+
+def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """(model with .probabilities(images), checkpoint metadata) for the chosen backend.
+
+    auto: ONNX Runtime when a current export sits beside the checkpoint and no GPU was asked for."""
+    from geoloc_cli.onnx_runtime import OnnxModel, export_status, read_meta
+
+    meta = read_meta(ckpt)
+    status = export_status(ckpt, meta)
+    if backend == "auto":
+        if status != "ok" and "different checkpoint" in status:
+            console.warn(f"{status}; using torch")
+        backend = "onnx" if status == "ok" and not device.startswith("cuda") else "torch"
+    if backend == "onnx":
+        if status != "ok":
+            raise InputError(f"predict.backend=onnx: {status}")
+        return OnnxModel(ckpt, meta), meta
+    from geoloc_cli.dist import resolve_device
+
+    return TorchModel(ckpt, meta, str(resolve_device(device))), meta
+
+
+# ------------------------------------------------------------------------------------------ run
 
 
 def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: bool = False,
-        batch_size: int = 16) -> int:
-    from geoloc_cli.dist import resolve_device
-
-    ckpt = Path(model) if model else DataRoot(cfg.root).run(cfg.train.run) / "model.safetensors"
-    predictor = Predictor(ckpt, str(resolve_device(cfg.runtime.device)))
-    files = collect(photos)
-    results: list[dict[str, Any]] = []
-    with console.progress("predict", len(files), unit="photo") as bar:
-        for s in range(0, len(files), batch_size):
-            chunk = files[s:s + batch_size]
-            loaded = [(f, load_photo(f)) for f in chunk]
-            ok = [(f, im) for f, im in loaded if not isinstance(im, str)]
-            preds = predictor([im for _, im in ok], cfg.predict.top_k) if ok else []
-            by_file = {str(f): p for (f, _), p in zip(ok, preds, strict=True)}
-            for f, im in loaded:
-                results.append({"file": str(f), **by_file.get(str(f), {"error": im})})
-            bar.advance(len(chunk))
+        fmt: str | None = None, map_path: Path | None = None, backend: str | None = None) -> int:
+    fmt = fmt or ("json" if as_json else "table")
+    if fmt not in FORMATS:
+        raise ConfigError(f"output format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if map_path is not None and Path(map_path).suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--map {map_path}: expected an .html file")
+    ckpt = Path(model) if model else Path(cfg.root) / "runs" / cfg.train.run / "model.safetensors"
+    net, meta = open_model(ckpt, backend or cfg.predict.backend, cfg.runtime.device)
+    results, maps = predict_files(net, meta, collect(photos), cfg.predict.top_k, cfg.predict.batch_size,
+                                  cfg.fetch.max_pixels)
     failed = sum("error" in r for r in results)
-    if as_json:
-        console.print_json(results)
-    else:
-        _show(results)
+    show(results, fmt)
+    if map_path is not None:
+        from geoloc_cli.store import write_text_atomic
+
+        write_text_atomic(Path(map_path), html_map(results, maps, meta))
+        console.info(f"wrote the map to {map_path}")
+    if failed:
+        console.warn(f"{failed} of {len(results)} photos failed")
     return failed
 
 
-def _show(results: list[dict[str, Any]]) -> None:
+def predict_files(net: Any, meta: dict[str, Any], files: list[Path], top_k: int, batch_size: int,
+                  max_pixels: int) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
+    """Per file a result ({"file", "top", "scene", "exif"?} or {"file", "error"}) and, for the map, the
+    (finest class indices, probabilities) of its most likely cells."""
+    from geoloc_cli import gazetteer
+    from geoloc_cli.inference import CellSet
+
+    cells = CellSet.from_meta(meta["partitionings"])
+    with ThreadPoolExecutor(1) as pool:  # read the place names while the first batch runs
+        names = pool.submit(gazetteer.load)
+        return _predict_batches(net, cells, files, top_k, batch_size, max_pixels, names)
+
+
+def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_size: int, max_pixels: int,
+                     names: Future) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
+    from geoloc_cli.inference import hierarchical_distribution, rank_places
+
+    results: list[dict[str, Any]] = []
+    maps: list[tuple[np.ndarray, np.ndarray] | None] = []
+    with console.progress("predict", len(files), unit="photo") as bar:
+        for s in range(0, len(files), batch_size):
+            chunk = files[s:s + batch_size]
+            loaded = [load_photo(f, max_pixels) for f in chunk]
+            ok = [i for i, p in enumerate(loaded) if isinstance(p, Photo)]
+            probs = net.probabilities([loaded[i].image for i in ok]) if ok else {}
+            ranked = rank_places(probs, cells, top_k) if ok else []
+            hier = hierarchical_distribution(probs, cells) if ok else np.zeros((0, 0))
+            for i, f in enumerate(chunk):
+                if i not in ok:
+                    results.append({"file": str(f), "error": loaded[i]})
+                    maps.append(None)
+                    continue
+                j = ok.index(i)
+                results.append(_describe(str(f), ranked[j], loaded[i].gps, names.result()))
+                order = np.argsort(-hier[j])[:500]
+                maps.append((order, hier[j][order]))
+            bar.advance(len(chunk))
+    return results, maps
+
+
+def _describe(file: str, ranked: dict[str, Any], gps: tuple[float, float] | None, places: Any) -> dict[str, Any]:
+    from geoloc_cli.geo import haversine_km
+
+    top = ranked["top"]
+    named = places.nearest([t["lat"] for t in top], [t["lon"] for t in top])
+    for t, p in zip(top, named, strict=True):
+        t["place"] = p
+    out = {"file": file, **ranked}
+    if gps is not None:
+        out["exif"] = {"lat": gps[0], "lon": gps[1], "place": places.nearest(*gps)[0],
+                       "error_km": round(float(haversine_km(gps[0], gps[1], top[0]["lat"], top[0]["lon"])), 1)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def show(results: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        console.print_json(results)
+    elif fmt == "csv":
+        _raw(to_csv(results))
+    elif fmt == "geojson":
+        _raw(json.dumps(to_geojson(results), indent=1) + "\n")
+    else:
+        _table(results)
+
+
+def _raw(text: str) -> None:
+    console.out.print(text, markup=False, highlight=False, emoji=False, end="")
+
+
+def _place_name(p: dict[str, Any]) -> str:
+    """'Paris, France'; with the distance when the nearest listed place is far (sea, desert, ice)."""
+    far = f" ({p['km']:,.0f} km away)" if p["km"] > 50 else ""
+    return f"{p['name']}, {p['country']}{far}"
+
+
+CSV_COLUMNS = ["file", "rank", "lat", "lon", "probability", "cell", "place", "country", "place_km", "scene",
+               "scene_probability", "true_lat", "true_lon", "error_km", "error"]
+
+
+def to_csv(results: list[dict[str, Any]]) -> str:
+    """One row per (photo, rank); a failed photo is one row with only file and error."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        if "error" in r:
+            w.writerow({"file": r["file"], "error": r["error"]})
+            continue
+        scene = max(r["scene"], key=r["scene"].get) if r["scene"] else ""
+        truth = r.get("exif", {})
+        for t in r["top"]:
+            w.writerow({"file": r["file"], "rank": t["rank"], "lat": t["lat"], "lon": t["lon"],
+                        "probability": f"{t['probability']:.6f}", "cell": t["cell"], "place": t["place"]["name"],
+                        "country": t["place"]["country"], "place_km": t["place"]["km"], "scene": scene,
+                        "scene_probability": f"{r['scene'][scene]:.4f}" if scene else "",
+                        "true_lat": truth.get("lat", ""), "true_lon": truth.get("lon", ""),
+                        "error_km": truth.get("error_km", "") if t["rank"] == 1 else ""})
+    return buf.getvalue()
+
+
+def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A FeatureCollection: a Point per candidate place (kind "prediction") and per EXIF location ("exif")."""
+    features = []
+    for r in results:
+        if "error" in r:
+            continue
+        for t in r["top"]:
+            features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [t["lon"], t["lat"]]},
+                             "properties": {"kind": "prediction", "file": r["file"], "rank": t["rank"],
+                                            "probability": t["probability"], "cell": t["cell"],
+                                            "place": _place_name(t["place"]), "scene": r["scene"]}})
+        if "exif" in r:
+            e = r["exif"]
+            features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [e["lon"], e["lat"]]},
+                             "properties": {"kind": "exif", "file": r["file"], "place": _place_name(e["place"]),
+                                            "error_km": e["error_km"]}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _table(results: list[dict[str, Any]]) -> None:
     rows = []
     for r in results:
         if "error" in r:
             console.error(r["error"])
             continue
-        scene = max(r["scene"], key=r["scene"].get) if r["scene"] else "-"
+        scene = max(r["scene"], key=r["scene"].get) if r["scene"] else ""
         for t in r["top"]:
-            rows.append((Path(r["file"]).name if t["rank"] == 1 else "", t["rank"], f"{t['lat']:.4f}",
-                         f"{t['lon']:.4f}", t["cell"], f"{100 * t['probability']:.1f}%",
-                         f"{scene} {100 * r['scene'][scene]:.0f}%" if t["rank"] == 1 and r["scene"] else ""))
+            first = t["rank"] == 1
+            rows.append((Path(r["file"]).name if first else "", t["rank"], f"{t['lat']:.4f}", f"{t['lon']:.4f}",
+                         _place_name(t["place"]), t["cell"], f"{100 * t['probability']:.1f}%",
+                         f"{scene} {100 * r['scene'][scene]:.0f}%" if first and scene else ""))
+        if "exif" in r:
+            e = r["exif"]
+            rows.append(("", "exif", f"{e['lat']:.4f}", f"{e['lon']:.4f}", _place_name(e["place"]), "",
+                         "", f"error {e['error_km']:,.0f} km"))
     if rows:
-        console.table("predictions", ["photo", "rank", "lat", "lon", "cell", "p", "scene"], rows)
+        from geoloc_cli.gazetteer import ATTRIBUTION
+
+        console.table("predictions", ["photo", "rank", "lat", "lon", "place", "cell", "p", "scene"], rows,
+                      caption=ATTRIBUTION)
+
+
+# ------------------------------------------------------------------------------------------ map
+
+
+def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any], max_photos: int = 50) -> str:
+    """A self-contained page (no network access needed): per photo two equirectangular SVGs, the world
+    and a close-up of the candidates, with its most likely cells shaded by probability (S2 cell
+    outlines), numbered top-k markers and the EXIF location. Grey dots are the gazetteer's places of
+    >= 200k inhabitants, for orientation: no coastlines are shipped."""
+    import html
+
+    from geoloc_cli import gazetteer
+
+    places = gazetteer.load()
+    big = places.population >= 200_000
+    # zero-length strokes with round caps: dots whose size follows the stroke width of each view
+    dots = "".join(f"M{x:.2f},{-y:.2f}h0" for x, y in zip(places.lon[big], places.lat[big], strict=True))
+    fine = meta["partitionings"]["names"][-1]
+    tokens = meta["partitionings"]["cells"][fine]["hex_id"]
+    sections = []
+    for r, m in list(zip(results, maps, strict=True))[:max_photos]:
+        title = html.escape(Path(r["file"]).name)
+        if "error" in r:
+            sections.append(f"<h2>{title}</h2><p>error: {html.escape(r['error'])}</p>")
+            continue
+        cells = _cell_paths(m, tokens)
+        svgs = [_svg(view, dots, cells, r) for view in [(-180.0, -90.0, 360.0), _close_up(r)]]
+        sections.append(f"<h2>{title}</h2><div style='display:flex;gap:1%'>{''.join(svgs)}</div>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>geoloc predictions</title></head>"
+            "<body style='font-family:sans-serif;max-width:1600px'><h1>geoloc predictions</h1>"
+            "<p>Left: the world; right: the candidates close up. Red shading: probability of each geo-cell "
+            "(hierarchical prediction, darker = more likely); numbered circles: the top-k candidates; green "
+            f"cross: the photo's EXIF location; grey dots: big cities. {html.escape(gazetteer.ATTRIBUTION)}</p>"
+            + "".join(sections) + "</body></html>\n")
+
+
+def _close_up(r: dict[str, Any], min_width: float = 8.0) -> tuple[float, float, float]:
+    """(x0, y0, width) of a 2:1 view box around the candidates and the EXIF location, with margins."""
+    pts = [(t["lon"], -t["lat"]) for t in r["top"]] + ([(r["exif"]["lon"], -r["exif"]["lat"])] if "exif" in r else [])
+    xs, ys = np.array(pts).T
+    w = min(max(np.ptp(xs) * 1.6, np.ptp(ys) * 4.0, min_width), 360.0)
+    return float(xs.min() + xs.max()) / 2 - w / 2, float(ys.min() + ys.max()) / 2 - w / 4, w
+
+
+def _svg(view: tuple[float, float, float], dots: str, cells: str, r: dict[str, Any]) -> str:
+    """One map: view = (x0, y0, width) in degrees (y = -latitude); line widths and markers scale with the
+    width, so they look the same in the world view and in a close-up."""
+    x0, y0, w = view
+    k = w / 360
+    lines = [f"M{x},-90V90" for x in range(-180, 181, 30)] + [f"M-180,{y}H180" for y in range(-90, 91, 30)]
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='{x0:.4f} {y0:.4f} {w:.4f} {w / 2:.4f}' width='49%'>"
+            f"<rect x='{x0:.4f}' y='{y0:.4f}' width='{w:.4f}' height='{w / 2:.4f}' fill='#dfe9f3'/>"
+            f"<path d='{''.join(lines)}' stroke='#fff' stroke-width='{0.4 * k:.4f}' fill='none'/>"
+            f"<path d='{dots}' stroke='#9a9a9a' stroke-width='{1.3 * k:.4f}' stroke-linecap='round'/>"
+            f"<g stroke-width='{0.25 * k:.4f}'>{cells}</g>{_markers(r, k)}</svg>")
+
+
+def _cell_paths(m: tuple[np.ndarray, np.ndarray], tokens: list[str]) -> str:
+    import html
+
+    from geoloc_cli import geo
+
+    idx, p = m
+    keep = p >= p[0] * 1e-3  # cells 1000x less likely than the best are invisible anyway
+    idx, p = idx[keep], p[keep]
+    try:
+        lat, lon = geo.cell_outlines(geo.from_token([tokens[i] for i in idx]), 3)
+    except ValueError:  # not S2 tokens (a hand-made checkpoint): no outlines to draw
+        return ""
+    lon = np.degrees(np.unwrap(np.radians(lon), axis=1))
+    out = []
+    for k in range(len(idx)):
+        d = "M" + "L".join(f"{x:.4f},{-y:.4f}" for x, y in zip(lon[k], lat[k], strict=True)) + "Z"
+        tip = html.escape(f"{tokens[idx[k]]}: {100 * p[k]:.2f}%")
+        out.append(f"<path d='{d}' fill-opacity='{0.15 + 0.75 * p[k] / p[0]:.3f}'><title>{tip}</title></path>")
+    return f"<g fill='#d62728' stroke='#7f1010'>{''.join(out)}</g>"
+
+
+def _markers(r: dict[str, Any], scale: float = 1.0) -> str:
+    """Numbered circles for the candidates (rank 1 on top) and a cross for the EXIF location; `scale`
+    is the view's width / 360, so markers keep their size on screen."""
+    import html
+
+    rad, sw, fs = 3.2 * scale, 0.4 * scale, 3.6 * scale
+    out = []
+    for t in reversed(r["top"]):
+        tip = html.escape(f"#{t['rank']} {_place_name(t['place'])}: {100 * t['probability']:.1f}%")
+        x, y = t["lon"], -t["lat"]
+        out.append(f"<g><title>{tip}</title><circle cx='{x:.4f}' cy='{y:.4f}' r='{rad:.4f}' fill='#fff' "
+                   f"stroke='#000' stroke-width='{sw:.4f}'/><text x='{x:.4f}' y='{y + fs * 0.38:.4f}' "
+                   f"font-size='{fs:.4f}' text-anchor='middle'>{t['rank']}</text></g>")
+    if "exif" in r:
+        e = r["exif"]
+        x, y, a = e["lon"], -e["lat"], 2 * scale
+        tip = html.escape(f"EXIF: {_place_name(e['place'])}, error {e['error_km']:,.0f} km")
+        out.append(f"<g><title>{tip}</title><path d='M{x - a:.4f},{y - a:.4f}L{x + a:.4f},{y + a:.4f}"
+                   f"M{x - a:.4f},{y + a:.4f}L{x + a:.4f},{y - a:.4f}' stroke='#2ca02c' "
+                   f"stroke-width='{0.8 * scale:.4f}'/></g>")
+    return "".join(out)

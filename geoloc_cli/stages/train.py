@@ -295,6 +295,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if info.main:
                 _write_epoch(plan.run_dir, record, eval_model, cells, cfg, is_best)
             _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch + 1, {})
+        if info.main:
+            _export_onnx(plan.run_dir / "model.safetensors")
         dist.barrier()
         return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
                 "param_sum": _checksum(model), "ema_sum": _checksum(ema.module) if ema is not None else None}
@@ -439,6 +441,19 @@ def _write_epoch(run_dir: Path, record: dict[str, Any], model, cells, cfg: Confi
     export_checkpoint(run_dir / "last.safetensors", model, cells, cfg)
     if is_best:
         export_checkpoint(run_dir / "model.safetensors", model, cells, cfg)
+
+
+def _export_onnx(ckpt: Path) -> None:
+    """ONNX export of the best checkpoint, so `geoloc predict` runs without torch (skipped without onnx)."""
+    try:
+        import onnx  # noqa: F401 - only checks that the exporter's dependency is there
+    except ImportError:
+        console.warn("onnx is not installed: no ONNX export (pip install 'geoloc[train]')")
+        return
+    from geoloc_cli.export import export_onnx
+
+    files = export_onnx(ckpt)
+    console.info(f"exported {', '.join(f.name for f in files)} for torch-free prediction")
 
 
 def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
