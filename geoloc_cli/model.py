@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from geoloc_cli.errors import InputError
-
-CHECKPOINT_FORMAT = 1
+from geoloc_cli.store import CHECKPOINT_FORMAT, read_checkpoint_meta
 
 
 @dataclass
@@ -130,26 +129,6 @@ def save_inference_checkpoint(path: Path, model: GeoModel, meta: dict[str, Any],
     doc = {"format": CHECKPOINT_FORMAT, "spec": asdict(model.spec), "preprocess": model.data_config(), **meta}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata={"geoloc": json.dumps(doc)})
-
-
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The JSON metadata of an inference checkpoint, without loading the weights."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("geoloc")
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
-        raise InputError(f"{path} is not a safetensors checkpoint: {e}") from None
-    if raw is None:
-        raise InputError(f"{path} has no geoloc metadata: not a geoloc inference checkpoint")
-    doc = json.loads(raw)
-    if doc.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: checkpoint format {doc.get('format')} is not supported")
-    return doc
 
 
 def load_inference_checkpoint(path: Path, device: str = "cpu",

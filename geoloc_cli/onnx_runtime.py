@@ -57,23 +57,6 @@ def fingerprint(ckpt: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's JSON metadata, read with safetensors' numpy backend (torch-free)."""
-    from safetensors import safe_open
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise InputError(f"model checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            raw = (f.metadata() or {}).get("geoloc")
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
-        raise InputError(f"{path} is not a safetensors checkpoint: {e}") from None
-    if raw is None:
-        raise InputError(f"{path} has no geoloc metadata: not a geoloc inference checkpoint")
-    return json.loads(raw)
-
-
 def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     """'ok' when every file predict needs exists and matches the checkpoint, else why not (one line)."""
     net, seg = onnx_paths(ckpt)

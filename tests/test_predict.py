@@ -94,8 +94,9 @@ def predict(*args: str):
 
 def test_onnx_export_gives_the_torch_top_k(ckpt, photos):
     from geoloc_cli.inference import CellSet, rank_places
-    from geoloc_cli.onnx_runtime import OnnxModel, read_meta
+    from geoloc_cli.onnx_runtime import OnnxModel
     from geoloc_cli.stages.predict import TorchModel
+    from geoloc_cli.store import read_checkpoint_meta as read_meta
 
     meta = read_meta(ckpt)
     images = [Image.open(p).convert("RGB") for p in photos]
@@ -117,8 +118,9 @@ def test_onnx_export_gives_the_torch_top_k(ckpt, photos):
 @pytest.mark.parametrize("seg_channels, fusion", [(0, "late"), (150, "exchange")])
 def test_single_graph_exports_match_torch(tmp_path, photos, seg_channels, fusion):
     from geoloc_cli.export import export_onnx
-    from geoloc_cli.onnx_runtime import OnnxModel, read_meta
+    from geoloc_cli.onnx_runtime import OnnxModel
     from geoloc_cli.stages.predict import TorchModel
+    from geoloc_cli.store import read_checkpoint_meta as read_meta
 
     path = tiny_checkpoint(tmp_path / "model.safetensors", seg_channels=seg_channels, fusion=fusion)
     assert "model.rgb.onnx" not in [p.name for p in export_onnx(path)]

@@ -140,7 +140,8 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     """(model with .probabilities(images), checkpoint metadata) for the chosen backend.
 
     auto: ONNX Runtime when a current export sits beside the checkpoint and no GPU was asked for."""
-    from geoloc_cli.onnx_runtime import OnnxModel, export_status, read_meta
+    from geoloc_cli.onnx_runtime import OnnxModel, export_status
+    from geoloc_cli.store import read_checkpoint_meta as read_meta
 
     meta = read_meta(ckpt)
     status = export_status(ckpt, meta)
