@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from loopback import LoopbackServer, bomb_jpeg, make_jpeg
 from PIL import Image
 from typer.testing import CliRunner
 
+from geoloc_cli import download
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.download import Options, process_image
@@ -131,6 +133,27 @@ def test_process_image_guards_and_resize():
     assert e.value.status == "decompression_bomb"
     _, w, h = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
     assert (w, h) == (300, 200)
+
+
+def test_workers_fork_only_without_other_threads(monkeypatch):
+    # A lone main thread cannot hold a lock at fork time; with a server thread around, a fork server is used.
+    monkeypatch.setattr(stage.threading, "active_count", lambda: 1)
+    assert stage.worker_context().get_start_method() == "fork"
+    monkeypatch.setattr(stage.threading, "active_count", lambda: 2)
+    assert stage.worker_context().get_start_method() == "forkserver"
+
+
+def test_worker_tuning_keeps_tls_verification():
+    download.warm_up()
+    ctx = download._ssl_context()
+    assert ctx is download._ssl_context(), "every transport must share one TLS context"
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    transports = download.Fetcher(Options(concurrency=32)).clients
+    assert len(transports) == 4
+    download._tune_httpcore()
+    import httpcore
+
+    assert httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES >= download.SOCKET_READ_BYTES
 
 
 def test_flickr_suffix_and_part_parsing():
