@@ -126,3 +126,12 @@ def test_ddp_two_gloo_processes_match_one_process(world):
     assert (root / "runs/two/model.safetensors").is_file()
     # only rank 0 writes: one record per epoch, not one per rank
     assert len((root / "runs/two/metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_corrupt_resume_state_is_a_clear_error(world):
+    cfg, root = world
+    broken = root / "runs/broken"
+    broken.mkdir(parents=True)
+    (broken / "resume.pt").write_bytes(b"not a checkpoint")
+    r = geoloc("train", "-c", str(cfg), "-q", "--resume", "--run", "broken")
+    assert r.exit_code == 1 and "cannot read resume state" in r.output and "Traceback" not in r.output

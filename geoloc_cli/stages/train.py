@@ -29,7 +29,7 @@ import pandas as pd
 from geoloc_cli import config as cfgmod
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_text_atomic
 
 SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}
@@ -138,6 +138,7 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
     if under_torchrun or world == 1:
         return [train(cfg, resume)]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # the same settings torchrun derives from --nnodes/--node-rank/--master-addr/--master-port
@@ -151,6 +152,10 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
         os.environ["CUDA_VISIBLE_DEVICES"] = _visible_devices(cfg.runtime.gpus)
     try:
         results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume)
+    except ChildFailedError as e:  # a worker's own error (and traceback) is in the failure record
+        rank, failure = min(e.failures.items())
+        msg = failure.message.get("message", failure.message) if isinstance(failure.message, dict) else failure.message
+        raise GeolocError(f"training process of rank {rank} failed (exit code {failure.exitcode}): {msg}") from None
     finally:
         if saved is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -498,7 +503,10 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
                  steps_per_epoch: int) -> dict[str, Any]:
     import torch
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise InputError(f"cannot read resume state {path}: {type(e).__name__}: {str(e)[:200]}") from None
     step, epoch = int(blob["step"]), int(blob["epoch"])
     if not epoch * steps_per_epoch <= step <= (epoch + 1) * steps_per_epoch:
         raise ConfigError(f"{path}: step {step} of epoch {epoch + 1} does not fit {steps_per_epoch} steps per "
