@@ -288,6 +288,9 @@ def export(
 ) -> None:
     """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
     from geoloc_cli import console
+    from geoloc_cli.errors import require
+
+    require("torch", "onnx")
     from geoloc_cli.export import export_onnx
 
     for path in export_onnx(ckpt, output):

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -44,17 +45,17 @@ def is_main() -> bool:
 
 def info(msg: str) -> None:
     if is_main():
-        err.print(msg)
+        err.print(msg, markup=False)
 
 
 def warn(msg: str) -> None:
     if is_main():
-        err.print(f"[yellow]warning:[/] {msg}")
+        err.print(f"[yellow]warning:[/] {escape(msg)}")
 
 
 def error(msg: str) -> None:
     # Errors print from every rank: a failing worker must be able to say why.
-    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
 
 
 def print_json(obj: Any) -> None:
@@ -72,7 +73,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], cap
     for name, sample in zip(columns, first, strict=False):
         t.add_column(name, justify="right" if isinstance(sample, int | float) else "left")
     for row in rows:
-        t.add_row(*(_fmt(v) for v in row))
+        t.add_row(*(Text(_fmt(v)) for v in row))  # cells are data (file names...), never markup
     out.print(t)
 
 
@@ -103,11 +104,6 @@ class Task:
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             total = f"/{self._total:.0f}" if self._total else ""
             err.print(f"{self._desc}: {self._done:.0f}{total} ({rate:.1f}/s) {extra}")
-
-    def set_total(self, total: float) -> None:
-        self._total = total
-        if self._progress is not None:
-            self._progress.update(self._id, total=total)
 
 
 @contextlib.contextmanager

@@ -21,3 +21,12 @@ class InputError(GeolocError):
     """A missing, unreadable or malformed input file; the message names the file (and row/column)."""
 
     exit_code = 1
+
+
+def require(*modules: str, extra: str = "train") -> None:
+    """Fail with an install hint when an optional dependency (e.g. torch on a predict-only install) is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GeolocError(f"this needs {', '.join(missing)}, which is not installed: pip install 'geoloc[{extra}]'")

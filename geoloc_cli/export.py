@@ -44,6 +44,7 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
     ckpt_path = Path(ckpt_path)
     model, meta, seg_tensors = load_inference_checkpoint(ckpt_path, "cpu")
     net_path, seg_path = onnx_paths(ckpt_path, out)
+    net_path.parent.mkdir(parents=True, exist_ok=True)
     stamp = {FINGERPRINT_KEY: fingerprint(ckpt_path)}
     spec = meta["spec"]
     size, channels = spec["img_size"], spec["seg_channels"]

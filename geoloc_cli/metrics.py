@@ -50,12 +50,6 @@ def hierarchical_probs(probs: dict[str, np.ndarray], hierarchy: dict[str, list[i
     return p
 
 
-def errors_km(pred_class: np.ndarray, centres_lat: np.ndarray, centres_lon: np.ndarray,
-              lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Great-circle error of predicting each image at its class's centre (the cell's mean location)."""
-    return haversine_km(centres_lat[pred_class], centres_lon[pred_class], lat, lon)
-
-
 def trivial_baseline(cell_sizes: np.ndarray, centres_lat: np.ndarray, centres_lon: np.ndarray,
                      lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Errors when always predicting the largest cell: the floor any trained model must beat."""

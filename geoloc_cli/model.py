@@ -12,6 +12,7 @@ metadata and the resolved config. Loading it runs no pickle and needs no other f
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,8 @@ def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
     try:  # timm's weights (Hugging Face hub); offline machines fall back to random init with a warning
         return timm.create_model(spec.backbone, pretrained=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - any download/IO failure means "not reachable"
-        from geoloc_cli import console
-
-        console.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init")
+        warnings.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init",
+                      stacklevel=2)
         return timm.create_model(spec.backbone, pretrained=False, **kwargs)
 
 

@@ -185,10 +185,6 @@ def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
     return dict(iter_shard(path))
 
 
-def decode_json(data: bytes) -> dict:
-    return json.loads(data.decode())
-
-
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The JSON metadata of an inference checkpoint, without loading the weights (and without torch)."""
     from safetensors import safe_open

@@ -461,7 +461,7 @@ def exif_latlon(path: Path) -> tuple[float, float] | None:
     try:
         with Image.open(path) as im:
             gps = im.getexif().get_ifd(0x8825)
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     try:
         lat = _dms(gps[2]) * (-1 if str(gps.get(1, "N")).upper().startswith("S") else 1)

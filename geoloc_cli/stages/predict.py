@@ -21,7 +21,7 @@ import numpy as np
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.errors import ConfigError, InputError, require
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = ("table", "json", "csv", "geojson")
@@ -153,6 +153,7 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
         if status != "ok":
             raise InputError(f"predict.backend=onnx: {status}")
         return OnnxModel(ckpt, meta), meta
+    require("torch", "timm")  # no current ONNX export: the torch path needs the training stack
     from geoloc_cli.dist import resolve_device
 
     return TorchModel(ckpt, meta, str(resolve_device(device))), meta

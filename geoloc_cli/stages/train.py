@@ -15,6 +15,7 @@ index), so the same weights come out as from an uninterrupted run (tested with k
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -468,10 +469,16 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
     meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": cfgmod.to_dict(cfg)}
     seg_tensors = None
     if cfg.model.seg_channels:
-        from geoloc_cli.segmentation import Segmenter
-
-        seg_tensors, meta["segmenter"] = Segmenter.from_name(cfg.segment.model, device="cpu").state()
+        seg_tensors, meta["segmenter"] = _segmenter_state(cfg.segment.model, cfg.segment.input_size)
     save_inference_checkpoint(path, model, meta, seg_tensors)
+
+
+@functools.cache
+def _segmenter_state(name: str, input_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The segmenter that made the training maps, same input size, built once per run for embedding."""
+    from geoloc_cli.segmentation import Segmenter
+
+    return Segmenter.from_name(name, device="cpu", input_size=input_size).state()
 
 
 def _rng_state(device) -> dict[str, Any]:
