@@ -140,6 +140,10 @@ def load_inference_checkpoint(path: Path, device: str = "cpu",
     tensors = load_file(str(path), device="cpu")
     model = GeoModel(ModelSpec(**meta["spec"]), pretrained="none")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: weights do not match the model described in its metadata: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     seg = {k[len("segmenter."):]: v for k, v in tensors.items() if k.startswith("segmenter.")}
     return model.to(device).eval(), meta, seg

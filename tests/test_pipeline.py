@@ -135,3 +135,10 @@ def test_corrupt_resume_state_is_a_clear_error(world):
     (broken / "resume.pt").write_bytes(b"not a checkpoint")
     r = geoloc("train", "-c", str(cfg), "-q", "--resume", "--run", "broken")
     assert r.exit_code == 1 and "cannot read resume state" in r.output and "Traceback" not in r.output
+
+
+def test_resume_with_a_changed_model_is_a_clear_error(world):
+    cfg, root = world
+    r = geoloc("train", "-c", str(cfg), "-q", "--resume", "--set", "model.overrides.depth=2")
+    out = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 2 and "does not fit the configured model" in out and "Traceback" not in out

@@ -518,7 +518,11 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
     if not epoch * steps_per_epoch <= step <= (epoch + 1) * steps_per_epoch:
         raise ConfigError(f"{path}: step {step} of epoch {epoch + 1} does not fit {steps_per_epoch} steps per "
                           "epoch: resume with the train.batch_size and dataset the run started with")
-    model.load_state_dict(blob["model"])
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:  # shapes or names differ: the model config changed since the run started
+        raise ConfigError(f"{path} does not fit the configured model (model.* changed since the run started?): "
+                          f"{' '.join(str(e).split())[:300]}") from None
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
