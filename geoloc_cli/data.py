@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from geoloc_cli.errors import InputError
-
-SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
+from geoloc_cli.inference import SEG_IGNORE
+from geoloc_cli.store import seg_shard_for
 
 
 def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
@@ -84,7 +84,7 @@ def locate(rows: pd.DataFrame, shards_dir: Path, seg_dir: Path | None) -> pd.Dat
     cols = {c: np.zeros(len(rows), dtype=np.int64) for c in ("img_off", "img_len", "seg_off", "seg_len")}
     for shard, idx in rows.groupby("shard").indices.items():
         img = tar_offsets(shards_dir / shard)
-        seg = tar_offsets(seg_dir / shard.replace("images-", "seg-", 1)) if seg_dir is not None else {}
+        seg = tar_offsets(seg_dir / seg_shard_for(shard)) if seg_dir is not None else {}
         for i in idx:
             key = rows.at[i, "key"]
             if key not in img or "jpg" not in img[key]:
@@ -172,7 +172,7 @@ class GeoDataset(torch.utils.data.Dataset):
         img = open_image(data, self.size)
         seg = None
         if self.seg_dir is not None and r["seg_len"] > 0:
-            seg_path = os.path.join(self.seg_dir, r["shard"].replace("images-", "seg-", 1))
+            seg_path = os.path.join(self.seg_dir, seg_shard_for(r["shard"]))
             seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
         x, s = transform(img, seg, self.size, self.pre, self.train, rng)

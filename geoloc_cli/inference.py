@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 HIER = "hierarchical"
 SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
-SEG_IGNORE = 255  # class-map value for "no map" (as data.SEG_IGNORE): encoded as zeros
+SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
 MULTICROP_PCT = 0.875  # five/ten-crop side as a fraction of the shorter side (Resize(256) + FiveCrop(224))
 
 

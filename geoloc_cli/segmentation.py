@@ -93,7 +93,7 @@ def encode_seg(class_map: np.ndarray, channels: int) -> np.ndarray:
 def encode_seg_torch(class_maps: torch.Tensor, channels: int) -> torch.Tensor:
     """Batched encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32.
 
-    Values >= 150 (data.SEG_IGNORE: the image had no map) become all-zero pixels."""
+    Values >= 150 (inference.SEG_IGNORE: the image had no map) become all-zero pixels."""
     import torch
 
     valid = (class_maps.long() < NUM_CLASSES).unsqueeze(1)  # e.g. 255 = no map: encoded as zeros

@@ -29,13 +29,21 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
+from geoloc_cli.inference import SCENES3
 from geoloc_cli.metrics import accuracy, trivial_baseline
-from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_bytes_atomic, write_json_atomic
+from geoloc_cli.store import (
+    OK,
+    DataRoot,
+    atomic_path,
+    read_parquet,
+    seg_shard_for,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
 PRESETS = ("im2gps", "im2gps3k", "yfcc4k", "yfcc25600")
-SCENES3 = ("indoor", "natural", "urban")
 
 
 # --------------------------------------------------------------------------- predictions files
@@ -133,7 +141,7 @@ def _crop_dataset(base: type) -> type:
                                               int(r["img_len"])), self.size)
             seg = None
             if self.seg_dir is not None and r["seg_len"] > 0:
-                seg_path = os.path.join(self.seg_dir, r["shard"].replace("images-", "seg-", 1))
+                seg_path = os.path.join(self.seg_dir, seg_shard_for(r["shard"]))
                 seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
             x, s = views(img, seg, self.size, self.pre, self.crops)
             return {"image": torch.from_numpy(x), "seg": torch.from_numpy(s), "index": i,
