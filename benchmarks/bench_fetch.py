@@ -132,6 +132,12 @@ def _tree_cpu(root_pid: int, seen: dict[int, float]) -> None:
 LAST_CPU: dict[str, float] = {}
 
 
+def proc_cpu(pid: int) -> float:
+    """utime+stime (s) of one process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     """Wall seconds of `cmd`; its CPU seconds (whole process tree, sampled) go to LAST_CPU["cpu"]."""
     t0 = time.perf_counter()
@@ -262,11 +268,13 @@ def main() -> None:
         tools = [("geoloc", run_geoloc)] + ([] if args.skip_img2dataset else [("img2dataset", run_img2dataset)])
         for r in range(args.rounds):
             for tool, fn in tools:
+                server_cpu = proc_cpu(server.pid)
                 dt, n, size = fn(urls, args.processes, work)
+                server_ms = 1000 * (proc_cpu(server.pid) - server_cpu) / max(n, 1)
                 rates[tool].append(n / dt)
                 cpu_ms = 1000 * LAST_CPU["cpu"] / max(n, 1)
                 print(f"round {r + 1}: {tool:<12} {n} images in {dt:6.2f} s = {n / dt:6.1f} images/s, "
-                      f"~{cpu_ms:.1f} CPU ms/image (stored {size[0]}x{size[1]})" if size
+                      f"~{cpu_ms:.1f} CPU ms/image, server {server_ms:.1f} (stored {size[0]}x{size[1]})" if size
                       else f"{tool}: no images stored", flush=True)
         med = {t: float(np.median(v)) for t, v in rates.items() if v}
         for t, v in med.items():

@@ -34,10 +34,17 @@ from typing import Any
 
 import httpx
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard
+from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
+
+try:  # the fast path of process_image; without them (no wheel for the platform) Pillow does it all
+    import cv2 as _cv2
+    import simplejpeg as _simplejpeg
+except ImportError:
+    _cv2 = _simplejpeg = None
 
 # Pillow imports its common format plugins on the first Image.open; doing it here does it once in the
 # parent, before the workers are forked, instead of once per worker on the hot path.
@@ -112,7 +119,9 @@ def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     """Decode, orient, convert to RGB, resize (shorter side = opts.resize_shorter), encode JPEG.
 
     The declared size is checked before any pixel is decoded (decompression-bomb guard), and JPEGs are
-    decoded at a reduced scale with `draft` when the target is much smaller (the cheap path).
+    decoded at a reduced scale (libjpeg's DCT scaling) when the target is much smaller. Plain JPEGs
+    take the OpenCV path when it is installed (its SIMD resize is ~4x cheaper than Pillow's); anything
+    else, and anything OpenCV cannot vouch for, takes the Pillow path.
     """
     try:
         with warnings.catch_warnings():
@@ -125,6 +134,50 @@ def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     w, h = im.size
     if w <= 0 or h <= 0 or w * h > opts.max_pixels:
         raise ItemFailure("decompression_bomb", f"declared size {w}x{h} exceeds {opts.max_pixels} pixels")
+    if _cv2 is not None and _plain_jpeg(im, data):
+        out = _process_fast(data, w, h, opts)
+        if out is not None:
+            return out
+    return _process_pillow(im, opts)
+
+
+def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
+    """A complete (ends with EOI), upright, YCbCr/RGB JPEG: the case the fast path decodes like Pillow.
+    A cut file is only a warning to libjpeg; Pillow's path reports it as truncated."""
+    return (im.format == "JPEG" and im.mode == "RGB" and data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9")
+            and im.getexif().get(0x0112, 1) == 1)
+
+
+def _process_fast(data: bytes, w: int, h: int, opts: Options) -> tuple[bytes, int, int] | None:
+    """simplejpeg decodes at the smallest DCT scale (1/8 steps) that still covers the target (~10% faster
+    than Pillow's draft, ~2x OpenCV's decoder); OpenCV resizes (SIMD, ~5x Pillow) and encodes."""
+    cv2, target = _cv2, opts.resize_shorter
+    scaled = bool(target) and target < min(w, h)
+    tw, th = _target_size(w, h, target) if scaled else (w, h)
+    try:
+        a = _simplejpeg.decode_jpeg(data, colorspace="BGR", min_width=tw, min_height=th)
+    except ValueError:
+        return None  # let Pillow name the problem
+    if target:
+        h, w = a.shape[:2]
+        size = _target_size(w, h, target)
+        if size != (w, h):
+            # After DCT scaling the remaining factor is below 2 (bilinear sees every pixel); larger
+            # factors (images > 8x the target) need area averaging to avoid aliasing.
+            interp = cv2.INTER_AREA if min(w, h) >= 2 * target else cv2.INTER_LINEAR
+            a = cv2.resize(a, size, interpolation=interp)
+    ok, buf = cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
+    assert ok, "JPEG encoding of a decoded image cannot fail"
+    return buf.tobytes(), a.shape[1], a.shape[0]
+
+
+def _target_size(w: int, h: int, target: int) -> tuple[int, int]:
+    s = target / min(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _process_pillow(im: Image.Image, opts: Options) -> tuple[bytes, int, int]:
+    w, h = im.size
     target = opts.resize_shorter
     if im.format == "JPEG" and target:
         scale = target / min(w, h)
@@ -142,9 +195,7 @@ def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ItemFailure("corrupt", f"cannot decode: {e}") from None
     if target:
-        w, h = im.size
-        s = target / min(w, h)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
+        size = _target_size(*im.size, target)
         if size != im.size:
             im = im.resize(size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
@@ -363,7 +414,16 @@ def _row(job: dict[str, Any], i: int, shard: str) -> dict[str, Any]:
 
 
 def _nan_to_none(v: Any) -> Any:
-    return None if isinstance(v, float) and math.isnan(v) else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Manifest rows as an Arrow table, built by Arrow's JSON reader: pa.array() on Python objects
+    imports pandas (pyarrow 26), ~0.4 s of CPU per worker process, taken while the GIL stalls its
+    downloads."""
+    lines = "".join(json.dumps({k: _nan_to_none(v) for k, v in r.items()}) + "\n" for r in rows)
+    opts = pa_json.ParseOptions(explicit_schema=MANIFEST_SCHEMA, unexpected_field_behavior="error")
+    return pa_json.read_json(io.BytesIO(lines.encode()), parse_options=opts)
 
 
 async def run_shard(fetcher: Fetcher, job: dict[str, Any], report: Any) -> Counter:
@@ -380,7 +440,7 @@ async def run_shard(fetcher: Fetcher, job: dict[str, Any], report: Any) -> Count
     if job.get("retry"):
         kept = dict(iter_shard(tar_path)) if tar_path.is_file() else {}
         if part_path.is_file():
-            old = {r["key"]: r for r in pq.read_table(part_path).to_pylist()}
+            old = {r["key"]: r for r in read_table(part_path).to_pylist()}
     images: dict[str, tuple[bytes, bytes]] = {}
 
     async def one(row: dict[str, Any]) -> None:
@@ -434,8 +494,7 @@ def _write_shard(tar_path: Path, part_path: Path, rows: list[dict[str, Any]],
             if row["key"] in images:
                 jpg, meta = images[row["key"]]
                 w.add(row["key"], {"jpg": jpg, "json": meta})
-    table = pa.Table.from_pylist([{k: _nan_to_none(v) for k, v in r.items()} for r in rows],
-                                 schema=MANIFEST_SCHEMA)
+    table = manifest_table(rows)
     with atomic_path(part_path) as tmp:
         pq.write_table(table, tmp)
 
@@ -457,6 +516,8 @@ def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
         # blocks removes that; pixels are the same.
         Image.core.set_blocks_max(PILLOW_BLOCKS_CACHED)
     _tune_httpcore()
+    if _cv2 is not None:
+        _cv2.setNumThreads(1)  # one worker process per core already; OpenCV's own threads would contend
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_worker(opts, jobs, events, parent_pid))
 

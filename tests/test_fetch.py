@@ -135,6 +135,68 @@ def test_process_image_guards_and_resize():
     assert (w, h) == (300, 200)
 
 
+def _pixels(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.float32)
+
+
+def test_opencv_and_pillow_paths_agree(monkeypatch):
+    pytest.importorskip("cv2")
+    opts = Options(resize_shorter=320)
+    for w, h in [(1024, 768), (3000, 2000), (500, 400), (200, 300)]:  # DCT scale 1/2, 1/4, 1, upscaling
+        src = make_jpeg(w, h)
+        fast = process_image(src, opts)
+        monkeypatch.setattr(download, "_cv2", None)
+        slow = process_image(src, opts)
+        monkeypatch.undo()
+        assert fast[1:] == slow[1:], (w, h)
+        assert np.abs(_pixels(fast[0]) - _pixels(slow[0])).mean() < 3, (w, h)  # same image, both in RGB order
+
+
+def test_pillow_handles_what_opencv_would_get_wrong():
+    opts = Options(resize_shorter=320)
+    whole = make_jpeg(1024, 768)
+    with pytest.raises(download.ItemFailure) as e:  # libjpeg alone would return a grey-filled image
+        process_image(whole[: len(whole) * 2 // 3], opts)
+    assert e.value.status == "truncated"
+    im = Image.open(io.BytesIO(whole))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored sideways, shown rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    _, w, h = process_image(buf.getvalue(), opts)
+    assert (w, h) == (320, 427)
+
+
+def test_manifest_table_keeps_every_value():
+    row = {name: None for name in download.MANIFEST_SCHEMA.names}
+    row.update(key="000000001", id='a "quoted",\nid', url="http://x/é.jpg", lat=float("nan"),
+               lon=float("inf"), status="ok", bytes=2**40, width=427, S3_Label=2, Prob_urban=0.25)
+    table = download.manifest_table([row, {**row, "key": "000000002", "status": "http_404"}])
+    assert table.schema == download.MANIFEST_SCHEMA
+    got = table.to_pylist()[0]
+    assert got == {**row, "lat": None, "lon": None}
+    assert table.column("status").to_pylist() == ["ok", "http_404"]
+
+
+def test_list_reading_chunks_exactly_and_names_bad_rows(tmp_path):
+    n = 120_000  # > one 4 MB read block, so chunks are cut across Arrow batches
+    big = write_list(tmp_path / "big.csv", [(f"id{i:06d}", f"http://h/{i}_{'x' * 30}.jpg") for i in range(n)])
+    chunks = list(stage.read_list_chunks(big, 50_000))
+    assert [len(c) for c in chunks] == [50_000, 50_000, 20_000]
+    ids = [i for c in chunks for i in c.column("id").to_pylist()]
+    assert ids == [f"id{i:06d}" for i in range(n)] and stage.count_rows(big) == n
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('007,"http://h/a,b.jpg"\nNA,http://h/c.jpg\n')
+    (table,) = stage.read_list_chunks(quoted, 10)
+    assert table.to_pylist() == [{"id": "007", "url": "http://h/a,b.jpg"}, {"id": "NA", "url": "http://h/c.jpg"}]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,http://h/a.jpg\nb,http://h/b.jpg,extra\n")
+    with pytest.raises(InputError, match="bad.csv.*malformed URL list"):
+        stage.count_rows(bad)
+    with pytest.raises(InputError, match="not found"):
+        stage.count_rows(tmp_path / "missing.csv")
+
+
 def test_workers_fork_only_without_other_threads(monkeypatch):
     # A lone main thread cannot hold a lock at fork time; with a server thread around, a fork server is used.
     monkeypatch.setattr(stage.threading, "active_count", lambda: 1)
