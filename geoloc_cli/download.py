@@ -43,6 +43,11 @@ from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_tabl
 try:  # the fast path of process_image; without them (no wheel for the platform) Pillow does it all
     import cv2 as _cv2
     import simplejpeg as _simplejpeg
+
+    # Fetch runs one worker process per core, so OpenCV's own threads would only contend. Set at import,
+    # before any OpenCV call can start its thread pool: a process forked from one with a running pool
+    # deadlocks in OpenCV.
+    _cv2.setNumThreads(1)
 except ImportError:
     _cv2 = _simplejpeg = None
 
@@ -516,8 +521,6 @@ def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
         # blocks removes that; pixels are the same.
         Image.core.set_blocks_max(PILLOW_BLOCKS_CACHED)
     _tune_httpcore()
-    if _cv2 is not None:
-        _cv2.setNumThreads(1)  # one worker process per core already; OpenCV's own threads would contend
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_worker(opts, jobs, events, parent_pid))
 

@@ -141,6 +141,7 @@ def _pixels(jpeg: bytes) -> np.ndarray:
 
 def test_opencv_and_pillow_paths_agree(monkeypatch):
     pytest.importorskip("cv2")
+    assert download._cv2.getNumThreads() == 1, "OpenCV's thread pool in a parent deadlocks forked workers"
     opts = Options(resize_shorter=320)
     for w, h in [(1024, 768), (3000, 2000), (500, 400), (200, 300)]:  # DCT scale 1/2, 1/4, 1, upscaling
         src = make_jpeg(w, h)
