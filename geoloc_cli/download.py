@@ -38,6 +38,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from geoloc_cli.photo import ORIENTATION, to_rgb
 from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
 
 try:  # the fast path of process_image; without them (no wheel for the platform) Pillow does it all
@@ -150,7 +151,7 @@ def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
     """A complete (ends with EOI), upright, YCbCr/RGB JPEG: the case the fast path decodes like Pillow.
     A cut file is only a warning to libjpeg; Pillow's path reports it as truncated."""
     return (im.format == "JPEG" and im.mode == "RGB" and data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9")
-            and im.getexif().get(0x0112, 1) == 1)
+            and im.getexif().get(ORIENTATION, 1) == 1)
 
 
 def _process_fast(data: bytes, w: int, h: int, opts: Options) -> tuple[bytes, int, int] | None:
@@ -190,10 +191,10 @@ def _process_pillow(im: Image.Image, opts: Options) -> tuple[bytes, int, int]:
             im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
     try:
         im.load()
-        orientation = im.getexif().get(0x0112, 1)
+        orientation = im.getexif().get(ORIENTATION, 1)
         if orientation != 1:  # phones store rotation as a tag; stored images are upright
             im = ImageOps.exif_transpose(im)
-        im = _to_rgb(im)
+        im = to_rgb(im)
     except OSError as e:
         status = "truncated" if "truncated" in str(e) else "corrupt"
         raise ItemFailure(status, f"cannot decode: {e}") from None
@@ -206,17 +207,6 @@ def _process_pillow(im: Image.Image, opts: Options) -> tuple[bytes, int, int]:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=opts.jpeg_quality)
     return buf.getvalue(), im.size[0], im.size[1]
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")  # composite transparency on white, not black
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return im.convert("RGB")
 
 
 def _sniff(data: bytes) -> str:

@@ -346,10 +346,11 @@ def test_folder_import_reads_exif_gps(tmp_path):
     _gps_jpeg(photos / "paris.jpg", (48.0, 51.0, 29.0), (2.0, 17.0, 40.0))
     _gps_jpeg(photos / "sub" / "rio.jpg", (22.0, 54.0, 0.0), (43.0, 12.0, 0.0), ("S", "W"))
     _gps_jpeg(photos / "nogps.jpg", None, None)
+    _gps_jpeg(photos / "nofix.jpg", (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))  # what a camera without a fix writes
     root = tmp_path / "root"
     out = stage.run(make_cfg(root), source=str(photos), name="trip")
     m = manifest(root, "trip").set_index("id")
-    assert out["trip"]["ok"] == 2 and m.loc["nogps.jpg", "status"] == "no_gps"
+    assert out["trip"]["ok"] == 2 and m.loc["nogps.jpg", "status"] == "no_gps" == m.loc["nofix.jpg", "status"]
     assert m.loc["paris.jpg", "lat"] == pytest.approx(48.858, abs=1e-3)
     assert m.loc["paris.jpg", "lon"] == pytest.approx(2.2944, abs=1e-3)
     assert m.loc["sub/rio.jpg", "lat"] == pytest.approx(-22.9) and m.loc["sub/rio.jpg", "lon"] == pytest.approx(-43.2)

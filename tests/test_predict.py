@@ -279,10 +279,10 @@ def test_bad_inputs_fail_one_by_one(ckpt, tmp_path):
 
 
 def test_alpha_is_composited_on_white():
-    from geoloc_cli.stages.predict import _to_rgb
+    from geoloc_cli.photo import to_rgb
 
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(_to_rgb(clear)).min() == 255
+    assert np.asarray(to_rgb(clear)).min() == 255
 
 
 def test_stale_or_missing_export(ckpt, photos, tmp_path):
@@ -304,7 +304,7 @@ def test_stale_or_missing_export(ckpt, photos, tmp_path):
 
 
 def test_exif_parsing_rejects_garbage():
-    from geoloc_cli.stages.predict import _dms
+    from geoloc_cli.photo import dms
 
-    assert _dms((10, 30, 36)) == pytest.approx(10.51)
-    assert math.isclose(_dms((0, 0, 0)), 0.0)
+    assert dms((10, 30, 36)) == pytest.approx(10.51)
+    assert math.isclose(dms((0, 0, 0)), 0.0)

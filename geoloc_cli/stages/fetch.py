@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from geoloc_cli import console
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, warm_up, worker_main
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.photo import exif_gps
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_table, shard_name, write_json_atomic, write_text_atomic
 
 PRESETS = ("mp16", "yfcc25600", "im2gps", "im2gps3k", "yfcc4k")
@@ -479,32 +480,20 @@ def summary_table(name: str, stats: dict[str, Any]) -> None:
 
 
 def exif_latlon(path: Path) -> tuple[float, float] | None:
-    """(lat, lon) from a photo's EXIF GPS block, or None when it has none."""
+    """(lat, lon) from a photo's EXIF GPS block, or None when it has none (or cannot be read)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            gps = im.getexif().get_ifd(0x8825)
+            return exif_gps(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    try:
-        lat = _dms(gps[2]) * (-1 if str(gps.get(1, "N")).upper().startswith("S") else 1)
-        lon = _dms(gps[4]) * (-1 if str(gps.get(3, "E")).upper().startswith("W") else 1)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
-        return None
-    if not (-90 <= lat <= 90 and -180 <= lon <= 180) or math.isnan(lat) or math.isnan(lon):
-        return None
-    return lat, lon
-
-
-def _dms(v: Any) -> float:
-    d, m, s = (float(x) for x in v)
-    return d + m / 60 + s / 3600
 
 
 def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, **kw: Any) -> dict[str, Any]:
     """Import local photos: lat/lon from EXIF GPS; photos without GPS are listed with status no_gps."""
     import pandas as pd
+
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -22,10 +22,10 @@ import numpy as np
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, InputError, require
+from geoloc_cli.photo import exif_gps, to_rgb
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = ("table", "json", "csv", "geojson")
-GPS_IFD = 0x8825
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -61,44 +61,13 @@ def load_photo(path: Path, max_pixels: int = 100_000_000, draft: int = 1024) -> 
                 w, h = im.size
                 if w * h > max_pixels:
                     return f"{path}: {w} x {h} pixels is over the limit of {max_pixels:,} (fetch.max_pixels)"
-                gps = _exif_gps(im)
+                gps = exif_gps(im)
                 im.draft("RGB", (draft, draft))  # huge JPEGs decode at reduced scale
-                return Photo(_to_rgb(ImageOps.exif_transpose(im)), gps)
+                return Photo(to_rgb(ImageOps.exif_transpose(im)), gps)
     except Image.DecompressionBombError as e:  # Pillow's own guard fires at open for the largest ones
         return f"{path}: over the limit of decodable pixels: {e}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         return f"cannot read {path}: {type(e).__name__}: {e}"
-
-
-def _to_rgb(im: Any) -> Any:
-    from PIL import Image
-
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale: stretch to 8 bits
-        a = np.asarray(im, dtype=np.float64)
-        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-9) * 255
-        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def _exif_gps(im: Any) -> tuple[float, float] | None:
-    """(lat, lon) in degrees from the EXIF GPS IFD, or None when absent or malformed."""
-    try:
-        gps = im.getexif().get_ifd(GPS_IFD)
-        lat, lon = _dms(gps[2]), _dms(gps[4])
-        lat = -lat if str(gps.get(1, "N")).upper().startswith("S") else lat
-        lon = -lon if str(gps.get(3, "E")).upper().startswith("W") else lon
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError):
-        return None
-    return (lat, lon) if -90 <= lat <= 90 and -180 <= lon <= 180 and (lat, lon) != (0.0, 0.0) else None
-
-
-def _dms(v: Any) -> float:
-    d, m, s = (float(x) for x in v)
-    return d + m / 60 + s / 3600
 
 
 # ------------------------------------------------------------------------------------------ backends
