@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from geoloc_cli.errors import InputError
-from geoloc_cli.inference import SEG_IGNORE
+from geoloc_cli.inference import crop_boxes, view
 from geoloc_cli.store import seg_shard_for
 
 
@@ -99,8 +99,7 @@ def crop_box(w: int, h: int, size: int, train: bool, rng: np.random.Generator | 
              crop_pct: float = 1.0) -> tuple[tuple[float, float, float, float], bool]:
     """(crop box in pixel coordinates, horizontal flip) - shared by the photo and its segmentation map."""
     if not train:
-        side = min(w, h) * crop_pct
-        return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), False
+        return crop_boxes(w, h, "center", crop_pct)[0]
     assert rng is not None
     for _ in range(10):  # RandomResizedCrop(scale=(0.35, 1), ratio=(3/4, 4/3))
         area = w * h * rng.uniform(0.35, 1.0)
@@ -119,23 +118,9 @@ def transform(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[st
 
     Returns (float image (3,S,S), uint8 class map (S,S); all SEG_IGNORE when there is no map).
     """
-    w, h = img.size
-    box, flip = crop_box(w, h, size, train, rng, pre.get("crop_pct", 1.0))
-    interp = Image.BICUBIC if pre.get("interpolation") == "bicubic" else Image.BILINEAR
-    img = img.resize((size, size), interp, box=box)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
-    std = torch.tensor(pre["std"]).view(3, 1, 1)
-    x = (x - mean) / std
-    if seg is not None:
-        sx, sy = seg.size[0] / w, seg.size[1] / h  # maps may be at a lower resolution than the photo
-        seg = seg.resize((size, size), Image.NEAREST, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
-        s = torch.from_numpy(np.array(seg, dtype=np.uint8))
-    else:
-        s = torch.full((size, size), SEG_IGNORE, dtype=torch.uint8)
-    if flip:
-        x, s = x.flip(-1), s.flip(-1)
-    return x, s
+    box, flip = crop_box(*img.size, size, train, rng, pre.get("crop_pct", 1.0))
+    x, s = view(img, seg, size, pre, box, flip)  # the same code evaluation and predict use
+    return torch.from_numpy(x), torch.from_numpy(s)
 
 
 def open_image(data: bytes, size_hint: int | None = None) -> Image.Image:

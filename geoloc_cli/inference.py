@@ -235,20 +235,6 @@ def views(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, A
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def encode_seg_np(class_maps: np.ndarray, channels: int) -> np.ndarray:
-    """numpy twin of segmentation.encode_seg_torch: (B, H, W) uint8 -> (B, C, H, W) float32, values
-    >= 150 (no map) as all-zero pixels."""
-    from geoloc_cli.segmentation import NUM_CLASSES, load_palette
-
-    valid = (class_maps < NUM_CLASSES)[:, None].astype(np.float32)
-    index = np.minimum(class_maps, NUM_CLASSES - 1)
-    if channels == 3:
-        palette = load_palette().astype(np.float32) / 255.0
-        return np.ascontiguousarray(palette[index].transpose(0, 3, 1, 2) * valid)
-    assert channels == NUM_CLASSES, channels
-    return (np.arange(NUM_CLASSES, dtype=np.uint8)[None, :, None, None] == index[:, None]) * valid
-
-
 def segmenter_input(images: list[Image.Image], pre: dict[str, Any]) -> np.ndarray:
     """Photos -> (B, 3, S, S) float32 as Segmenter.prepare + predict normalise them (bilinear resize)."""
     from PIL import Image

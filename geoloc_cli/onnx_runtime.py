@@ -3,7 +3,7 @@
 The files come from `geoloc export` (geoloc_cli.export): CKPT.onnx (the network), CKPT.seg.onnx (its
 segmenter) and CKPT.onnx.json; the checkpoint's fingerprint is in the JSON and in each model's
 metadata. Preprocessing is the numpy twin of the torch path (inference.views / segmenter_input /
-encode_seg_np), so both backends see the same inputs.
+segmentation.encode_seg), so both backends see the same inputs.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class OnnxModel:
         """Softmax probabilities per head for a batch of RGB photos (centre crop, as evaluation)."""
         from PIL import Image
 
-        from geoloc_cli.inference import encode_seg_np, views
+        from geoloc_cli.inference import views
+        from geoloc_cli.segmentation import encode_seg
 
         size, pre = self.spec["img_size"], self.meta["preprocess"]
         image = np.concatenate([views(im, None, size, pre)[0] for im in images])
@@ -145,7 +146,7 @@ class OnnxModel:
             maps = self.class_maps(images)
             seg = np.concatenate([views(im, Image.fromarray(m), size, pre)[1] for im, m in zip(images, maps,
                                                                                               strict=True)])
-            feed["seg"] = encode_seg_np(seg, self.spec["seg_channels"])
+            feed["seg"] = encode_seg(seg, self.spec["seg_channels"])
         if self._rgb is not None:
             feed["rgb_feature"] = feature.result()
         heads = [o.name for o in self.net.get_outputs()]

@@ -79,21 +79,22 @@ def class_names() -> list[str]:
 # ------------------------------------------------------------------------------------------- encodings
 
 
-def encode_seg(class_map: np.ndarray, channels: int) -> np.ndarray:
-    """Class map (H, W) uint8 -> model input (C, H, W) float32: 3 = palette colour / 255, 150 = one-hot."""
-    class_map = np.asarray(class_map)
-    _check_classes(class_map)
+def encode_seg(class_maps: np.ndarray, channels: int) -> np.ndarray:
+    """Class maps (B, H, W) uint8 -> model input (B, C, H, W) float32: 3 = palette colour / 255,
+    150 = one-hot; values >= 150 (inference.SEG_IGNORE: the image had no map) become all-zero pixels.
+    The numpy twin of encode_seg_torch, for torch-free inference."""
+    valid = (class_maps < NUM_CLASSES)[:, None].astype(np.float32)
+    index = np.minimum(class_maps, NUM_CLASSES - 1)
     if channels == 3:
-        return (load_palette().astype(np.float32) / 255.0)[class_map].transpose(2, 0, 1).copy()
+        palette = load_palette().astype(np.float32) / 255.0
+        return np.ascontiguousarray(palette[index].transpose(0, 3, 1, 2) * valid)
     if channels == NUM_CLASSES:
-        return (np.arange(NUM_CLASSES, dtype=np.uint8)[:, None, None] == class_map[None]).astype(np.float32)
+        return (np.arange(NUM_CLASSES, dtype=np.uint8)[None, :, None, None] == index[:, None]) * valid
     raise ConfigError(f"model.seg_channels: {channels} cannot encode a segmentation map (expected 3 or 150)")
 
 
 def encode_seg_torch(class_maps: torch.Tensor, channels: int) -> torch.Tensor:
-    """Batched encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32.
-
-    Values >= 150 (inference.SEG_IGNORE: the image had no map) become all-zero pixels."""
+    """encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32."""
     import torch
 
     valid = (class_maps.long() < NUM_CLASSES).unsqueeze(1)  # e.g. 255 = no map: encoded as zeros
