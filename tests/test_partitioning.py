@@ -269,6 +269,28 @@ def test_cli_use_published(tmp_path: Path, published, yfcc) -> None:
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_partitioning_rebuilt_keeps_the_others(tmp_path: Path, yfcc) -> None:
+    root, meta = tmp_path / "root", str(DATA / "yfcc25600_places365.csv")
+    assert _invoke("--input", meta, "--use-published", str(DATA), "--root", str(root)).exit_code == 0
+    out = root / "partitions" / "mp16"
+    before = pd.read_parquet(out / "labels.parquet")
+    result = _invoke("--cells", "fine", "--input", meta, "--root", str(root), "--set", "partition.tau_max.fine=500")
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "partitions.json").read_text())
+    assert list(info) == ["coarse", "middle", "fine"] and info["fine"]["tau_max"] == 500
+    labels = pd.read_parquet(out / "labels.parquet")
+    pd.testing.assert_frame_equal(labels[["IMG_ID", "coarse", "middle"]], before[["IMG_ID", "coarse", "middle"]])
+    fine = part.read_cells(out / info["fine"]["file"])
+    assert info["fine"]["file"].endswith("_500.csv") and info["fine"]["num_cells"] == len(fine)
+    np.testing.assert_array_equal(labels["fine"], part.assign_classes(yfcc.lat, yfcc.lon, fine))
+    assert set(part.load_hierarchy(root)) >= {"coarse", "middle"}  # rebuilt over all three
+    other = tmp_path / "other.csv"  # other images: the earlier partitionings cannot be kept
+    pd.read_csv(meta).head(500).to_csv(other, index=False)
+    result = _invoke("--cells", "fine", "--input", str(other), "--root", str(root))
+    assert result.exit_code == 0 and "replacing" in result.output
+    assert list(json.loads((out / "partitions.json").read_text())) == ["fine"]
+
+
 def test_cli_bad_input_writes_nothing(tmp_path: Path) -> None:
     meta = tmp_path / "meta.csv"
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,1,x\n")

@@ -7,6 +7,9 @@ the output directory (default <root>/partitions/<dataset>/):
   hierarchy.json            {order: [coarse..fine], classes: {name: class per fine cell}} (2+ partitionings)
   partitions.json           {name: {file, tau_min, tau_max, num_cells, ...}}, written last: later stages
                             find everything through it (geoloc_cli.partitioning.load_partitions)
+Partitionings an earlier run wrote to the same directory from the same images are kept (so
+`--cells fine` after `--cells all` rebuilds fine and keeps coarse and middle); from other images they
+are replaced, with a message.
 With --use-published DIR the cell tables are read from DIR instead of built. Every input is read and
 checked before anything is written, and each file is written atomically.
 """
@@ -63,6 +66,11 @@ def run(
         num_images = {name: len(points.lat) for name in built}
         console.info(f"built {len(built)} partitioning(s) ({time.perf_counter() - start:.1f} s)")
 
+    earlier = _earlier(out_dir, specs, points.img_id)
+    for name, (spec, table, column, n) in earlier.items():
+        specs, tables[name], labels[name], num_images[name] = {**specs, name: spec}, table, column, n
+    if earlier:  # coarse to fine, as --cells all writes them with the default config
+        specs = dict(sorted(specs.items(), key=lambda kv: -kv[1][1]))
     order = sorted(specs, key=lambda name: -specs[name][1])  # coarse (largest tau_max) to fine
     hierarchy = part.build_hierarchy(tables, order) if len(order) > 1 else None
     result = _write(out_dir, specs, tables, labels, num_images, points.img_id, order, hierarchy)
@@ -92,6 +100,29 @@ def _selected(cfg: Any, cells: str, tau_max: int | None) -> dict[str, tuple[int,
     if cells not in configured:
         raise ConfigError(f"--cells {cells!r}: expected all or one of {', '.join(configured)} (partition.tau_max)")
     return {cells: (tau_min, configured[cells])}
+
+
+def _earlier(out_dir: Path, specs: dict[str, tuple[int, int]], img_ids: np.ndarray) -> dict[str, tuple]:
+    """{name: ((tau_min, tau_max), cells, labels, num_images)} of the partitionings in out_dir that this
+    run does not rebuild, when they were built from the same images (same IMG_IDs, same order)."""
+    info_path, labels_path = out_dir / part.PARTITIONS_JSON, out_dir / part.LABELS_FILE
+    if not (info_path.is_file() and labels_path.is_file()):
+        return {}
+    info = json.loads(info_path.read_text())
+    keep = [name for name in info if name not in specs]
+    if not keep:
+        return {}
+    old = store.read_table(labels_path)
+    if old.column("IMG_ID").to_pylist() != img_ids.astype(str).tolist():
+        console.info(f"{out_dir}: replacing partitioning(s) {', '.join(keep)} built from other images")
+        return {}
+    found = {}
+    for name in keep:
+        e = info[name]
+        table = part.read_cells(out_dir / e["file"])
+        found[name] = ((e["tau_min"], e["tau_max"]), table, old.column(name).to_numpy(),
+                       table.attrs.get("num_images") or len(img_ids))
+    return found
 
 
 def _write(
