@@ -138,10 +138,17 @@ def load_inference_checkpoint(path: Path, device: str = "cpu",
 
     meta = read_checkpoint_meta(path)
     tensors = load_file(str(path), device="cpu")
-    model = GeoModel(ModelSpec(**meta["spec"]), pretrained="none")
+    spec = ModelSpec(**meta["spec"])
+    # Built on the meta device, the weights are then taken over from the file: random initialisation of
+    # a ViT-B pair costs ~15 s of CPU that loading would overwrite anyway.
+    with torch.device("meta"):
+        model = GeoModel(spec, pretrained="none")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state dicts
+            model = GeoModel(spec, pretrained="none")
+            model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not match the model described in its metadata: "
                          f"{' '.join(str(e).split())[:300]}") from None
