@@ -104,7 +104,15 @@ class OnnxModel:
         self._net = self._pool.submit(self._session, ort, net_path, opts, expected)
         split = rgb_path(net_path).is_file() and self.spec["seg_channels"]
         self._rgb = self._pool.submit(self._session, ort, rgb_path(net_path), opts, expected) if split else None
-        self.seg = self._session(ort, seg_path, opts, expected) if self.spec["seg_channels"] else None
+        try:
+            self.seg = self._session(ort, seg_path, opts, expected) if self.spec["seg_channels"] else None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let the worker threads go: a load still running ends on its own, nothing waits for it."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def net(self) -> Any:

@@ -91,6 +91,9 @@ class TorchModel:
             self.segmenter = Segmenter.from_state(seg_tensors, self.meta["segmenter"], device=str(self.device),
                                                   precision="fp32")
 
+    def close(self) -> None:
+        """Nothing to release (OnnxModel has loader threads)."""
+
     def probabilities(self, images: list[Any]) -> dict[str, np.ndarray]:
         import torch
         from PIL import Image
@@ -140,8 +143,11 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
         raise ConfigError(f"--map {map_path}: expected an .html file")
     ckpt = Path(model) if model else Path(cfg.root) / "runs" / cfg.train.run / "model.safetensors"
     net, meta = open_model(ckpt, backend or cfg.predict.backend, cfg.runtime.device)
-    results, maps = predict_files(net, meta, collect(photos), cfg.predict.top_k, cfg.predict.batch_size,
-                                  cfg.fetch.max_pixels)
+    try:
+        results, maps = predict_files(net, meta, collect(photos), cfg.predict.top_k, cfg.predict.batch_size,
+                                      cfg.fetch.max_pixels)
+    finally:
+        net.close()
     failed = sum("error" in r for r in results)
     show(results, fmt)
     if map_path is not None:
