@@ -275,25 +275,31 @@ def predict(
 
 
 @app.command(
-    epilog="Examples:  geoloc export runs/default/model.safetensors  |  geoloc export ckpt.safetensors -o m.onnx"
+    epilog="Examples:  geoloc export  |  geoloc export runs/default/model.safetensors  |  "
+    "geoloc export ckpt.safetensors -o m.onnx"
 )
 @_handled
 def export(
-    ckpt: Annotated[Path, typer.Argument(help="Inference checkpoint (.safetensors).")],
+    ckpt: Annotated[Path | None, typer.Argument(help="Inference checkpoint (default: the run's best).")] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Network file (default: CKPT with suffix .onnx; "
                                   "predict finds only that one).")
     ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
     from geoloc_cli import console
     from geoloc_cli.errors import require
+    from geoloc_cli.store import DataRoot
 
+    cfg = _config(config, set_, root)
     require("torch", "onnx")
     from geoloc_cli.export import export_onnx
 
-    for path in export_onnx(ckpt, output):
+    for path in export_onnx(ckpt or DataRoot(cfg.root).model(cfg.train.run), output):
         console.info(f"wrote {path}")
 
 

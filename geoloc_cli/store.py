@@ -67,6 +67,10 @@ class DataRoot:
     def run(self, name: str) -> Path:
         return self.path / "runs" / name
 
+    def model(self, run: str) -> Path:
+        """The inference checkpoint a training run writes (its best weights)."""
+        return self.run(run) / "model.safetensors"
+
 
 def shard_name(i: int, prefix: str = "images") -> str:
     return f"{prefix}-{i:06d}.tar"

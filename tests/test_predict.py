@@ -303,6 +303,15 @@ def test_stale_or_missing_export(ckpt, photos, tmp_path):
     assert r.exit_code == 0 and len(json.loads(r.stdout)[0]["top"]) == 5
 
 
+def test_export_defaults_to_the_runs_checkpoint(ckpt, tmp_path):
+    run = tmp_path / "root" / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(ckpt.read_bytes())
+    r = runner.invoke(app, ["export", "--root", str(tmp_path / "root"), "--set", "train.run=mine"])
+    assert r.exit_code == 0, r.output
+    assert (run / "model.onnx").is_file() and (run / "model.onnx.json").is_file()
+
+
 def test_exif_parsing_rejects_garbage():
     from geoloc_cli.photo import dms
 

@@ -258,7 +258,7 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
             _table("predictions files", short, thresholds, first="file")
         return result
     models = [model] if isinstance(model, str | Path) else list(model or [])
-    ckpts = [Path(m) for m in models] or [DataRoot(cfg.root).run(cfg.train.run) / "model.safetensors"]
+    ckpts = [Path(m) for m in models] or [DataRoot(cfg.root).model(cfg.train.run)]
     names = datasets or cfg.evaluate.datasets
     per_model = {label: evaluate_model(cfg, ckpt, names, quiet_tables=as_json or len(ckpts) > 1)
                  for label, ckpt in zip(labels(ckpts), ckpts, strict=True)}

@@ -23,6 +23,7 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, InputError, require
 from geoloc_cli.photo import exif_gps, to_rgb
+from geoloc_cli.store import DataRoot
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = ("table", "json", "csv", "geojson")
@@ -141,7 +142,7 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
         raise ConfigError(f"output format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if map_path is not None and Path(map_path).suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--map {map_path}: expected an .html file")
-    ckpt = Path(model) if model else Path(cfg.root) / "runs" / cfg.train.run / "model.safetensors"
+    ckpt = Path(model) if model else DataRoot(cfg.root).model(cfg.train.run)
     net, meta = open_model(ckpt, backend or cfg.predict.backend, cfg.runtime.device)
     try:
         results, maps = predict_files(net, meta, collect(photos), cfg.predict.top_k, cfg.predict.batch_size,
