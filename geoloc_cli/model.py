@@ -131,6 +131,17 @@ def save_inference_checkpoint(path: Path, model: GeoModel, meta: dict[str, Any],
         save_file(tensors, str(tmp), metadata={"geoloc": json.dumps(doc)})
 
 
+def _empty_model(spec: ModelSpec) -> GeoModel:
+    """The model's structure on the meta device, to take its weights over from a file: randomly
+    initialising a ViT-B pair costs ~15 s of CPU that loading overwrites anyway. Architectures that need
+    real values while they are built get built normally."""
+    try:
+        with torch.device("meta"):
+            return GeoModel(spec, pretrained="none")
+    except (RuntimeError, NotImplementedError):
+        return GeoModel(spec, pretrained="none")
+
+
 def load_inference_checkpoint(path: Path, device: str = "cpu",
                               ) -> tuple[GeoModel, dict[str, Any], dict[str, torch.Tensor]]:
     """(model in eval mode, metadata, segmenter tensors) from an inference checkpoint."""
@@ -139,12 +150,9 @@ def load_inference_checkpoint(path: Path, device: str = "cpu",
     meta = read_checkpoint_meta(path)
     tensors = load_file(str(path), device="cpu")
     spec = ModelSpec(**meta["spec"])
-    # Built on the meta device, the weights are then taken over from the file: random initialisation of
-    # a ViT-B pair costs ~15 s of CPU that loading would overwrite anyway.
-    with torch.device("meta"):
-        model = GeoModel(spec, pretrained="none")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
+        model = _empty_model(spec)
         model.load_state_dict(state, strict=True, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state dicts
             model = GeoModel(spec, pretrained="none")

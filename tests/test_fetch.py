@@ -172,11 +172,12 @@ def test_manifest_table_keeps_every_value():
     row = {name: None for name in download.MANIFEST_SCHEMA.names}
     row.update(key="000000001", id='a "quoted",\nid', url="http://x/é.jpg", lat=float("nan"),
                lon=float("inf"), status="ok", bytes=2**40, width=427, S3_Label=2, Prob_urban=0.25)
-    table = download.manifest_table([row, {**row, "key": "000000002", "status": "http_404"}])
+    gone = {**row, "key": "000000002", "status": "io_error", "error": "no such file /p/\udce9t\u00e9.jpg"}
+    table = download.manifest_table([row, gone])
     assert table.schema == download.MANIFEST_SCHEMA
-    got = table.to_pylist()[0]
-    assert got == {**row, "lat": None, "lon": None}
-    assert table.column("status").to_pylist() == ["ok", "http_404"]
+    first, second = table.to_pylist()
+    assert first == {**row, "lat": None, "lon": None}
+    assert second["status"] == "io_error" and second["error"] == "no such file /p/?t\u00e9.jpg"
 
 
 def test_list_reading_chunks_exactly_and_names_bad_rows(tmp_path):

@@ -112,8 +112,11 @@ def _earlier(out_dir: Path, specs: dict[str, tuple[int, int]], img_ids: np.ndarr
     keep = [name for name in info if name not in specs]
     if not keep:
         return {}
+    import pyarrow as pa
+
     old = store.read_table(labels_path)
-    if old.column("IMG_ID").to_pylist() != img_ids.astype(str).tolist():
+    old_ids = old.column("IMG_ID").combine_chunks()
+    if not old_ids.equals(pa.array(img_ids.astype(str), old_ids.type)):
         console.info(f"{out_dir}: replacing partitioning(s) {', '.join(keep)} built from other images")
         return {}
     found = {}
