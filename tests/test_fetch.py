@@ -199,6 +199,24 @@ def test_list_reading_chunks_exactly_and_names_bad_rows(tmp_path):
         stage.count_rows(tmp_path / "missing.csv")
 
 
+def _stuck_worker(*args) -> None:
+    time.sleep(3600)  # a worker deadlocked in native code: alive, silent
+
+
+def test_a_stuck_worker_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(make_jpeg(64, 48))
+    urls = write_list(tmp_path / "l.csv", [("a", photo.as_uri())])
+    monkeypatch.setattr(stage, "worker_main", _stuck_worker)
+    monkeypatch.setattr(stage, "worker_context", lambda: mp.get_context("fork"))  # the patch reaches the child
+    t0 = time.monotonic()
+    with pytest.raises(InputError, match="stuck.*again to resume"):
+        stage.run(make_cfg(tmp_path / "root", "fetch.deadline=0.5"), urls=urls, name="s")
+    assert time.monotonic() - t0 < 15, "the stall must be noticed after a few deadlines, and the worker stopped"
+
+
 def test_workers_fork_only_without_other_threads(monkeypatch):
     # A lone main thread cannot hold a lock at fork time; with a server thread around, a fork server is used.
     monkeypatch.setattr(stage.threading, "active_count", lambda: 1)

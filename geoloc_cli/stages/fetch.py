@@ -33,6 +33,9 @@ from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.photo import exif_gps
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_table, shard_name, write_json_atomic, write_text_atomic
 
+# Every item ends within fetch.deadline once it has a slot, so when none has finished for this many
+# deadlines while work is queued, a worker is stuck (a deadlock in a native library, say).
+STALL_DEADLINES = 4
 PRESETS = ("mp16", "yfcc25600", "im2gps", "im2gps3k", "yfcc4k")
 _GH = "https://github.com/TIBHannover/GeoEstimation/releases/download"
 _RAW = "https://raw.githubusercontent.com"
@@ -379,14 +382,20 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     for w in workers:
         w.start()
     feed_error: list[BaseException] = []
-    feeder = threading.Thread(target=_feed, args=(jobs, job_q, processes, feed_error), daemon=True)
+    progress = [time.monotonic()]  # when an item last finished or a worker last took a job
+    feeder = threading.Thread(target=_feed, args=(jobs, job_q, processes, feed_error, progress), daemon=True)
     feeder.start()
     counts: Counter = Counter()
+    stall = STALL_DEADLINES * opts.deadline
     try:
         with console.progress(label, total=total, unit="img", ok=0, failed=0) as bar:
             done = 0
             while done < n_jobs:
+                if time.monotonic() - progress[0] > stall:
+                    raise InputError(f"no item finished for {stall:.0f} s ({STALL_DEADLINES} x fetch.deadline): a "
+                                     "fetch worker is stuck and was stopped; run the same command again to resume")
                 for ev in drain(events, 0.5):
+                    progress[0] = time.monotonic()
                     if ev[0] == "items":
                         counts.update(ev[1])
                         bar.advance(sum(ev[1].values()), ok=counts[OK], failed=sum(counts.values()) - counts[OK])
@@ -422,10 +431,12 @@ def worker_context() -> Any:
     return ctx
 
 
-def _feed(jobs: Iterator[dict[str, Any]], job_q: Any, processes: int, errors: list[BaseException]) -> None:
+def _feed(jobs: Iterator[dict[str, Any]], job_q: Any, processes: int, errors: list[BaseException],
+          progress: list[float]) -> None:
     try:
         for job in jobs:
-            job_q.put(job)
+            job_q.put(job)  # blocks until a worker has room for it
+            progress[0] = time.monotonic()
     except BaseException as e:  # reported by the main thread
         errors.append(e)
     for _ in range(processes):
