@@ -140,6 +140,8 @@ def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     w, h = im.size
     if w <= 0 or h <= 0 or w * h > opts.max_pixels:
         raise ItemFailure("decompression_bomb", f"declared size {w}x{h} exceeds {opts.max_pixels} pixels")
+    if opts.resize_shorter and math.prod(_target_size(w, h, opts.resize_shorter)) > opts.max_pixels:
+        raise ItemFailure("decompression_bomb", f"{w}x{h} would exceed {opts.max_pixels} pixels after resizing")
     if _cv2 is not None and _plain_jpeg(im, data):
         out = _process_fast(data, w, h, opts)
         if out is not None:
@@ -165,15 +167,15 @@ def _process_fast(data: bytes, w: int, h: int, opts: Options) -> tuple[bytes, in
     except ValueError:
         return None  # let Pillow name the problem
     if target:
-        h, w = a.shape[:2]
-        size = _target_size(w, h, target)
-        if size != (w, h):
+        size, decoded = _target_size(w, h, target), (a.shape[1], a.shape[0])  # from the original: exact
+        if size != decoded:
             # After DCT scaling the remaining factor is below 2 (bilinear sees every pixel); larger
             # factors (images > 8x the target) need area averaging to avoid aliasing.
-            interp = cv2.INTER_AREA if min(w, h) >= 2 * target else cv2.INTER_LINEAR
+            interp = cv2.INTER_AREA if min(decoded) >= 2 * target else cv2.INTER_LINEAR
             a = cv2.resize(a, size, interpolation=interp)
     ok, buf = cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
-    assert ok, "JPEG encoding of a decoded image cannot fail"
+    if not ok:  # JPEG's 65,500-pixel side limit; Pillow's path names the problem
+        return None
     return buf.tobytes(), a.shape[1], a.shape[0]
 
 
@@ -201,7 +203,8 @@ def _process_pillow(im: Image.Image, opts: Options) -> tuple[bytes, int, int]:
     except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ItemFailure("corrupt", f"cannot decode: {e}") from None
     if target:
-        size = _target_size(*im.size, target)
+        turned = orientation in (5, 6, 7, 8)  # these orientations swap the sides
+        size = _target_size(*((h, w) if turned else (w, h)), target)  # from the original: exact
         if size != im.size:
             im = im.resize(size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()

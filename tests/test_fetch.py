@@ -133,6 +133,8 @@ def test_process_image_guards_and_resize():
     assert e.value.status == "decompression_bomb"
     _, w, h = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
     assert (w, h) == (300, 200)
+    with pytest.raises(download.ItemFailure, match="after resizing"):  # a sliver blown up to gigapixels
+        process_image(make_jpeg(2, 4000), opts)
 
 
 def _pixels(jpeg: bytes) -> np.ndarray:
@@ -143,13 +145,14 @@ def test_opencv_and_pillow_paths_agree(monkeypatch):
     pytest.importorskip("cv2")
     assert download._cv2.getNumThreads() == 1, "OpenCV's thread pool in a parent deadlocks forked workers"
     opts = Options(resize_shorter=320)
-    for w, h in [(1024, 768), (3000, 2000), (500, 400), (200, 300)]:  # DCT scale 1/2, 1/4, 1, upscaling
+    # DCT scale 1/2, 1/4, 1, upscaling, and a long side that DCT rounding would shift by pixels
+    for w, h in [(1024, 768), (3000, 2000), (500, 400), (200, 300), (522, 4493)]:
         src = make_jpeg(w, h)
         fast = process_image(src, opts)
         monkeypatch.setattr(download, "_cv2", None)
         slow = process_image(src, opts)
         monkeypatch.undo()
-        assert fast[1:] == slow[1:], (w, h)
+        assert fast[1:] == slow[1:] == download._target_size(w, h, 320), (w, h)
         assert np.abs(_pixels(fast[0]) - _pixels(slow[0])).mean() < 3, (w, h)  # same image, both in RGB order
 
 
@@ -210,6 +213,7 @@ def test_a_stuck_worker_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     photo.write_bytes(make_jpeg(64, 48))
     urls = write_list(tmp_path / "l.csv", [("a", photo.as_uri())])
     monkeypatch.setattr(stage, "worker_main", _stuck_worker)
+    monkeypatch.setattr(stage, "STALL_MIN_S", 0.0)
     monkeypatch.setattr(stage, "worker_context", lambda: mp.get_context("fork"))  # the patch reaches the child
     t0 = time.monotonic()
     with pytest.raises(InputError, match="stuck.*again to resume"):
@@ -254,6 +258,13 @@ def test_meta_index_lookup(tmp_path):
     got = meta.lookup(np.array(["c", "zzz", "NA"], dtype=object))
     assert got["LAT"][0] == pytest.approx(40) and got["LAT"][1] is None and got["LAT"][2] == pytest.approx(0)
     assert got["AUTHOR"] == ["2@N00", None, "1@N00"]
+    gaps = tmp_path / "gaps.csv"  # a label column with an empty cell reads as floats in pandas
+    gaps.write_text("IMG_ID,LAT,LON,S3_Label\na,1,2,1\nb,3,4,\n")
+    got = stage.MetaIndex(gaps).lookup(np.array(["a", "b"], dtype=object))
+    assert got["S3_Label"] == [1, None] and all(isinstance(v, int) for v in got["S3_Label"][:1])
+    gaps.write_text("IMG_ID,LAT,LON,S3_Label\na,1,2,1.5\n")
+    with pytest.raises(InputError, match="gaps.csv.*malformed"):
+        stage.MetaIndex(gaps)
 
 
 def test_resume_skips_done_shards(server, tmp_path):

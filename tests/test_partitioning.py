@@ -284,6 +284,11 @@ def test_one_partitioning_rebuilt_keeps_the_others(tmp_path: Path, yfcc) -> None
     assert info["fine"]["file"].endswith("_500.csv") and info["fine"]["num_cells"] == len(fine)
     np.testing.assert_array_equal(labels["fine"], part.assign_classes(yfcc.lat, yfcc.lon, fine))
     assert set(part.load_hierarchy(root)) >= {"coarse", "middle"}  # rebuilt over all three
+    # A custom partitioning with middle's tau range writes middle's cells file: middle cannot be kept.
+    result = _invoke("--tau-max", "2000", "--input", meta, "--root", str(root))
+    assert result.exit_code == 0 and "replacing middle" in result.output
+    info = json.loads((out / "partitions.json").read_text())
+    assert "middle" not in info and info["custom"]["num_cells"] == len(part.read_cells(out / info["custom"]["file"]))
     other = tmp_path / "other.csv"  # other images: the earlier partitionings cannot be kept
     pd.read_csv(meta).head(500).to_csv(other, index=False)
     result = _invoke("--cells", "fine", "--input", str(other), "--root", str(root))

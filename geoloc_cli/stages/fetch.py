@@ -36,6 +36,7 @@ from geoloc_cli.store import OK, DataRoot, atomic_path, read_table, shard_name, 
 # Every item ends within fetch.deadline once it has a slot, so when none has finished for this many
 # deadlines while work is queued, a worker is stuck (a deadlock in a native library, say).
 STALL_DEADLINES = 4
+STALL_MIN_S = 60.0
 PRESETS = ("mp16", "yfcc25600", "im2gps", "im2gps3k", "yfcc4k")
 _GH = "https://github.com/TIBHannover/GeoEstimation/releases/download"
 _RAW = "https://raw.githubusercontent.com"
@@ -209,6 +210,10 @@ def flickr_sized(url: str, suffix: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"{head}/{m['stem']}{suffix}{m['ext']}"))
 
 
+# Metadata columns as the manifest stores them.
+META_TYPES = {"LAT": pa.float64(), "LON": pa.float64()} | {c: MANIFEST_SCHEMA.field(c).type for c in META_COLUMNS}
+
+
 class MetaIndex:
     """Metadata rows looked up by IMG_ID without a Python object per row.
 
@@ -221,7 +226,7 @@ class MetaIndex:
             raise InputError(f"metadata file not found: {path}")
         import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
 
-        hashes, cols = [], {c: [] for c in ["LAT", "LON", *META_COLUMNS]}
+        hashes, cols = [], {c: [] for c in META_TYPES}
         dtypes = {"IMG_ID": str, "AUTHOR": str}
         # Ids stay text even when they read "NA"; empty numeric cells are missing values.
         na = {c: [""] for c in cols if c != "AUTHOR"}
@@ -232,14 +237,16 @@ class MetaIndex:
                 if missing:
                     raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
                 hashes.append(_hash_ids(chunk["IMG_ID"].to_numpy()))
-                for c in cols:
-                    cols[c].append(pa.array(chunk[c]) if c in chunk.columns else pa.nulls(len(chunk)))
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+                for c in cols:  # as the manifest stores them: labels with gaps read as floats
+                    kind = META_TYPES[c]
+                    cols[c].append(pa.array(chunk[c], kind, from_pandas=True) if c in chunk.columns
+                                   else pa.nulls(len(chunk), kind))
+        except (pd.errors.ParserError, UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise InputError(f"{path}: malformed metadata CSV: {e}") from None
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         self.order = np.argsort(h, kind="stable")
         self.sorted = h[self.order]
-        self.columns = {c: pa.chunked_array(v).combine_chunks() if v else pa.array([]) for c, v in cols.items()}
+        self.columns = {c: pa.chunked_array(v, META_TYPES[c]).combine_chunks() for c, v in cols.items()}
 
     def lookup(self, ids: np.ndarray) -> dict[str, list]:
         """Column values for each id (None where the id is not in the metadata)."""
@@ -386,7 +393,7 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     feeder = threading.Thread(target=_feed, args=(jobs, job_q, processes, feed_error, progress), daemon=True)
     feeder.start()
     counts: Counter = Counter()
-    stall = STALL_DEADLINES * opts.deadline
+    stall = max(STALL_MIN_S, STALL_DEADLINES * opts.deadline)
     try:
         with console.progress(label, total=total, unit="img", ok=0, failed=0) as bar:
             done = 0

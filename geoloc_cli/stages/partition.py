@@ -109,7 +109,11 @@ def _earlier(out_dir: Path, specs: dict[str, tuple[int, int]], img_ids: np.ndarr
     if not (info_path.is_file() and labels_path.is_file()):
         return {}
     info = json.loads(info_path.read_text())
-    keep = [name for name in info if name not in specs]
+    files = {part.cells_filename(*spec) for spec in specs.values()}
+    clash = [name for name in info if name not in specs and info[name]["file"] in files]
+    if clash:  # a kept table would be overwritten by a rebuilt one with the same tau range
+        console.info(f"{out_dir}: replacing {', '.join(clash)} (same cells file as a partitioning built now)")
+    keep = [name for name in info if name not in specs and name not in clash]
     if not keep:
         return {}
     import pyarrow as pa
