@@ -1,7 +1,7 @@
 """Download engine of `geoloc fetch`: one item -> (status, JPEG), one shard job -> tar + manifest part.
 
-A worker process runs one asyncio loop with httpx transports (keep-alive), at most `concurrency`
-requests in flight and `per_host` per host. Typical images are decoded and resized on the loop itself
+A worker process runs one asyncio loop with a lean keep-alive HTTP/1.1 client (geoloc_cli.http), at
+most `concurrency` requests in flight and `per_host` per host. Typical images are decoded and resized on the loop itself
 (measured cheaper than a thread hand-off; with one worker per core the cores stay busy), big bodies
 in a thread. A worker takes a second shard when the first has fewer unfinished items than its
 concurrency, so the slow tail of one shard overlaps the start of the next. Every item ends with
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import functools
 import io
 import json
 import math
@@ -32,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from geoloc_cli import http
 from geoloc_cli.photo import ORIENTATION, to_rgb
 from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
 
@@ -65,13 +64,9 @@ BACKOFF_BASE = 0.5  # seconds; doubles per attempt, with jitter
 BACKOFF_MAX = 20.0
 SHARDS_PER_WORKER = 2  # active shards per worker process (overlaps one shard's tail with the next)
 DECODE_THREADS = 2
-CONNECTIONS_PER_CLIENT = 8
 # Bodies up to this size are decoded on the event loop (cheaper than a thread hand-off, and the other
 # processes keep the cores busy); bigger ones go to a thread so a huge image cannot stall the sockets.
 INLINE_DECODE_BYTES = 1_500_000
-# Bytes asked of the socket per read (httpcore reads 64 KiB): a typical photo then takes one or two
-# trips through httpcore's and h11's per-read machinery instead of three or more (~0.2 ms per request).
-SOCKET_READ_BYTES = 256 * 1024
 # Freed Pillow image blocks (<= 16 MB each) a worker keeps for reuse; see worker_main.
 PILLOW_BLOCKS_CACHED = 8
 USER_AGENT = "geoloc/0.1 (photo geolocation research; +https://github.com/)"
@@ -234,8 +229,8 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
-def _http_failure(r: httpx.Response) -> ItemFailure:
-    code = r.status_code
+def _http_failure(r: http.Response) -> ItemFailure:
+    code = r.status
     if code in (404, 410):
         return ItemFailure(f"http_{code}", f"HTTP {code}")
     if code == 429:
@@ -245,49 +240,30 @@ def _http_failure(r: httpx.Response) -> ItemFailure:
     return ItemFailure("http_4xx" if code >= 400 else "http_other", f"HTTP {code}")
 
 
-def warm_up() -> None:
-    """Import what the HTTP transports import lazily and build the shared TLS context, so that workers
-    forked after this inherit both instead of each paying for them."""
-    import httpcore  # noqa: F401  (httpx imports it on the first transport)
-
-    _ssl_context()
-
-
-@functools.cache
-def _ssl_context() -> Any:
-    """One TLS context for all transports: each one builds its own otherwise (~50 ms each, loading the CA
-    bundle), which was ~0.4 s of CPU per worker at start-up."""
-    return httpx.create_ssl_context()
+# What each transport error becomes: (status, retryable). Connect failures and cut connections are
+# often passing; a read timeout means a stalled server, and the per-item deadline bounds retries anyway.
+_HTTP_ERRORS: list[tuple[type[http.HttpError], str, bool]] = [
+    (http.ConnectTimeout, "timeout", True), (http.ReadTimeout, "timeout", False),
+    (http.TLSError, "tls_error", False), (http.ConnectError, "connect_error", True),
+    (http.IncompleteBody, "truncated", True), (http.ProtocolError, "bad_response", False),
+    (http.BodyTooLarge, "too_large", False), (http.InvalidURL, "bad_url", False),
+]
 
 
 class Fetcher:
-    """Fetches items within one worker process: small keep-alive connection pools, global and per-host
-    concurrency limits, retries within an overall deadline, decoding."""
+    """Fetches items within one worker process: one keep-alive client, global and per-host concurrency
+    limits, redirects, retries within an overall deadline, decoding."""
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        # httpcore scans every connection of a pool on each request event, so one pool of 64 connections
-        # costs more CPU than eight pools of 8: requests go to the least busy of several small clients.
-        n = max(1, math.ceil(opts.concurrency / CONNECTIONS_PER_CLIENT))
-        per_client = math.ceil(opts.concurrency / n)
-        self.clients = [self._client(per_client) for _ in range(n)]
-        t = opts.read_timeout
-        self.timeouts = {"connect": opts.connect_timeout, "read": t, "write": t, "pool": None}
-        self.busy = [0] * n
+        self.client = http.Client(opts.connect_timeout, opts.read_timeout, keep_per_origin=opts.per_host,
+                                  headers={"User-Agent": USER_AGENT})
         self.slots = asyncio.Semaphore(opts.concurrency)
         self.hosts: dict[str, asyncio.Semaphore] = {}
         self.pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
-    def _client(self, connections: int) -> httpx.AsyncHTTPTransport:
-        # The transport, not the Client: its cookie/auth/hook machinery costs ~30% of the CPU of a
-        # request and none of it is needed; redirects are followed in _get_with.
-        return httpx.AsyncHTTPTransport(
-            verify=_ssl_context(),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
-
     async def close(self) -> None:
-        for c in self.clients:
-            await c.aclose()
+        await self.client.close()
         self.pool.shutdown(wait=True)
 
     async def fetch(self, url: str) -> tuple[bytes, int, int, int]:
@@ -343,58 +319,26 @@ class Fetcher:
                 attempt += 1
                 await asyncio.sleep(wait)
 
-    async def _body(self, r: httpx.Response, url: str) -> bytes:
-        if r.status_code != 200:
+    def _body(self, r: http.Response, url: str) -> bytes:
+        if r.status != 200:
             raise _http_failure(r)
         if FLICKR_PLACEHOLDER in url:
             raise ItemFailure("unavailable", f"redirected to placeholder {url}")
-        declared = r.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.opts.max_bytes:
-            raise ItemFailure("too_large", f"Content-Length {declared} > {self.opts.max_bytes}")
-        chunks, size = [], 0
-        async for chunk in r.stream:
-            size += len(chunk)
-            if size > self.opts.max_bytes:
-                raise ItemFailure("too_large", f"body exceeds {self.opts.max_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return r.body
 
     async def _get(self, url: str) -> bytes:
-        i = self.busy.index(min(self.busy))
-        self.busy[i] += 1
-        try:
-            return await self._get_with(self.clients[i], url)
-        finally:
-            self.busy[i] -= 1
-
-    async def _get_with(self, client: httpx.AsyncHTTPTransport, url: str) -> bytes:
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                request = httpx.Request("GET", url, headers={"User-Agent": USER_AGENT},
-                                        extensions={"timeout": self.timeouts})
-                r = await client.handle_async_request(request)
-                try:
-                    location = r.headers.get("location")
-                    if r.status_code in REDIRECTS and location:
-                        url = urllib.parse.urljoin(url, location)
-                        continue
-                    return await self._body(r, url)
-                finally:
-                    await r.aclose()
+                r = await self.client.get(url, self.opts.max_bytes)
+                location = r.headers.get("location")
+                if r.status in REDIRECTS and location:
+                    url = urllib.parse.urljoin(url, location)
+                    continue
+                return self._body(r, url)
             raise ItemFailure("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
-        except (httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-            raise ItemFailure("timeout", f"connect timeout: {e}", retryable=True) from None
-        except httpx.TimeoutException as e:
-            raise ItemFailure("timeout", f"{type(e).__name__}: {str(e) or 'timed out'}") from None
-        except httpx.ConnectError as e:
-            raise ItemFailure("connect_error", f"{e}", retryable=True) from None
-        except httpx.RemoteProtocolError as e:
-            # The peer closed mid-body (or sent garbage): a flaky connection, worth one more try.
-            raise ItemFailure("truncated", f"{e}", retryable=True) from None
-        except (httpx.DecodingError, httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
-            raise ItemFailure("bad_url" if not isinstance(e, httpx.DecodingError) else "corrupt", str(e)) from None
-        except httpx.TransportError as e:
-            raise ItemFailure("connect_error", f"{type(e).__name__}: {e}", retryable=True) from None
+        except http.HttpError as e:
+            status, retryable = next((s, r) for kind, s, r in _HTTP_ERRORS if isinstance(e, kind))
+            raise ItemFailure(status, str(e) or type(e).__name__, retryable) from None
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -511,20 +455,8 @@ def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
         # page-faults it in again: ~450 faults, ~1 ms of system time per image. Reusing a few freed
         # blocks removes that; pixels are the same.
         Image.core.set_blocks_max(PILLOW_BLOCKS_CACHED)
-    _tune_httpcore()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_worker(opts, jobs, events, parent_pid))
-
-
-def _tune_httpcore() -> None:
-    """Larger socket reads in this worker process (a class attribute of httpcore's HTTP/1.1 connection;
-    if a future httpcore drops it, nothing changes but the speed)."""
-    import httpcore
-
-    conn = getattr(getattr(httpcore, "_async", None), "http11", None)
-    conn = getattr(conn, "AsyncHTTP11Connection", None)
-    if conn is not None and hasattr(conn, "READ_NUM_BYTES"):
-        conn.READ_NUM_BYTES = max(conn.READ_NUM_BYTES, SOCKET_READ_BYTES)
 
 
 def _alive(pid: int) -> bool:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -227,19 +226,6 @@ def test_workers_fork_only_without_other_threads(monkeypatch):
     assert stage.worker_context().get_start_method() == "fork"
     monkeypatch.setattr(stage.threading, "active_count", lambda: 2)
     assert stage.worker_context().get_start_method() == "forkserver"
-
-
-def test_worker_tuning_keeps_tls_verification():
-    download.warm_up()
-    ctx = download._ssl_context()
-    assert ctx is download._ssl_context(), "every transport must share one TLS context"
-    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
-    transports = download.Fetcher(Options(concurrency=32)).clients
-    assert len(transports) == 4
-    download._tune_httpcore()
-    import httpcore
-
-    assert httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES >= download.SOCKET_READ_BYTES
 
 
 def test_flickr_suffix_and_part_parsing():

@@ -28,7 +28,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from geoloc_cli import console
-from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, warm_up, worker_main
+from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.photo import exif_gps
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_table, shard_name, write_json_atomic, write_text_atomic
@@ -382,7 +382,6 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     """Run shard jobs on `processes` worker processes; show progress; return counts by status."""
     processes = max(1, min(processes, n_jobs))  # a worker per job at most: each start costs CPU
     ctx = worker_context()
-    warm_up()
     job_q, events = ctx.Queue(maxsize=max(2, processes * 2)), ctx.Queue()
     workers = [ctx.Process(target=worker_main, args=(opts, job_q, events, os.getpid()), daemon=True)
                for _ in range(processes)]

@@ -1,0 +1,221 @@
+"""geoloc_cli.http, the keep-alive client of fetch's hot loop, against scripted asyncio servers."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from geoloc_cli import download, http
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def serve(handler: Handler, tls: ssl.SSLContext | None = None) -> tuple[asyncio.Server, str, list[int]]:
+    """A server that calls `handler(reader, writer, request_number)` for each request head it reads,
+    until the handler returns False; `conns` counts connections (one entry per connection)."""
+    conns: list[int] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(0)
+        n = 0
+        try:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                n += 1
+                conns[-1] = n
+                if not await handler(reader, writer, n):
+                    return
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=tls)
+    port = srv.sockets[0].getsockname()[1]
+    return srv, f"{'https' if tls else 'http'}://127.0.0.1:{port}", conns
+
+
+def run(coro: Awaitable) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def client(**kw: float) -> http.Client:
+    return http.Client(kw.get("connect", 2.0), kw.get("read", 2.0))
+
+
+def test_keep_alive_reuses_one_connection_and_frames_every_body_kind():
+    async def handler(reader, writer, n):
+        if n == 1:
+            writer.write(ok(b"abc"))
+        elif n == 2:  # chunked coding
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ndef\r\n2\r\ngh\r\n0\r\n\r\n")
+        elif n == 3:  # a 100 Continue first, then a 404 with a body
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope")
+        else:  # no length: the body ends when the server closes
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close")
+            await writer.drain()
+            return False
+        await writer.drain()
+        return True
+
+    async def main():
+        srv, base, conns = await serve(handler)
+        c = client()
+        got = [await c.get(f"{base}/{i}.jpg", 1000) for i in range(4)]
+        await c.close()
+        srv.close()
+        return got, conns
+
+    got, conns = run(main())
+    assert [(r.status, r.body) for r in got] == [(200, b"abc"), (200, b"defgh"), (404, b"nope"), (200, b"until-close")]
+    assert conns == [4], "all four requests on one kept-alive connection"
+
+
+def test_idle_connection_closed_by_the_server_is_replaced_transparently():
+    async def handler(reader, writer, n):
+        if n == 1:  # answer, claim keep-alive, then hang up on the next request without answering
+            writer.write(ok(b"first"))
+            await writer.drain()
+            return True
+        return False
+
+    async def main():
+        srv, base, conns = await serve(handler)
+        c = client()
+        first = await c.get(f"{base}/a", 100)
+        second = await c.get(f"{base}/b", 100)
+        await c.close()
+        srv.close()
+        return first.body, second.body, conns
+
+    first, second, conns = run(main())
+    assert first == second == b"first"
+    assert conns == [2, 1], "the second request went out again on a fresh connection"
+
+
+@pytest.mark.parametrize(("reply", "error"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", http.IncompleteBody),  # cut short, then closed
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", http.IncompleteBody),
+    (b"NOT HTTP AT ALL\r\n\r\n", http.ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", http.ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", http.BodyTooLarge),  # declared too big
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"x" * 2000, http.BodyTooLarge),
+])
+def test_broken_responses_raise_their_own_error(reply, error):
+    async def handler(reader, writer, n):
+        writer.write(reply)
+        await writer.drain()
+        return False
+
+    async def main():
+        srv, base, _ = await serve(handler)
+        c = client()
+        try:
+            with pytest.raises(error) as e:
+                await c.get(f"{base}/x", 1000)
+            return e.value
+        finally:
+            await c.close()
+            srv.close()
+
+    e = run(main())
+    if error is http.ProtocolError:
+        assert not isinstance(e, http.IncompleteBody), "malformed is not the same as cut short"
+
+
+def test_timeouts_and_refused_connections():
+    async def silent(reader, writer, n):
+        await asyncio.sleep(5)
+        return False
+
+    async def main():
+        srv, base, _ = await serve(silent)
+        c = client(read=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(http.ReadTimeout):
+            await c.get(f"{base}/slow", 100)
+        waited = loop.time() - t0
+        srv.close()
+        with pytest.raises(http.ConnectError):
+            await c.get(base + "/again", 100)  # the server is gone: refused
+        await c.close()
+        return waited
+
+    assert 0.15 < run(main()) < 2
+
+
+def test_split_url():
+    assert http.split_url("http://Example.COM/a b/ü.jpg?x=1") == (
+        ("http", "example.com", 80), b"example.com", b"/a%20b/%C3%BC.jpg?x=1")
+    assert http.split_url("https://[::1]:8443") == (("https", "::1", 8443), b"[::1]:8443", b"/")
+    assert http.split_url("https://bücher.example/")[0][1] == "xn--bcher-kva.example"
+    for bad in ["http://host:99999/", "ftp://host/x", "http:///nohost"]:
+        with pytest.raises(http.InvalidURL):
+            http.split_url(bad)
+
+
+def test_tls_is_verified(tmp_path, monkeypatch):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def handler(reader, writer, n):
+        writer.write(ok(b"secret"))
+        await writer.drain()
+        return True
+
+    async def fetch_with(cafile: str | None) -> bytes:
+        if cafile:
+            monkeypatch.setenv("SSL_CERT_FILE", cafile)
+        else:
+            monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        http.ssl_context.cache_clear()
+        srv, base, _ = await serve(handler, tls=server_ctx)
+        c = client()
+        try:
+            return (await c.get(f"{base}/x", 100)).body
+        finally:
+            await c.close()
+            srv.close()
+            http.ssl_context.cache_clear()
+
+    assert run(fetch_with(str(ca_file))) == b"secret"
+    with pytest.raises(http.TLSError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        run(fetch_with(None))  # certifi's bundle does not know the test CA
+    ctx = http.ssl_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname and ctx is http.ssl_context()
+
+
+def test_fetcher_maps_transport_errors_to_statuses():
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        return False
+
+    async def main():
+        srv, base, _ = await serve(handler)
+        f = download.Fetcher(download.Options(retries=0, read_timeout=1, deadline=5))
+        try:
+            with pytest.raises(download.ItemFailure) as cut:
+                await f.fetch(f"{base}/x.jpg")
+            with pytest.raises(download.ItemFailure) as bad:
+                await f.fetch("http://host:notaport/x.jpg")
+            return cut.value, bad.value
+        finally:
+            await f.close()
+            srv.close()
+
+    cut, bad = run(main())
+    assert (cut.status, cut.retryable) == ("truncated", True)
+    assert bad.status == "bad_url"
