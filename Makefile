@@ -12,6 +12,8 @@ $(BIN)/geoloc: pyproject.toml
 	# torch/torchvision pinned to the builds this project is tested with (installed from local disk where present).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[train,predict,dev]'
+	# bytecode for the editable package, as a wheel install has (PYTHONDONTWRITEBYTECODE=1 shells never write it)
+	$(BIN)/python -m compileall -q geoloc_cli
 	touch $(BIN)/geoloc
 
 install: $(BIN)/geoloc

@@ -463,7 +463,9 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
             tar, part = _shard_paths(root, name, s)
             if not (tar.is_file() and part.is_file()):
                 continue
-            table = read_table(part).cast(MANIFEST_SCHEMA)
+            table = read_table(part)
+            if table.schema != MANIFEST_SCHEMA:  # parts written by an older geoloc (cast imports compute)
+                table = table.cast(MANIFEST_SCHEMA)
             writer.write_table(table)
             by_status.update(table.column("status").to_pylist())
             nbytes += sum(v or 0 for v in table.column("bytes").to_pylist())
