@@ -291,7 +291,10 @@ class Fetcher:
             raise ItemFailure("io_error", f"{type(e).__name__}: {e}") from None
 
     async def _download(self, url: str) -> bytes:
-        host = urllib.parse.urlsplit(url).hostname or ""
+        try:
+            host = http.split_url(url)[0][1]
+        except http.InvalidURL as e:
+            raise ItemFailure("bad_url", str(e)) from None
         host_slots = self.hosts.setdefault(host, asyncio.Semaphore(self.opts.per_host))
         # Host slot first: items waiting for a busy host must not hold global slots.
         async with host_slots, self.slots:

@@ -101,12 +101,15 @@ def split_url(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
     scheme, host = parts.scheme.lower(), parts.hostname
     if scheme not in ("http", "https") or not host:
         raise InvalidURL(f"not an http(s) URL: {url[:80]!r}")
-    try:
-        host = host if host.isascii() else host.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise InvalidURL(f"invalid host name in {url[:80]!r}") from None
+    if not host.isascii():  # IDNA 2008 with UTS 46 mapping, as httpx and browsers do
+        import idna
+
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            raise InvalidURL(f"invalid host name in {url[:80]!r}") from None
     default = 443 if scheme == "https" else 80
-    port = port or default
+    port = default if port is None else port
     name = f"[{host}]" if ":" in host else host
     host_header = name if port == default else f"{name}:{port}"
     target = parts.path or "/"
@@ -118,33 +121,40 @@ def split_url(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
 
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: h11 keeps the framing state, the protocol callbacks feed it bytes and
-    wake the one request that waits on it."""
+    wake the one request that waits on it. The callbacks only record an end of stream; next_event hands
+    it to h11 once the bytes before it are parsed, so what an error means never depends on whether the
+    last data and the close arrived in one read."""
 
     def __init__(self) -> None:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future | None = None
+        self.active = False  # a request is in flight
+        self.received = 0  # bytes received for the request in flight
+        self.eof = False  # the peer closed its side (or the connection was lost)
         self.lost: BaseException | None = None
-        self.closed = False  # the peer closed (or reset) the connection; never reuse it
+        self.closed = False  # never reuse: closed, lost, or the server spoke out of turn
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.active:  # e.g. a 408 sent to an idle connection before closing it: not a response
+            self.closed = True
+            return
+        self.received += len(data)
         self.h11.receive_data(data)
         self._wake()
 
     def eof_received(self) -> bool:
-        self.closed = True
-        self.h11.receive_data(b"")
+        self.eof = self.closed = True
         self._wake()
         return False  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.eof = self.closed = True
         self.lost = exc
-        self.h11.receive_data(b"")
         self._wake()
 
     def _wake(self) -> None:
@@ -152,20 +162,30 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     # request side
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection at once (a TLS close would wait up to 30 s for the peer's close_notify)."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     async def next_event(self, read_timeout: float) -> Any:
         """The next h11 event, waiting at most `read_timeout` for each piece of data."""
+        eof_fed = False
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as e:
-                raise self._framing_error(e) from None
+                if not eof_fed:
+                    raise ProtocolError(f"malformed response: {e}") from None
+                reason = f" ({self.lost})" if self.lost else ""
+                raise IncompleteBody(f"connection closed before the response was complete{reason}") from None
             if event is not h11.NEED_DATA:
                 return event
+            if self.eof:  # everything before the end is parsed: now h11 may see the end
+                assert not eof_fed, "h11 asked for data after the end of the stream"
+                self.h11.receive_data(b"")
+                eof_fed = True
+                continue
             loop = asyncio.get_running_loop()
             self.waiter = loop.create_future()
             timer = loop.call_later(read_timeout, _expire, self.waiter)
@@ -175,12 +195,6 @@ class _Connection(asyncio.Protocol):
                 timer.cancel()
                 self.waiter = None
 
-    def _framing_error(self, e: h11.RemoteProtocolError) -> ProtocolError:
-        if self.h11.their_state is h11.SEND_BODY or self.closed:
-            reason = f" ({self.lost})" if self.lost else ""
-            return IncompleteBody(f"connection closed before the response was complete{reason}")
-        return ProtocolError(f"malformed response: {e}")
-
 
 def _expire(waiter: asyncio.Future) -> None:
     if not waiter.done():
@@ -188,15 +202,19 @@ def _expire(waiter: asyncio.Future) -> None:
 
 
 class Client:
-    """Keep-alive GETs. At most `keep_per_origin` idle connections are kept per (scheme, host, port);
-    how many requests run at once is the caller's to limit (download.Fetcher's semaphores)."""
+    """Keep-alive GETs. Idle connections are kept per (scheme, host, port), at most `keep_per_origin`
+    each and `max_idle` in all, for `idle_expiry` seconds (servers drop idle ones, and a list with many
+    hosts must not hold a socket per host). How many requests run at once is the caller's to limit
+    (download.Fetcher's semaphores)."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, keep_per_origin: int = 16,
-                 headers: dict[str, str] | None = None) -> None:
+                 max_idle: int = 64, idle_expiry: float = 5.0, headers: dict[str, str] | None = None) -> None:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.keep_per_origin = keep_per_origin
+        self.keep_per_origin, self.max_idle, self.idle_expiry = keep_per_origin, max_idle, idle_expiry
         self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        self.idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        # origin -> [(connection, when it became idle)], oldest first
+        self.idle: dict[tuple[str, str, int], list[tuple[_Connection, float]]] = {}
+        self.n_idle = 0
         self.open: set[_Connection] = set()
 
     async def get(self, url: str, max_bytes: int) -> Response:
@@ -211,18 +229,25 @@ class Client:
 
     async def close(self) -> None:
         for conn in list(self.open):
-            conn.close()
+            conn.abort()
         self.open.clear()
         self.idle.clear()
+        self.n_idle = 0
 
     def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
         pool = self.idle.get(origin)
+        now = asyncio.get_running_loop().time()
         while pool:
-            conn = pool.pop()  # the most recently used: least likely to have timed out on the server
-            if not conn.closed:
+            conn, since = pool.pop()  # the most recently used: least likely to be dropped by the server
+            self.n_idle -= 1
+            if not conn.closed and now - since < self.idle_expiry:
                 return conn
-            self.open.discard(conn)
+            self._drop(conn)
         return None
+
+    def _drop(self, conn: _Connection) -> None:
+        conn.abort()
+        self.open.discard(conn)
 
     async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
         scheme, host, port = origin
@@ -239,17 +264,21 @@ class Client:
             raise TLSError(f"TLS with {host}:{port} failed: {e}") from None
         except OSError as e:  # refused, unreachable, DNS failure
             raise ConnectError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+        except (UnicodeError, ValueError) as e:  # a host name the resolver refuses (empty label, NUL)
+            raise InvalidURL(f"invalid host {host!r}: {e}") from None
         self.open.add(conn)
         return conn
 
     async def _exchange(self, conn: _Connection, origin: tuple[str, str, int], host: bytes, target: bytes,
                         max_bytes: int) -> Response:
+        conn.active, conn.received = True, 0
         done = False
         try:
             response = await self._request(conn, host, target, max_bytes)
             done = True
             return response
         finally:
+            conn.active = False
             self._release(conn, origin, done)
 
     async def _request(self, conn: _Connection, host: bytes, target: bytes, max_bytes: int) -> Response:
@@ -263,11 +292,13 @@ class Client:
             try:
                 event = await conn.next_event(self.read_timeout)
             except IncompleteBody as e:
-                raise NoResponse(f"connection closed before a response arrived: {e}") from None
+                if conn.received:  # a cut status line or headers: the server did answer
+                    raise
+                raise NoResponse(f"connection closed before a response arrived{_lost(conn)}") from e
             if isinstance(event, h11.Response):
                 break
-            if isinstance(event, h11.ConnectionClosed):
-                raise NoResponse("connection closed before a response arrived")
+            if isinstance(event, h11.ConnectionClosed):  # cannot happen mid-exchange; h11 raises first
+                raise NoResponse(f"connection closed before a response arrived{_lost(conn)}")
             # h11.InformationalResponse (1xx): wait for the real one
         status = event.status_code
         head = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
@@ -288,13 +319,29 @@ class Client:
                 raise IncompleteBody("connection closed before the response was complete")
 
     def _release(self, conn: _Connection, origin: tuple[str, str, int], done: bool) -> None:
-        """Back to the idle pool if the exchange finished cleanly and both sides keep the connection."""
+        """Back to the idle pool if the exchange finished cleanly, both sides keep the connection and
+        nothing beyond the response arrived; otherwise dropped at once."""
         h = conn.h11
-        if done and not conn.closed and h.our_state is h11.DONE and h.their_state is h11.DONE:
-            h.start_next_cycle()
-            pool = self.idle.setdefault(origin, [])
-            if len(pool) < self.keep_per_origin:
-                pool.append(conn)
-                return
-        conn.close()
-        self.open.discard(conn)
+        if not (done and not conn.closed and h.our_state is h11.DONE and h.their_state is h11.DONE
+                and not h.trailing_data[0]):
+            self._drop(conn)
+            return
+        h.start_next_cycle()
+        pool = self.idle.setdefault(origin, [])
+        if len(pool) >= self.keep_per_origin:
+            self._drop(conn)
+            return
+        if self.n_idle >= self.max_idle:
+            self._evict_oldest()
+        pool.append((conn, asyncio.get_running_loop().time()))
+        self.n_idle += 1
+
+    def _evict_oldest(self) -> None:
+        origin = min((o for o, p in self.idle.items() if p), key=lambda o: self.idle[o][0][1])
+        conn, _ = self.idle[origin].pop(0)
+        self.n_idle -= 1
+        self._drop(conn)
+
+
+def _lost(conn: _Connection) -> str:
+    return f" ({conn.lost})" if conn.lost else ""

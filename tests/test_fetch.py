@@ -385,3 +385,17 @@ def test_cli_fetch_and_bad_part(server, tmp_path):
     assert r.exit_code == 2 and "--part" in r.output
     r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "none.csv"), "--root", str(tmp_path)])
     assert r.exit_code == 1 and "none.csv" in r.output
+
+
+def test_unreadable_tls_certificates_fail_the_run_not_every_item(server, tmp_path, monkeypatch):
+    from geoloc_cli import http
+
+    urls = write_list(tmp_path / "l.csv", [("c0", server.url("img/tls0.jpg"))])
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    http.ssl_context.cache_clear()
+    args = ["fetch", "--urls", str(urls), "--name", "tls", "--root", str(tmp_path / "root"), "-q"]
+    try:
+        r = CliRunner().invoke(app, args + sum((["--set", s] for s in FAST), []))
+    finally:
+        http.ssl_context.cache_clear()
+    assert r.exit_code == 2 and "SSL_CERT_FILE" in r.output and "No such file" in r.output, r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import unittest.mock
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -47,8 +48,8 @@ def run(coro: Awaitable) -> object:
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-def client(**kw: float) -> http.Client:
-    return http.Client(kw.get("connect", 2.0), kw.get("read", 2.0))
+def client(read: float = 2.0, **kw: float) -> http.Client:
+    return http.Client(2.0, read, **kw)
 
 
 def test_keep_alive_reuses_one_connection_and_frames_every_body_kind():
@@ -77,6 +78,64 @@ def test_keep_alive_reuses_one_connection_and_frames_every_body_kind():
     got, conns = run(main())
     assert [(r.status, r.body) for r in got] == [(200, b"abc"), (200, b"defgh"), (404, b"nope"), (200, b"until-close")]
     assert conns == [4], "all four requests on one kept-alive connection"
+
+
+def test_bytes_beyond_a_response_never_reach_the_next_request():
+    total = [0]
+
+    async def handler(reader, writer, _):
+        total[0] += 1
+        n = total[0]
+        if n == 1:  # more bytes than Content-Length, then (on the idle connection) an unasked-for 408
+            writer.write(ok(b"abc") + b"STALE")
+        elif n == 2:
+            writer.write(ok(b"two"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(ok(b"three"))
+        await writer.drain()
+        return True
+
+    async def main():
+        srv, base, conns = await serve(handler)
+        c = client()
+        got = [(await c.get(f"{base}/{i}", 100)).body for i in range(2)]
+        await asyncio.sleep(0.2)  # the 408 arrives while the connection is idle
+        got.append((await c.get(f"{base}/2", 100)).body)
+        await c.close()
+        srv.close()
+        return got, conns
+
+    got, conns = run(main())
+    assert got == [b"abc", b"two", b"three"]
+    assert conns == [1, 1, 1], "neither connection was reused after the server spoke out of turn"
+
+
+def test_idle_pool_expires_and_is_capped():
+    async def handler(reader, writer, n):
+        writer.write(ok(b"x"))
+        await writer.drain()
+        return True
+
+    async def main():
+        servers = [await serve(handler) for _ in range(3)]
+        c = client(max_idle=2, idle_expiry=0.3)
+        for _, base, _ in servers:
+            await c.get(base + "/a", 10)
+        capped = (c.n_idle, len(c.open))
+        await c.get(servers[2][1] + "/b", 10)  # within the expiry: reused
+        await asyncio.sleep(0.4)
+        await c.get(servers[2][1] + "/c", 10)  # expired: a new connection
+        await c.close()
+        for srv, _, _ in servers:
+            srv.close()
+        return capped, [conns for _, _, conns in servers]
+
+    capped, conns = run(main())
+    assert capped == (2, 2), "the oldest idle connection was dropped at the cap"
+    assert conns == [[1], [1], [2, 1]]
 
 
 def test_idle_connection_closed_by_the_server_is_replaced_transparently():
@@ -131,6 +190,26 @@ def test_broken_responses_raise_their_own_error(reply, error):
         assert not isinstance(e, http.IncompleteBody), "malformed is not the same as cut short"
 
 
+def test_a_cut_status_line_on_a_reused_connection_is_not_sent_again():
+    async def handler(reader, writer, n):
+        writer.write(ok(b"first") if n == 1 else b"HTTP/1.1 200 O")
+        await writer.drain()
+        return n == 1
+
+    async def main():
+        srv, base, conns = await serve(handler)
+        c = client()
+        await c.get(f"{base}/a", 100)
+        with pytest.raises(http.IncompleteBody) as e:
+            await c.get(f"{base}/b", 100)
+        await c.close()
+        srv.close()
+        return e.value, conns
+
+    e, conns = run(main())
+    assert not isinstance(e, http.NoResponse) and conns == [2], "the server answered: no second try"
+
+
 def test_timeouts_and_refused_connections():
     async def silent(reader, writer, n):
         await asyncio.sleep(5)
@@ -158,9 +237,21 @@ def test_split_url():
         ("http", "example.com", 80), b"example.com", b"/a%20b/%C3%BC.jpg?x=1")
     assert http.split_url("https://[::1]:8443") == (("https", "::1", 8443), b"[::1]:8443", b"/")
     assert http.split_url("https://bücher.example/")[0][1] == "xn--bcher-kva.example"
-    for bad in ["http://host:99999/", "ftp://host/x", "http:///nohost"]:
+    assert http.split_url("http://straße.de/")[0][1] == "xn--strae-oqa.de"  # IDNA 2008, not 2003's "strasse"
+    for bad in ["http://host:99999/", "ftp://host/x", "http:///nohost", "http://[::1/x"]:
         with pytest.raises(http.InvalidURL):
             http.split_url(bad)
+
+    async def connect(url):
+        c = client()
+        try:
+            await c.get(url, 10)
+        finally:
+            await c.close()
+
+    for host in ["a..b", "x" * 70 + ".example"]:  # the resolver refuses these (UnicodeError)
+        with pytest.raises(http.InvalidURL):
+            run(connect(f"http://{host}/x"))
 
 
 def test_tls_is_verified(tmp_path, monkeypatch):
@@ -177,6 +268,7 @@ def test_tls_is_verified(tmp_path, monkeypatch):
         return True
 
     async def fetch_with(cafile: str | None) -> bytes:
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
         if cafile:
             monkeypatch.setenv("SSL_CERT_FILE", cafile)
         else:
@@ -196,6 +288,44 @@ def test_tls_is_verified(tmp_path, monkeypatch):
         run(fetch_with(None))  # certifi's bundle does not know the test CA
     ctx = http.ssl_context()
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname and ctx is http.ssl_context()
+
+
+def test_a_failed_tls_connection_is_dropped_at_once():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+
+    async def stalled(reader, writer, n):
+        writer.transport.pause_reading()  # a stalled server: the client's close_notify gets no answer
+        await asyncio.sleep(10)
+        return False
+
+    async def main():
+        srv, base, _ = await serve(stalled, tls=server_ctx)
+        c = http.Client(2.0, 0.2)
+        c_ctx = ssl.create_default_context(cafile=None)
+        ca.configure_trust(c_ctx)
+        try:
+            with unittest.mock.patch.object(http, "ssl_context", lambda: c_ctx), pytest.raises(http.ReadTimeout):
+                await c.get(f"{base}/x", 100)
+            await asyncio.sleep(0.1)
+            return c.open, sockets[0].fileno()
+        finally:
+            await c.close()
+            srv.close()
+
+    sockets = []
+    connect = http.Client._connect
+
+    async def recording(self, origin):
+        conn = await connect(self, origin)
+        sockets.append(conn.transport.get_extra_info("socket"))
+        return conn
+
+    with unittest.mock.patch.object(http.Client, "_connect", recording):
+        left, fileno = run(main())
+    assert left == set() and fileno == -1, "the socket is closed, not left waiting for the peer's close_notify"
 
 
 def test_fetcher_maps_transport_errors_to_statuses():

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console
+from geoloc_cli import console, http
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.photo import exif_gps
@@ -382,6 +382,11 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     """Run shard jobs on `processes` worker processes; show progress; return counts by status."""
     processes = max(1, min(processes, n_jobs))  # a worker per job at most: each start costs CPU
     ctx = worker_context()
+    try:  # once, here: forked workers share it, and a bad certificate setting fails the run, not each item
+        http.ssl_context()
+    except OSError as e:
+        raise ConfigError(f"cannot load TLS certificates (SSL_CERT_FILE={os.environ.get('SSL_CERT_FILE')!r}, "
+                          f"SSL_CERT_DIR={os.environ.get('SSL_CERT_DIR')!r}): {e}") from None
     job_q, events = ctx.Queue(maxsize=max(2, processes * 2)), ctx.Queue()
     workers = [ctx.Process(target=worker_main, args=(opts, job_q, events, os.getpid()), daemon=True)
                for _ in range(processes)]
