@@ -1,11 +1,11 @@
 """Download engine of `geoloc fetch`: one item -> (status, JPEG), one shard job -> tar + manifest part.
 
 A worker process runs one asyncio loop with a lean keep-alive HTTP/1.1 client (geoloc_cli.http), at
-most `concurrency` requests in flight and `per_host` per host. Typical images are decoded and resized on the loop itself
-(measured cheaper than a thread hand-off; with one worker per core the cores stay busy), big bodies
-in a thread. A worker takes a second shard when the first has fewer unfinished items than its
-concurrency, so the slow tail of one shard overlaps the start of the next. Every item ends with
-exactly one status; nothing an item does can stop the run.
+most `concurrency` requests in flight and `per_host` per host. Typical images are decoded and resized
+on the loop itself (measured cheaper than a thread hand-off; with one worker per core the cores stay
+busy), big bodies in a thread. A worker takes a second shard when the first has fewer unfinished
+items than its concurrency, so the slow tail of one shard overlaps the start of the next. Every item
+ends with exactly one status; nothing an item does can stop the run.
 
 This module is core: no typer, no rich. It reports progress as small tuples on a multiprocessing queue.
 """
@@ -257,7 +257,7 @@ class Fetcher:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.client = http.Client(opts.connect_timeout, opts.read_timeout, keep_per_origin=opts.per_host,
-                                  headers={"User-Agent": USER_AGENT})
+                                  max_idle=opts.concurrency, headers={"User-Agent": USER_AGENT})
         self.slots = asyncio.Semaphore(opts.concurrency)
         self.hosts: dict[str, asyncio.Semaphore] = {}
         self.pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")

@@ -7,7 +7,7 @@ Content-Length, chunked coding or connection close (h11 parses them all), a body
 and read timeouts. Redirects, retries and deadlines are the caller's (download.Fetcher). httpx stays
 the client for everything else (metadata downloads), where its completeness matters more than speed.
 
-Core module: asyncio, ssl and h11 only.
+Core module: asyncio, ssl and h11 (certifi and idna when a URL needs them).
 """
 
 from __future__ import annotations
