@@ -257,7 +257,8 @@ class Fetcher:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.client = http.Client(opts.connect_timeout, opts.read_timeout, keep_per_origin=opts.per_host,
-                                  max_idle=opts.concurrency, headers={"User-Agent": USER_AGENT})
+                                  max_idle=opts.concurrency, headers={"User-Agent": USER_AGENT},
+                                  proxies=http.env_proxies())
         self.slots = asyncio.Semaphore(opts.concurrency)
         self.hosts: dict[str, asyncio.Semaphore] = {}
         self.pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")

@@ -399,3 +399,11 @@ def test_unreadable_tls_certificates_fail_the_run_not_every_item(server, tmp_pat
     finally:
         http.ssl_context.cache_clear()
     assert r.exit_code == 2 and "SSL_CERT_FILE" in r.output and "No such file" in r.output, r.output
+
+
+def test_an_unusable_proxy_setting_fails_the_run(server, tmp_path, monkeypatch):
+    urls = write_list(tmp_path / "l.csv", [("c0", server.url("img/p0.jpg"))])
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    args = ["fetch", "--urls", str(urls), "--name", "px", "--root", str(tmp_path / "root"), "-q"]
+    r = CliRunner().invoke(app, args + sum((["--set", s] for s in FAST), []))
+    assert r.exit_code == 2 and "socks5" in r.output and "http:// proxy" in r.output, r.output

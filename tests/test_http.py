@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import unittest.mock
 from collections.abc import Awaitable, Callable
@@ -349,3 +350,100 @@ def test_fetcher_maps_transport_errors_to_statuses():
     cut, bad = run(main())
     assert (cut.status, cut.retryable) == ("truncated", True)
     assert bad.status == "bad_url"
+
+
+async def start_proxy(log: list[bytes], connect_status: int = 200) -> str:
+    """A loopback HTTP proxy: CONNECT tunnels to the target; an absolute-form GET is answered by the
+    proxy itself with the request line as the body (enough to see what the client sent)."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return writer.close()
+            log.append(head)
+            method, target, _ = head.split(b"\r\n")[0].split(b" ")
+            if method != b"CONNECT":
+                writer.write(ok(head.split(b"\r\n")[0]))
+                continue
+            if connect_status != 200:
+                writer.write(b"HTTP/1.1 %d No\r\nContent-Length: 0\r\n\r\n" % connect_status)
+                return writer.close()
+            host, port = target.rsplit(b":", 1)
+            up_r, up_w = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+            return None
+
+    srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+
+def test_proxies_from_the_environment(monkeypatch):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context(cafile=None)
+    ca.configure_trust(client_ctx)
+    monkeypatch.setattr(http, "ssl_context", lambda: client_ctx)
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
+
+    async def handler(reader, writer, n):
+        writer.write(ok(b"secret"))
+        await writer.drain()
+        return True
+
+    async def main(no_proxy: str = "") -> tuple[list[bytes], list[bytes]]:
+        log: list[bytes] = []
+        proxy = await start_proxy(log)
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@{proxy}")
+        monkeypatch.setenv("https_proxy", f"http://{proxy}")
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        _, base, _ = await serve(handler, tls=server_ctx)
+        c = http.Client(2.0, 2.0, proxies=http.env_proxies())
+        try:
+            bodies = [(await c.get(u, 100)).body for u in
+                      ["http://origin.test:8080/a b?x=1", "http://origin.test:8080/2", f"{base}/tls"]]
+        finally:
+            await c.close()
+        return bodies, log
+
+    bodies, log = run(main())
+    assert bodies == [b"GET http://origin.test:8080/a%20b?x=1 HTTP/1.1", b"GET http://origin.test:8080/2 HTTP/1.1",
+                      b"secret"]
+    assert b"Proxy-Authorization: Basic dXNlcjpwQHNz" in log[0]  # user:p@ss
+    assert len(log) == 3 and log[2].startswith(b"CONNECT 127.0.0.1:"), "TLS went through a tunnel"
+    assert b"Proxy-Authorization" not in log[2]  # the https proxy URL carries no credentials
+    bodies, log = run(main(no_proxy="127.0.0.1,localhost"))
+    assert bodies[2] == b"secret" and len(log) == 2, "NO_PROXY hosts are fetched directly"
+
+    async def refused() -> None:
+        log: list[bytes] = []
+        proxy = await start_proxy(log, connect_status=407)
+        c = http.Client(2.0, 2.0, proxies={"https": http._parse_proxy(proxy)})
+        try:
+            await c.get("https://origin.test/x", 100)
+        finally:
+            await c.close()
+
+    with pytest.raises(http.ConnectError, match="407"):
+        run(refused())
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.delenv("https_proxy")
+    with pytest.raises(ValueError, match="only http:// proxies"):
+        http.env_proxies()

@@ -387,6 +387,10 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     except OSError as e:
         raise ConfigError(f"cannot load TLS certificates (SSL_CERT_FILE={os.environ.get('SSL_CERT_FILE')!r}, "
                           f"SSL_CERT_DIR={os.environ.get('SSL_CERT_DIR')!r}): {e}") from None
+    try:
+        http.env_proxies()
+    except ValueError as e:
+        raise ConfigError(f"{e}; unset the variable or point it to an http:// proxy") from None
     job_q, events = ctx.Queue(maxsize=max(2, processes * 2)), ctx.Queue()
     workers = [ctx.Process(target=worker_main, args=(opts, job_q, events, os.getpid()), daemon=True)
                for _ in range(processes)]
