@@ -233,6 +233,8 @@ def _http_failure(r: http.Response) -> ItemFailure:
     code = r.status
     if code in (404, 410):
         return ItemFailure(f"http_{code}", f"HTTP {code}")
+    if code == 407:  # from a proxy: retrying cannot help until its credentials are fixed
+        return ItemFailure("proxy_auth", "HTTP 407 from the proxy: check the user:password in the proxy URL")
     if code == 429:
         return ItemFailure("http_429", "HTTP 429", True, _retry_after(r.headers.get("retry-after")))
     if code >= 500:
@@ -244,7 +246,8 @@ def _http_failure(r: http.Response) -> ItemFailure:
 # often passing; a read timeout means a stalled server, and the per-item deadline bounds retries anyway.
 _HTTP_ERRORS: list[tuple[type[http.HttpError], str, bool]] = [
     (http.ConnectTimeout, "timeout", True), (http.ReadTimeout, "timeout", False),
-    (http.TLSError, "tls_error", False), (http.ConnectError, "connect_error", True),
+    (http.TLSError, "tls_error", False), (http.ProxyAuthError, "proxy_auth", False),
+    (http.ConnectError, "connect_error", True),
     (http.IncompleteBody, "truncated", True), (http.ProtocolError, "bad_response", False),
     (http.BodyTooLarge, "too_large", False), (http.InvalidURL, "bad_url", False),
 ]

@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import ssl
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -44,6 +45,10 @@ class ConnectTimeout(HttpError):
 
 class ConnectError(HttpError):
     pass
+
+
+class ProxyAuthError(ConnectError):
+    """The proxy asked for (other) credentials: 407."""
 
 
 class TLSError(HttpError):
@@ -99,7 +104,7 @@ class Proxy:
 
     host: str
     port: int
-    auth: bytes | None  # the Proxy-Authorization value, from user:password in the proxy URL
+    auth: bytes | None = field(repr=False)  # the Proxy-Authorization value, from user:password in the URL
 
 
 def env_proxies() -> dict[str, Any]:
@@ -111,25 +116,33 @@ def env_proxies() -> dict[str, Any]:
     import urllib.request  # ~20 ms; only when a proxy variable is set
 
     found = urllib.request.getproxies_environment()
+    if found.get("no", "").strip() == "*":  # every host bypasses the proxy
+        return {}
     out: dict[str, Any] = {"no": found.get("no", "")}
     for scheme in ("http", "https"):
-        url = found.get(scheme) or found.get("all")
-        if url:
-            out[scheme] = _parse_proxy(url)
+        key = scheme if found.get(scheme) else "all"
+        if found.get(key):
+            out[scheme] = _parse_proxy(found[key], f"{key}_proxy")
     return out
 
 
-def _parse_proxy(url: str) -> Proxy:
-    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+def _parse_proxy(url: str, variable: str = "proxy") -> Proxy:
+    """A Proxy from its URL; errors name the variable and never show the password."""
+    shown = re.sub(r"//[^/@]*@", "//***@", url if "://" in url else "http://" + url)
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{variable.upper()}={shown} is not a valid proxy URL ({e})") from None
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"unsupported proxy {url!r}: only http:// proxies are supported")
+        raise ValueError(f"{variable.upper()}={shown} is not supported: only http:// proxies are")
     auth = None
     if parts.username is not None:
         import base64
 
         user = urllib.parse.unquote(parts.username) + ":" + urllib.parse.unquote(parts.password or "")
         auth = b"Basic " + base64.b64encode(user.encode())
-    return Proxy(parts.hostname, parts.port or 80, auth)
+    return Proxy(parts.hostname, 80 if port is None else port, auth)
 
 
 def split_url(url: str) -> tuple[tuple[str, str, int], bytes, bytes]:
@@ -329,7 +342,7 @@ class Client:
         except ssl.SSLError as e:
             raise TLSError(f"TLS with {host}:{port} failed: {e}") from None
         except OSError as e:  # refused, unreachable, DNS failure
-            raise ConnectError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+            raise ConnectError(f"cannot connect to {host}:{port}: {_reason(e)}") from None
         except (UnicodeError, ValueError) as e:  # a host name the resolver refuses (empty label, NUL)
             raise InvalidURL(f"invalid host {host!r}: {e}") from None
         self.open.add(conn)
@@ -341,7 +354,7 @@ class Client:
         try:
             _, conn = await loop.create_connection(_Connection, proxy.host, proxy.port, happy_eyeballs_delay=0.25)
         except OSError as e:
-            raise ConnectError(f"cannot connect to proxy {proxy.host}:{proxy.port}: {e.strerror or e}") from None
+            raise ConnectError(f"cannot connect to proxy {proxy.host}:{proxy.port}: {_reason(e)}") from None
         if tls is None:  # plain http: requests go to the proxy itself (see get)
             return conn
         authority = (f"[{host}]" if ":" in host else host).encode("ascii") + b":%d" % port
@@ -350,13 +363,21 @@ class Client:
         try:
             request = h11.Request(method="CONNECT", target=authority, headers=headers)
             conn.transport.write(conn.h11.send(request) + conn.h11.send(h11.EndOfMessage()))
-            event = await conn.next_event(self.connect_timeout)
-            while isinstance(event, h11.InformationalResponse):
+            try:
                 event = await conn.next_event(self.connect_timeout)
-            if not isinstance(event, h11.Response) or event.status_code != 200:
-                status = getattr(event, "status_code", "no answer")
+                while isinstance(event, h11.InformationalResponse):
+                    event = await conn.next_event(self.connect_timeout)
+            except (ProtocolError, ReadTimeout) as e:  # the proxy's fault, not the image server's
+                raise ConnectError(f"proxy {proxy.host}:{proxy.port}: {e}") from None
+            status = getattr(event, "status_code", None)
+            if status == 407:
+                raise ProxyAuthError(f"proxy {proxy.host}:{proxy.port} wants credentials (407): check the "
+                                     "user:password in the proxy URL")
+            if status != 200:
                 raise ConnectError(f"proxy {proxy.host}:{proxy.port} refused the tunnel to {host}:{port} "
-                                   f"({status}{', check the credentials in the proxy URL' if status == 407 else ''})")
+                                   f"({status or 'no answer'})")
+            if conn.h11.trailing_data[0]:  # a TLS server never speaks first: these bytes are not its
+                raise ConnectError(f"proxy {proxy.host}:{proxy.port} sent data before the tunnel was used")
             conn.transport = await loop.start_tls(conn.transport, conn, tls, server_hostname=host)
         except BaseException:
             conn.abort()
@@ -437,6 +458,10 @@ class Client:
         conn, _ = self.idle[origin].pop(0)
         self.n_idle -= 1
         self._drop(conn)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
 
 
 def _lost(conn: _Connection) -> str:

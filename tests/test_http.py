@@ -447,3 +447,50 @@ def test_proxies_from_the_environment(monkeypatch):
     monkeypatch.delenv("https_proxy")
     with pytest.raises(ValueError, match="only http:// proxies"):
         http.env_proxies()
+
+
+def test_proxy_settings_errors_name_the_variable_and_hide_the_password(monkeypatch):
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("HTTPS_PROXY", "https://alice:S3cret@proxy.corp:3128")
+    with pytest.raises(ValueError) as e:
+        http.env_proxies()
+    assert "HTTPS_PROXY=https://***@proxy.corp:3128" in str(e.value) and "S3cret" not in str(e.value)
+    monkeypatch.setenv("NO_PROXY", "*")
+    assert http.env_proxies() == {}, "NO_PROXY=* bypasses every proxy, usable or not"
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTPS_PROXY", "http://bob:pw@proxy.corp:abc")
+    with pytest.raises(ValueError, match="HTTPS_PROXY=http://\\*\\*\\*@proxy.corp:abc is not a valid proxy URL"):
+        http.env_proxies()
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp")  # no scheme, no port: http on 80, as curl does
+    p = http.env_proxies()["https"]
+    assert (p.host, p.port, p.auth) == ("proxy.corp", 80, None)
+    assert "pw" not in repr(http._parse_proxy("http://bob:pw@h:1")), "credentials stay out of reprs"
+
+
+def test_proxy_failures_are_the_proxys():
+    async def closes(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def main(status: int | None) -> http.HttpError:
+        log: list[bytes] = []
+        if status is None:
+            srv = await asyncio.start_server(closes, "127.0.0.1", 0)
+            proxy = f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        else:
+            proxy = await start_proxy(log, connect_status=status)
+        c = http.Client(2.0, 2.0, proxies={"https": http._parse_proxy(proxy)})
+        try:
+            with pytest.raises(http.ConnectError) as e:
+                await c.get("https://origin.test/x", 100)
+            return e.value
+        finally:
+            await c.close()
+
+    silent, wants_auth = run(main(None)), run(main(407))
+    assert "proxy 127.0.0.1" in str(silent) and not isinstance(silent, http.ProxyAuthError)
+    assert isinstance(wants_auth, http.ProxyAuthError)
+    assert download._http_failure(http.Response(407, {}, b"")).status == "proxy_auth"
+    assert next(s for kind, s, _ in download._HTTP_ERRORS if isinstance(wants_auth, kind)) == "proxy_auth"
