@@ -139,8 +139,8 @@ class GeoDataset(torch.utils.data.Dataset):
         self.rows = rows
         self.shards_dir, self.seg_dir = str(shards_dir), str(seg_dir) if seg_dir else None
         self.size, self.pre, self.train, self.seed = size, pre, train, seed
-        # head name -> column of rows (missing columns give -1 targets)
-        self.targets = {h: rows[c].to_numpy(np.int64) if c in rows else np.full(len(rows), -1)
+        # head name -> column of rows; a missing column or value (no --meta at fetch) is -1, unknown
+        self.targets = {h: rows[c].fillna(-1).to_numpy(np.int64) if c in rows else np.full(len(rows), -1)
                         for h, c in targets.items()}
         self.epoch = 0
         self.reader = ShardReader()

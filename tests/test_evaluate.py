@@ -212,3 +212,22 @@ def test_missing_test_set_names_the_fetch_command(world):
     cfg, a, _ = world
     r = geoloc("evaluate", "im2gps3k", "-c", str(cfg), "--model", str(a))
     assert r.exit_code == 1 and "geoloc fetch im2gps3k" in r.output
+
+
+def test_images_without_a_true_location_are_left_out_not_scored_as_misses(world):
+    import shutil
+
+    cfg, a, _ = world
+    datasets = cfg.parent / "data" / "datasets"
+    for name, cut in (("partgps", 4), ("nogps", None)):
+        shutil.copytree(datasets / "demo_val", datasets / name, dirs_exist_ok=True)
+        m = pd.read_parquet(datasets / name / "manifest.parquet")
+        ok = m.index[m.status == "ok"][:cut]
+        m.loc[ok, ["lat", "lon"]] = np.nan
+        m.to_parquet(datasets / name / "manifest.parquet")
+    r = geoloc("evaluate", "partgps", "-c", str(cfg), "--model", str(a), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["partgps"]["hierarchical"]["n"] == 12  # 16 located - 4
+    assert "4 of 16 images have no true location" in r.stderr.replace("\n", " ")
+    r = geoloc("evaluate", "nogps", "-c", str(cfg), "--model", str(a))
+    assert r.exit_code == 1 and "no true locations" in r.output

@@ -371,6 +371,30 @@ def test_folder_import_reads_exif_gps(tmp_path):
     assert m.loc["paris.jpg", "lon"] == pytest.approx(2.2944, abs=1e-3)
     assert m.loc["sub/rio.jpg", "lat"] == pytest.approx(-22.9) and m.loc["sub/rio.jpg", "lon"] == pytest.approx(-43.2)
     assert len(stored(root, "trip")) == 2
+    # the metadata file holds only located photos, so partition can read it as points
+    from geoloc_cli.partitioning import read_points
+
+    assert len(read_points(root / "meta" / "trip_places365.csv").img_id) == 2
+
+
+def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
+    """Test-set archives (im2gps, yfcc4k) come as photos plus a *_places365.csv keyed by file name."""
+    photos = tmp_path / "im2gps"
+    (photos / "sub").mkdir(parents=True)
+    _gps_jpeg(photos / "1_a_1_x@N00.jpg", (48.0, 51.0, 29.0), (2.0, 17.0, 40.0))  # EXIF says Paris
+    _gps_jpeg(photos / "sub" / "2_b_2_y@N00.jpg", None, None)
+    _gps_jpeg(photos / "3_c.jpg", (22.0, 54.0, 0.0), (43.0, 12.0, 0.0), ("S", "W"))  # not in meta: EXIF
+    _gps_jpeg(photos / "4_d.jpg", None, None)  # in neither
+    meta = write_meta(tmp_path / "im2gps_places365.csv", ["1_a_1_x@N00.jpg", "2_b_2_y@N00.jpg", "gone.jpg"])
+    root = tmp_path / "root"
+    out = stage.run(make_cfg(root), source=str(photos), meta=meta, name="im2gps")
+    m = manifest(root, "im2gps").set_index("id")
+    published = pd.read_csv(meta).set_index("IMG_ID")
+    assert out["im2gps"]["ok"] == 3 and m.loc["4_d.jpg", "status"] == "no_gps"
+    assert m.loc["1_a_1_x@N00.jpg", "lat"] == published.loc["1_a_1_x@N00.jpg", "LAT"], "meta wins over EXIF"
+    assert m.loc["sub/2_b_2_y@N00.jpg", "lon"] == published.loc["2_b_2_y@N00.jpg", "LON"]  # by file name
+    assert m.loc["sub/2_b_2_y@N00.jpg", "S3_Label"] == published.loc["2_b_2_y@N00.jpg", "S3_Label"]
+    assert m.loc["3_c.jpg", "lat"] == pytest.approx(-22.9)
 
 
 def test_cli_fetch_and_bad_part(server, tmp_path):

@@ -287,3 +287,27 @@ def test_visible_devices_count_within_an_already_restricted_set(monkeypatch):
     assert train._visible_devices([1, 3]) == "1,3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert train._visible_devices([1, 3]) == "5,7"
+
+
+def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, capsys):
+    """Photos fetched without --meta have no scene label: those targets are unknown (-1), and a batch
+    with none known adds 0 to the loss instead of a NaN that would wreck the weights."""
+    import shutil
+
+    import pandas as pd
+
+    from geoloc_cli.store import DataRoot
+
+    cfg_path, data = world
+    root = tmp_path / "data"
+    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
+    cfg = load_config(cfg_path, ["train.run=noscene", "train.epochs=1", f"paths.root={root}"])
+    index = DataRoot(root).index(cfg.train.dataset)
+    rows = pd.read_parquet(index)
+    col = train.SCENE_COLUMNS[cfg.model.scene_classes]
+    rows[col] = pd.Series([None] * len(rows), dtype="Int32")
+    rows.to_parquet(index)
+    (result,) = train.launch(cfg)
+    losses = [v for rec in result["history"] for k, v in rec.items() if k.startswith("train_loss")]
+    assert len(losses) > 2 and all(np.isfinite(losses)), result["history"]
+    assert capsys.readouterr().err.count("no image has a scene label") == 1

@@ -166,6 +166,14 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     rows = manifest[manifest["status"] == OK].reset_index(drop=True)
     if rows.empty:
         raise InputError(f"dataset {dataset!r} has no downloaded images")
+    located = rows["lat"].notna() & rows["lon"].notna()
+    if not located.any():
+        raise InputError(f"dataset {dataset!r} has no true locations to score against: fetch it with "
+                         "--meta *_places365.csv (or photos with EXIF GPS)")
+    if not located.all():  # scoring them as misses would understate every accuracy
+        console.warn(f"{dataset}: {int((~located).sum()):,} of {len(rows):,} images have no true location "
+                     "and are left out of the metrics")
+        rows = rows[located].reset_index(drop=True)
     seg_dir = root.seg(dataset) if spec["seg_channels"] else None
     if seg_dir is not None and not seg_dir.is_dir():
         raise InputError(f"the model needs segmentation maps: run `geoloc segment {dataset}`")

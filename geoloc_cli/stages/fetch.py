@@ -95,7 +95,7 @@ def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Pat
     folder = Path(source)
     if folder.is_dir():
         n = name or folder.resolve().name
-        return {n: import_folder(cfg, root, n, folder, **kw)}
+        return {n: import_folder(cfg, root, n, folder, meta, **kw)}
     raise InputError(f"{source}: not a preset (demo, {', '.join(PRESETS)}) and not a folder")
 
 
@@ -518,23 +518,54 @@ def exif_latlon(path: Path) -> tuple[float, float] | None:
         return None
 
 
-def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, **kw: Any) -> dict[str, Any]:
-    """Import local photos: lat/lon from EXIF GPS; photos without GPS are listed with status no_gps."""
+def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path | None = None,
+                  **kw: Any) -> dict[str, Any]:
+    """Import local photos. Positions (and scene labels) come from `meta` (a *_places365.csv whose
+    IMG_ID is a photo's path below the folder or its file name, as in the published test-set archives),
+    else from EXIF GPS; photos with neither are listed with status no_gps."""
     import pandas as pd
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    ids, uris, lats, lons = [], [], [], []
-    for p in files:
-        pos = exif_latlon(p)
-        ids.append(p.relative_to(folder).as_posix())
-        uris.append(p.resolve().as_uri())
-        lats.append(pos[0] if pos else math.nan)
-        lons.append(pos[1] if pos else math.nan)
+    ids = [p.relative_to(folder).as_posix() for p in files]
+    known = _folder_meta(meta, ids) if meta is not None else pd.DataFrame({"IMG_ID": []})
+    from_meta = set(known["IMG_ID"])
+    exif = [(i, exif_latlon(p)) for i, p in zip(ids, files, strict=True) if i not in from_meta]
+    located = pd.DataFrame([{"IMG_ID": i, "LAT": pos[0], "LON": pos[1]} for i, pos in exif if pos],
+                           columns=["IMG_ID", "LAT", "LON"])
+    # Only photos with a position go into the metadata file: partition reads it as a list of points.
+    rows = pd.concat([known, located], ignore_index=True)
+    console.info(f"{name}: {len(files):,} photos; positions "
+                 + (f"from {Path(meta).name}: {len(known):,}, " if meta is not None else "")
+                 + f"from EXIF GPS: {len(located):,}, none (listed as no_gps): {len(files) - len(rows):,}")
     urls_csv, meta_csv = root.meta / f"{name}_urls.csv", root.meta / f"{name}_places365.csv"
+    uris = [p.resolve().as_uri() for p in files]
     write_text_atomic(urls_csv, pd.DataFrame({"id": ids, "url": uris}).to_csv(index=False, header=False))
-    meta = pd.DataFrame({"IMG_ID": ids, "AUTHOR": "", "LAT": lats, "LON": lons})
     with atomic_path(meta_csv) as tmp:
-        meta.to_csv(tmp, index=False)
+        rows.to_csv(tmp, index=False)
     return fetch_list(cfg, root, name, urls_csv, meta_csv, require_gps=True, **kw)
+
+
+def _folder_meta(meta: Path, ids: list[str]) -> Any:
+    """The rows of `meta` that belong to photos `ids`, their IMG_ID rewritten to the photo's id: matched
+    by the whole relative path, else by file name. Rows without LAT/LON are dropped."""
+    import pandas as pd
+
+    if not Path(meta).is_file():
+        raise InputError(f"metadata file not found: {meta}")
+    try:
+        df = pd.read_csv(meta, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
+                         na_values={c: [""] for c in ("LAT", "LON", *META_COLUMNS[1:])})
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{meta}: malformed metadata CSV: {e}") from None
+    missing = {"IMG_ID", "LAT", "LON"} - set(df.columns)
+    if missing:
+        raise InputError(f"{meta}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+    paths = set(ids)
+    names: dict[str, str] = {}
+    for i in ids:
+        names.setdefault(i.rsplit("/", 1)[-1], i)
+    df["IMG_ID"] = [m if m in paths else names.get(m) for m in df["IMG_ID"]]
+    # a photo matched twice (by path and by name) keeps its first row
+    return df.dropna(subset=["IMG_ID", "LAT", "LON"]).drop_duplicates("IMG_ID").reset_index(drop=True)

@@ -53,7 +53,7 @@ def _nproc(cfg: Config) -> int:
     return len(cfg.runtime.gpus) or max(cfg.runtime.nproc, 1)
 
 
-def _check(cfg: Config, world: int) -> Plan:
+def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     """Inputs and settings that cannot work, before any heavy work; `world` = processes in all."""
     from geoloc_cli.partitioning import load_partitions
 
@@ -71,6 +71,9 @@ def _check(cfg: Config, world: int) -> Plan:
     if scene_col not in rows.columns:
         raise InputError(f"the training index has no {scene_col} column for the scene head: "
                          "fetch with --meta *_places365.csv")
+    if warn and rows[scene_col].isna().all():
+        console.warn(f"{name}: no image has a scene label ({scene_col}; fetched without --meta): "
+                     "the scene head is not trained")
     if cfg.train.batch_size % (world * cfg.train.grad_accum):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                           f"{world} processes x {cfg.train.grad_accum} accumulation steps")
@@ -218,7 +221,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if info.device.type == "cpu":
         dist.limit_cpu_threads(cfg.runtime.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
-        plan = _check(cfg, info.world)
+        plan = _check(cfg, info.world, warn=False)  # launch warned already
         torch.manual_seed(cfg.runtime.seed)
         cells = _cells(cfg, plan.root)
         heads = {p: len(cells.hex_id[p]) for p in cfg.model.partitionings} | {"scene": cfg.model.scene_classes}
@@ -392,7 +395,9 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
             loss = torch.zeros((), device=device)
             for h, w in weights.items():
                 t = batch["targets"][h][s:s + micro].to(device)
-                lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1)
+                # mean over known targets; a micro-batch with none adds 0, not the NaN of a plain mean
+                known = (t >= 0).sum().clamp(min=1)
+                lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1, reduction="sum") / known
                 loss = loss + w * lh
                 totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach() / len(chunks)
             scaler.scale(loss / len(chunks)).backward()
