@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from geoloc_cli.errors import InputError
+from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.store import CHECKPOINT_FORMAT, read_checkpoint_meta
 
 
@@ -37,6 +37,21 @@ class ModelSpec:
 
 
 def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
+    import timm
+
+    if not timm.is_model(spec.backbone):
+        import difflib
+
+        close = difflib.get_close_matches(spec.backbone.split(".")[0], timm.list_models(), n=3)
+        raise ConfigError(f"model.backbone: timm has no model {spec.backbone!r}"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    try:
+        return _create_weighted(spec, in_chans, pretrained)
+    except TypeError as e:  # an override the architecture does not take
+        raise ConfigError(f"model.overrides {spec.overrides}: {spec.backbone} does not accept them ({e})") from None
+
+
+def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
     import timm
 
     kwargs: dict[str, Any] = dict(num_classes=0, img_size=spec.img_size, in_chans=in_chans, **spec.overrides)

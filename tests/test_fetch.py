@@ -409,6 +409,9 @@ def test_cli_fetch_and_bad_part(server, tmp_path):
     assert r.exit_code == 2 and "--part" in r.output
     r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "none.csv"), "--root", str(tmp_path)])
     assert r.exit_code == 1 and "none.csv" in r.output
+    (tmp_path / "empty.csv").write_text("")
+    r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "empty.csv"), "--root", str(tmp_path)])
+    assert r.exit_code == 1 and "empty" in r.output
 
 
 def test_unreadable_tls_certificates_fail_the_run_not_every_item(server, tmp_path, monkeypatch):

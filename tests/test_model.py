@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from geoloc_cli.data import EpochSampler, transform
-from geoloc_cli.errors import InputError
+from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.model import (
     ModelSpec,
     build_model,
@@ -34,6 +34,15 @@ def test_forward_shapes_and_gradients(seg_channels: int, fusion: str):
     assert model.rgb.patch_embed.proj.weight.grad is not None
     if seg_channels:
         assert model.seg.patch_embed.proj.weight.grad.abs().sum() > 0, "the seg branch must influence the output"
+
+
+def test_backbone_and_override_mistakes_are_config_errors():
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="no model 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+        build_model(replace(spec(0), backbone="vit_tiny_patch16_22"))
+    with pytest.raises(ConfigError, match="model.overrides"):
+        build_model(replace(spec(0), overrides={**TINY, "dpeth": 1}))
 
 
 def test_exchange_fusion_mixes_branches():

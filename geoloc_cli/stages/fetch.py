@@ -356,6 +356,8 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
     t0 = time.monotonic()
     size = cfg.fetch.shard_size
     n_items = count_rows(urls_csv)
+    if n_items == 0:
+        raise InputError(f"{urls_csv}: the URL list is empty (expected image_id,url rows)")
     meta = MetaIndex(meta_csv) if meta_csv is not None else None
     _check_layout(root, name, urls_csv, n_items, size)
     fetch, retry = plan_shards(root, name, n_items, size, part, retry_failed, retry_gone)
