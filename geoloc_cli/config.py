@@ -75,7 +75,7 @@ class PartitionConfig:
 @dataclass
 class FilterConfig:
     scene_of_interest: int = doc(3, "Keep one scene only: 0 indoor, 1 natural, 2 urban, 3 all.")
-    min_size: int = doc(0, "Drop images whose shorter side is below this many pixels.")
+    min_size: int = doc(0, "Drop images whose shorter side, as downloaded (before resizing), is below this.")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.json as pa_json
@@ -78,7 +78,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("id", pa.string()), ("url", pa.string()),
     ("lat", pa.float64()), ("lon", pa.float64()),
     ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("shard", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
+    ("shard", pa.string()),
     ("AUTHOR", pa.string()), ("S3_Label", pa.int32()), ("S16_Label", pa.int32()), ("S365_Label", pa.int32()),
     ("Prob_indoor", pa.float64()), ("Prob_natural", pa.float64()), ("Prob_urban", pa.float64()),
 ])
@@ -116,7 +117,15 @@ class Options:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
+class Processed(NamedTuple):
+    jpeg: bytes
+    width: int  # as stored
+    height: int
+    orig_width: int  # as downloaded (filter.min_size judges these)
+    orig_height: int
+
+
+def process_image(data: bytes, opts: Options) -> Processed:
     """Decode, orient, convert to RGB, resize (shorter side = opts.resize_shorter), encode JPEG.
 
     The declared size is checked before any pixel is decoded (decompression-bomb guard), and JPEGs are
@@ -139,11 +148,11 @@ def process_image(data: bytes, opts: Options) -> tuple[bytes, int, int]:
     size = _target_size(w, h, opts.resize_shorter) if opts.resize_shorter else (w, h)
     if math.prod(size) > opts.max_pixels:
         raise ItemFailure("decompression_bomb", f"{w}x{h} would exceed {opts.max_pixels} pixels after resizing")
-    if _cv2 is not None and _plain_jpeg(im, data):
-        out = _process_fast(data, w, h, size, opts.jpeg_quality)
-        if out is not None:
-            return out
-    return _process_pillow(im, size, opts)
+    out = _process_fast(data, w, h, size, opts.jpeg_quality) if _cv2 is not None and _plain_jpeg(im, data) else None
+    jpeg, sw, sh = out or _process_pillow(im, size, opts)
+    if (sw, sh) != size:  # turned upright from EXIF: report the original's sides the same way round
+        w, h = h, w
+    return Processed(jpeg, sw, sh, w, h)
 
 
 def _plain_jpeg(im: Image.Image, data: bytes) -> bool:
@@ -270,8 +279,8 @@ class Fetcher:
         await self.client.close()
         self.pool.shutdown(wait=True)
 
-    async def fetch(self, url: str) -> tuple[bytes, int, int, int]:
-        """(jpeg, width, height, body bytes) or raise ItemFailure."""
+    async def fetch(self, url: str) -> tuple[Processed, int]:
+        """(processed image, body bytes) or raise ItemFailure."""
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "file":
             body = await asyncio.get_running_loop().run_in_executor(self.pool, self._read_file, url)
@@ -280,10 +289,8 @@ class Fetcher:
         else:
             raise ItemFailure("bad_url", f"unsupported URL {url[:80]!r}")
         if len(body) <= INLINE_DECODE_BYTES:
-            jpeg, w, h = process_image(body, self.opts)
-        else:
-            jpeg, w, h = await asyncio.get_running_loop().run_in_executor(self.pool, process_image, body, self.opts)
-        return jpeg, w, h, len(body)
+            return process_image(body, self.opts), len(body)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, process_image, body, self.opts), len(body)
 
     def _read_file(self, url: str) -> bytes:
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
@@ -354,7 +361,7 @@ class Fetcher:
 def _row(job: dict[str, Any], i: int, shard: str) -> dict[str, Any]:
     row = {"key": job["keys"][i], "id": job["ids"][i], "url": job["urls"][i],
            "lat": job["lat"][i], "lon": job["lon"][i], "status": "", "error": "", "bytes": 0,
-           "width": 0, "height": 0, "shard": shard}
+           "width": 0, "height": 0, "orig_width": 0, "orig_height": 0, "shard": shard}
     for col in META_COLUMNS:
         row[col] = job["meta"][col][i] if col in job["meta"] else None
     return row
@@ -397,7 +404,7 @@ async def run_shard(fetcher: Fetcher, job: dict[str, Any], report: Any) -> Count
             images[key] = (kept[key]["jpg"], kept[key]["json"])
             prev = old.get(key, {})
             row.update(status=OK, bytes=prev.get("bytes") or len(kept[key]["jpg"]),
-                       width=meta.get("width", 0), height=meta.get("height", 0))
+                       **{k: meta.get(k, 0) for k in ("width", "height", "orig_width", "orig_height")})
             report(OK)
             return
         prev = old.get(key)
@@ -427,11 +434,13 @@ async def _attempt(fetcher: Fetcher, row: dict[str, Any], job: dict[str, Any]) -
 def _fetch_row(result: Any, images: dict[str, tuple[bytes, bytes]], row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(result, ItemFailure):
         return {"status": result.status, "error": result.error[:500]}
-    jpeg, w, h, nbytes = result
+    image, nbytes = result
+    sizes = {"width": image.width, "height": image.height, "orig_width": image.orig_width,
+             "orig_height": image.orig_height}
     info = {"key": row["key"], "id": row["id"], "lat": _nan_to_none(row["lat"]),
-            "lon": _nan_to_none(row["lon"]), "width": w, "height": h, "url": row["url"]}
-    images[row["key"]] = (jpeg, json.dumps(info).encode())
-    return {"status": OK, "error": "", "bytes": nbytes, "width": w, "height": h}
+            "lon": _nan_to_none(row["lon"]), **sizes, "url": row["url"]}
+    images[row["key"]] = (image.jpeg, json.dumps(info).encode())
+    return {"status": OK, "error": "", "bytes": nbytes, **sizes}
 
 
 def _write_shard(tar_path: Path, part_path: Path, rows: list[dict[str, Any]],

@@ -123,14 +123,14 @@ def test_every_status_one_row_each_and_readable_shards(server, tmp_path):
 
 def test_process_image_guards_and_resize():
     opts = Options(resize_shorter=320, max_pixels=10_000_000)
-    jpeg, w, h = process_image(make_jpeg(1024, 768), opts)
-    assert (w, h) == (427, 320) and Image.open(io.BytesIO(jpeg)).size == (427, 320)
-    _, w, h = process_image(make_jpeg(200, 300), opts)  # small images are scaled up to the same size
-    assert (w, h) == (320, 480)
+    jpeg, w, h, ow, oh = process_image(make_jpeg(1024, 768), opts)
+    assert (w, h, ow, oh) == (427, 320, 1024, 768) and Image.open(io.BytesIO(jpeg)).size == (427, 320)
+    _, w, h, ow, oh = process_image(make_jpeg(200, 300), opts)  # small images are scaled up to the same size
+    assert (w, h, ow, oh) == (320, 480, 200, 300)
     with pytest.raises(Exception) as e:
         process_image(bomb_jpeg(), opts)
     assert e.value.status == "decompression_bomb"
-    _, w, h = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
+    _, w, h, _, _ = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
     assert (w, h) == (300, 200)
     with pytest.raises(download.ItemFailure, match="after resizing"):  # a sliver blown up to gigapixels
         process_image(make_jpeg(2, 4000), opts)
@@ -151,7 +151,8 @@ def test_opencv_and_pillow_paths_agree(monkeypatch):
         monkeypatch.setattr(download, "_cv2", None)
         slow = process_image(src, opts)
         monkeypatch.undo()
-        assert fast[1:] == slow[1:] == download._target_size(w, h, 320), (w, h)
+        assert fast[1:3] == slow[1:3] == download._target_size(w, h, 320), (w, h)
+        assert fast[3:] == slow[3:] == (w, h)
         assert np.abs(_pixels(fast[0]) - _pixels(slow[0])).mean() < 3, (w, h)  # same image, both in RGB order
 
 
@@ -166,8 +167,8 @@ def test_pillow_handles_what_opencv_would_get_wrong():
     exif[0x0112] = 6  # stored sideways, shown rotated 90 degrees clockwise
     buf = io.BytesIO()
     im.save(buf, "JPEG", exif=exif)
-    _, w, h = process_image(buf.getvalue(), opts)
-    assert (w, h) == (320, 427)
+    _, w, h, ow, oh = process_image(buf.getvalue(), opts)
+    assert (w, h, ow, oh) == (320, 427, 768, 1024), "both sizes as shown, upright"
 
 
 def test_manifest_table_keeps_every_value():
@@ -180,6 +181,9 @@ def test_manifest_table_keeps_every_value():
     first, second = table.to_pylist()
     assert first == {**row, "lat": None, "lon": None}
     assert second["status"] == "io_error" and second["error"] == "no such file /p/?t\u00e9.jpg"
+    old = table.drop_columns(["orig_width", "orig_height"])  # a part from before they were kept
+    conformed = stage._conform(old)
+    assert conformed.schema == download.MANIFEST_SCHEMA and conformed.column("orig_width").null_count == 2
 
 
 def test_list_reading_chunks_exactly_and_names_bad_rows(tmp_path):

@@ -68,3 +68,8 @@ def test_filter_rules_and_drop_counts():
     assert dict(drops)["shorter side < 200 px"] == 1 and dict(drops)["scene is not natural"] == 1
     with pytest.raises(InputError, match="no column"):
         build_index(manifest, labels, ["middle"])
+    # fetch stores every image at the same shorter side; min_size judges the size as downloaded
+    manifest = manifest.assign(width=400, height=320, orig_width=[1024, 120, 0, 640, None],
+                               orig_height=[768, 90, 0, 480, None])
+    index, _ = build_index(manifest, labels, ["coarse", "fine"], min_size=200)
+    assert index["id"].tolist() == ["a", "e"]  # b was 120x90; e comes from an older manifest: as stored

@@ -475,8 +475,8 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
             if not (tar.is_file() and part.is_file()):
                 continue
             table = read_table(part)
-            if table.schema != MANIFEST_SCHEMA:  # parts written by an older geoloc (cast imports compute)
-                table = table.cast(MANIFEST_SCHEMA)
+            if table.schema != MANIFEST_SCHEMA:  # (only then: cast imports pyarrow.compute)
+                table = _conform(table)
             writer.write_table(table)
             by_status.update(table.column("status").to_pylist())
             nbytes += sum(v or 0 for v in table.column("bytes").to_pylist())
@@ -494,6 +494,14 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
         console.info(f"{name}: {present} of {n_shards} shards present; manifest.parquet covers those "
                      "(fetch the other --part slices into the same root to complete it)")
     return stats
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A manifest part written by an older geoloc: columns it lacks as nulls, then the current types."""
+    for field in MANIFEST_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(len(table), field.type))
+    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
 def summary_table(name: str, stats: dict[str, Any]) -> None:

@@ -18,6 +18,16 @@ from geoloc_cli.store import OK, DataRoot, read_parquet, write_json_atomic, writ
 SCENES = {0: "indoor", 1: "natural", 2: "urban"}
 
 
+def _shorter_side(df: pd.DataFrame) -> pd.Series:
+    """Shorter side as downloaded, before resizing; manifests from before geoloc kept it give the
+    stored size."""
+    w, h = df["width"], df["height"]
+    if "orig_width" in df:
+        known = df["orig_width"].fillna(0) > 0
+        w, h = df["orig_width"].where(known, w), df["orig_height"].where(known, h)
+    return pd.concat([w, h], axis=1).min(axis=1)
+
+
 def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: list[str],
                 scene_of_interest: int = 3, min_size: int = 0) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
     """(index rows, [(rule, items dropped)]). Pure: no I/O."""
@@ -32,7 +42,7 @@ def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: lis
 
     df = keep(manifest, manifest["status"] == OK, "not downloaded")
     if min_size:
-        df = keep(df, df[["width", "height"]].min(axis=1) >= min_size, f"shorter side < {min_size} px")
+        df = keep(df, _shorter_side(df) >= min_size, f"shorter side < {min_size} px")
     labels = labels.drop_duplicates("IMG_ID").set_index("IMG_ID")[partitionings]
     df = df.join(labels, on="id")
     has_all = df[partitionings].notna().all(axis=1) & (df[partitionings].fillna(-1) >= 0).all(axis=1)
