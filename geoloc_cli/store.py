@@ -55,6 +55,10 @@ class DataRoot:
     def seg(self, name: str) -> Path:
         return self.dataset(name) / "seg"
 
+    def seg_maker(self, name: str) -> Path:
+        """JSON naming what made the dataset's maps ({"model", "input_size"}, or {"model": "imported"})."""
+        return self.seg(name) / "segmenter.json"
+
     def manifest(self, name: str) -> Path:
         return self.dataset(name) / "manifest.parquet"
 

@@ -195,12 +195,12 @@ def test_stage_matches_direct_segmenter(world: DataRoot):
         np.testing.assert_array_equal(expected, got)
 
 
-def test_resume_skips_done_shards_and_ignores_half_written_temp(world: DataRoot, monkeypatch: pytest.MonkeyPatch):
-    cfg = _cfg(world.path)
+def _interrupt_in_second_shard(world: DataRoot, cfg, monkeypatch: pytest.MonkeyPatch):
+    """Run the stage until a kill in the middle of shard 1 (batch 3 of 4); returns the real predict."""
     calls = {"n": 0}
     real_predict = seg.Segmenter.predict
 
-    def dies_on_second_shard(self, batch):  # a kill in the middle of shard 1 (batch 3 of 4)
+    def dies_on_second_shard(self, batch):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
@@ -209,6 +209,12 @@ def test_resume_skips_done_shards_and_ignores_half_written_temp(world: DataRoot,
     monkeypatch.setattr(seg.Segmenter, "predict", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         stage.run(cfg, datasets=["demo"])
+    return real_predict
+
+
+def test_resume_skips_done_shards_and_ignores_half_written_temp(world: DataRoot, monkeypatch: pytest.MonkeyPatch):
+    cfg = _cfg(world.path)
+    real_predict = _interrupt_in_second_shard(world, cfg, monkeypatch)
     seg_dir = world.seg("demo")
     assert (seg_dir / "seg-000000.tar").is_file() and not (seg_dir / "seg-000001.tar").exists()
     assert not list(seg_dir.glob(".*.tmp")), "an interrupted shard must not leave its temp file"
@@ -318,3 +324,19 @@ def test_cli_segment_command(world: DataRoot):
     assert result.exit_code == 0, result.output
     assert len(_seg_maps(world, "demo", 0)) == 4 and len(_seg_maps(world, "demo", 1)) == 5
     assert "segment" in result.output
+
+
+def test_one_segmenter_per_dataset_is_recorded_and_enforced(world: DataRoot, monkeypatch: pytest.MonkeyPatch):
+    from geoloc_cli.stages import train
+
+    cfg = _cfg(world.path)
+    _interrupt_in_second_shard(world, cfg, monkeypatch)
+    maker = json.loads(world.seg_maker("demo").read_text())
+    assert maker == {"model": "tiny-random", "input_size": INPUT}
+    other = _cfg(world.path, f"segment.input_size={INPUT * 2}")
+    with pytest.raises(ConfigError, match=f"set segment.model=tiny-random segment.input_size={INPUT}"):
+        stage.run(other, datasets=["demo"])  # half the maps at one size, half at another: refused
+    # training would embed the configured segmenter for predict: it must be the one that made the maps
+    with pytest.raises(ConfigError, match="would be embedded for predict"):
+        train._check_seg_maker(other, world, "demo", warn=False)
+    train._check_seg_maker(cfg, world, "demo", warn=False)

@@ -53,6 +53,7 @@ from geoloc_cli.store import (
     read_shard,
     seg_shard_for,
     write_bytes_atomic,
+    write_json_atomic,
     write_parquet_atomic,
 )
 
@@ -146,9 +147,27 @@ class Settings:
     threads: int
 
 
+def record_maker(root: DataRoot, name: str, maker: dict[str, Any]) -> None:
+    """Note in seg/segmenter.json what makes this dataset's maps: one maker per dataset, so training can
+    embed the same segmenter for predict."""
+    import json
+
+    path = root.seg_maker(name)
+    if path.is_file() and any(root.seg(name).glob("seg-*.tar")):
+        made = json.loads(path.read_text())
+        if made != maker:
+            hint = (f"set segment.model={made['model']} segment.input_size={made.get('input_size')}"
+                    if made.get("model") != "imported" else "import the rest the same way")
+            raise ConfigError(f"{name}: its maps so far were made by {made}, not {maker}: {hint} to finish "
+                              f"them, or delete {root.seg(name)} to start over")
+    write_json_atomic(path, maker)
+
+
 def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
     jobs = [job for name in names for job in plan(root, name)]
     pending = [j for j in jobs if not j.seg_shard.is_file()]
+    for name in {j.dataset for j in pending}:
+        record_maker(root, name, {"model": cfg.segment.model, "input_size": cfg.segment.input_size})
     settings = Settings(cfg.segment.model, cfg.segment.precision, cfg.segment.input_size,
                         cfg.segment.batch_size, max(1, cfg.runtime.num_workers))
     devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [str(resolve_device(cfg.runtime.device))]
@@ -400,6 +419,8 @@ def import_maps(root: DataRoot, names: list[str], source_path: Path) -> None:
         if keys and not any(matches.values()):
             raise InputError(f"--import {source_path}: no map file matches a key or image id of dataset {name}")
         pending = [j for j in jobs if not j.seg_shard.is_file()]
+        if pending:
+            record_maker(root, name, {"model": "imported"})
         with console.progress(f"import {name}", sum(len(keys[j.image_shard]) for j in pending), unit="map") as task:
             for job in pending:
                 _import_shard(job, keys[job.image_shard], matches, source)

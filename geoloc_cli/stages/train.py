@@ -86,7 +86,24 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         val = m[m["status"] == OK].reset_index(drop=True)
         if cfg.model.seg_channels and not _has_seg(root, v, val):
             raise InputError(f"validation dataset {v!r} has no segmentation maps: run `geoloc segment {v}`")
+    if cfg.model.seg_channels:
+        for dataset in {name, *([cfg.train.val_dataset] if cfg.train.val_dataset else [])}:
+            _check_seg_maker(cfg, root, dataset, warn)
     return Plan(root, root.run(cfg.train.run), rows, val, _nproc(cfg))
+
+
+def _check_seg_maker(cfg: Config, root: DataRoot, name: str, warn: bool) -> None:
+    """The checkpoint embeds segment.model for predict: it must be what made the training maps."""
+    path = root.seg_maker(name)
+    made = json.loads(path.read_text()) if path.is_file() else {}
+    want = {"model": cfg.segment.model, "input_size": cfg.segment.input_size}
+    if made.get("model") not in (None, "imported") and made != want:
+        raise ConfigError(f"{name}: its maps were made by {made}, but segment.model={want['model']} "
+                          f"(input_size {want['input_size']}) would be embedded for predict: set "
+                          f"segment.model={made['model']} segment.input_size={made.get('input_size')}")
+    if warn and made.get("model") in (None, "imported"):
+        console.warn(f"{name}: its maps were imported or made before geoloc recorded their segmenter; "
+                     f"predict will segment photos with segment.model={want['model']}")
 
 
 def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
@@ -262,6 +279,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             console.info(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
                          f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} steps/epoch"
                          + extras)
+        if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
+            _segmenter_state(cfg.segment.model, cfg.segment.input_size)
         val_loader = _val_loader(cfg, plan, info, pre) if plan.val_rows is not None else None
         eval_model = ema.module if ema is not None else model  # validated and exported
         history = []
