@@ -275,10 +275,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.partitionings: {sorted(unknown)} have no partition.tau_max entry")
     if cfg.partition.lvl_min > cfg.partition.lvl_max:
         raise ConfigError("partition.lvl_min: must not exceed partition.lvl_max")
-    low = {k: v for k, v in cfg.partition.tau_max.items() if v <= cfg.partition.tau_min}
-    if low:
-        raise ConfigError(f"partition.tau_max: {low} must exceed partition.tau_min={cfg.partition.tau_min} "
-                          "(no cell could be kept)")
     heads = {*cfg.model.partitionings, "scene"}
     typos = set(cfg.train.loss_weights) - heads - set(cfg.partition.tau_max)
     if typos:

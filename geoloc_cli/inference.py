@@ -158,6 +158,14 @@ def summarize(pred: pd.DataFrame, cells: CellSet, thresholds=THRESHOLDS_KM) -> d
     return {name: accuracy(pred[f"{name}_km"].to_numpy(), thresholds) for name in [*cells.names, HIER]}
 
 
+def scene_accuracy(pred: pd.DataFrame) -> float | None:
+    """Share of right scene predictions among images with a known label (-1 = unknown); None if none."""
+    known = pred["scene_true"].to_numpy() >= 0
+    if not known.any():
+        return None
+    return float((pred["scene_pred"].to_numpy()[known] == pred["scene_true"].to_numpy()[known]).mean())
+
+
 # ------------------------------------------------------------------ ranked places (torch-free)
 
 

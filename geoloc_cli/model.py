@@ -39,7 +39,7 @@ class ModelSpec:
 def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
     import timm
 
-    if not timm.is_model(spec.backbone):
+    if not spec.backbone.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(spec.backbone):
         import difflib
 
         close = difflib.get_close_matches(spec.backbone.split(".")[0], timm.list_models(), n=3)
@@ -64,6 +64,8 @@ def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Modu
         return timm.create_model(spec.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     try:  # timm's weights (Hugging Face hub); offline machines fall back to random init with a warning
         return timm.create_model(spec.backbone, pretrained=True, **kwargs)
+    except TypeError:  # a bad override, not unreachable weights
+        raise
     except Exception as e:  # noqa: BLE001 - any download/IO failure means "not reachable"
         warnings.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init",
                       stacklevel=2)

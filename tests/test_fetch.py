@@ -399,6 +399,18 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
     assert m.loc["sub/2_b_2_y@N00.jpg", "lon"] == published.loc["2_b_2_y@N00.jpg", "LON"]  # by file name
     assert m.loc["sub/2_b_2_y@N00.jpg", "S3_Label"] == published.loc["2_b_2_y@N00.jpg", "S3_Label"]
     assert m.loc["3_c.jpg", "lat"] == pytest.approx(-22.9)
+    # a later run without --meta (resume, --retry-failed) keeps the first run's positions and labels
+    stage.run(make_cfg(root), source=str(photos), name="im2gps", retry_failed=True)
+    again = manifest(root, "im2gps").set_index("id")
+    pd.testing.assert_frame_equal(again[["status", "lat", "lon", "S3_Label"]], m[["status", "lat", "lon", "S3_Label"]])
+    # a file name found in two sub-folders matches neither
+    _gps_jpeg(photos / "1_a_1_x@N00.jpeg", None, None)
+    (photos / "other").mkdir()
+    _gps_jpeg(photos / "other" / "2_b_2_y@N00.jpg", None, None)
+    out = stage.run(make_cfg(root), source=str(photos), meta=meta, name="twice")
+    m = manifest(root, "twice").set_index("id")
+    assert m.loc["sub/2_b_2_y@N00.jpg", "status"] == "no_gps" == m.loc["other/2_b_2_y@N00.jpg", "status"]
+    assert m.loc["1_a_1_x@N00.jpg", "status"] == "ok"
 
 
 def test_cli_fetch_and_bad_part(server, tmp_path):

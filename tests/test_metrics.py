@@ -73,3 +73,11 @@ def test_filter_rules_and_drop_counts():
                                orig_height=[768, 90, 0, 480, None])
     index, _ = build_index(manifest, labels, ["coarse", "fine"], min_size=200)
     assert index["id"].tolist() == ["a", "e"]  # b was 120x90; e comes from an older manifest: as stored
+
+
+def test_scene_accuracy_counts_only_known_labels():
+    from geoloc_cli.inference import scene_accuracy
+
+    pred = pd.DataFrame({"scene_pred": [0, 1, 2, 2], "scene_true": [0, 2, -1, -1]})
+    assert scene_accuracy(pred) == 0.5
+    assert scene_accuracy(pred.assign(scene_true=-1)) is None

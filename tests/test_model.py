@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,23 @@ def test_epoch_sampler_splits_without_duplicates_and_resumes():
     assert list(parts[1]) == full[5:]
     ev = [EpochSampler(103, r, 4, shuffle=False) for r in range(4)]
     assert sorted(np.concatenate([e.indices() for e in ev])) == list(range(103))
+
+
+def test_hub_backbones_pass_the_name_check_and_auto_does_not_hide_a_bad_override(monkeypatch):
+    import timm
+
+    from geoloc_cli import model as model_mod
+
+    seen = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: seen.append(name) or torch.nn.Identity())
+    model_mod._create_vit(ModelSpec("hf-hub:org/vit", 32, 0, "late", {"scene": 3}), 3, "none")
+    assert seen == ["hf-hub:org/vit"]
+
+    def bad_override(name, pretrained=False, **kw):
+        raise TypeError("__init__() got an unexpected keyword argument 'dpeth'")
+
+    monkeypatch.setattr(timm, "create_model", bad_override)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "weights not reachable" warning on the way
+        with pytest.raises(ConfigError, match="model.overrides"):
+            model_mod._create_vit(spec(0), 3, "auto")

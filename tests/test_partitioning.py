@@ -308,3 +308,15 @@ def test_cli_bad_input_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 2 and not out.exists()
     result = _invoke("--root", str(tmp_path / "empty"))
     assert result.exit_code == 1 and "mp16_places365.csv" in result.output.replace("\n", "")
+
+
+def test_tau_min_is_checked_against_what_this_run_builds(tmp_path: Path) -> None:
+    meta = tmp_path / "m.csv"
+    meta.write_text("IMG_ID,LAT,LON\n" + "".join(f"i{k},{k % 50},{k % 70}\n" for k in range(300)))
+    root = ["--root", str(tmp_path / "root")]
+    # a custom partitioning: the configured fine tau_max (1000) does not matter
+    out = ["--output", str(tmp_path / "c")]
+    result = _invoke("--input", str(meta), "--tau-min", "1000", "--tau-max", "5000", *out, *root)
+    assert result.exit_code == 0, result.output
+    result = _invoke("--input", str(meta), "--cells", "fine", "--tau-min", "2000", *root)
+    assert result.exit_code == 2 and "must be greater than tau_min (2000)" in result.output

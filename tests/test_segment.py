@@ -340,3 +340,17 @@ def test_one_segmenter_per_dataset_is_recorded_and_enforced(world: DataRoot, mon
     with pytest.raises(ConfigError, match="would be embedded for predict"):
         train._check_seg_maker(other, world, "demo", warn=False)
     train._check_seg_maker(cfg, world, "demo", warn=False)
+
+
+def test_maps_from_before_the_record_are_kept_and_marked_unknown(world: DataRoot, monkeypatch, capsys):
+    from geoloc_cli.stages import train
+
+    _interrupt_in_second_shard(world, _cfg(world.path), monkeypatch)
+    world.seg_maker("demo").unlink()  # as a geoloc from before the record left it
+    monkeypatch.undo()
+    other = _cfg(world.path, f"segment.input_size={INPUT * 2}")
+    stage.run(other, datasets=["demo"])
+    assert json.loads(world.seg_maker("demo").read_text()) == {"model": "unknown"}
+    assert "before geoloc recorded their segmenter" in capsys.readouterr().err
+    train._check_seg_maker(other, world, "demo", warn=True)  # a warning, not an error
+    assert "predict will segment photos with" in capsys.readouterr().err

@@ -311,3 +311,27 @@ def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, c
     losses = [v for rec in result["history"] for k, v in rec.items() if k.startswith("train_loss")]
     assert len(losses) > 2 and all(np.isfinite(losses)), result["history"]
     assert capsys.readouterr().err.count("no image has a scene label") == 1
+
+
+def test_validation_images_without_a_true_location_are_left_out(world, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from geoloc_cli.store import DataRoot
+
+    cfg_path, data = world
+    root = tmp_path / "data"
+    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
+    cfg = load_config(cfg_path, [f"paths.root={root}"])
+    manifest = DataRoot(root).manifest(cfg.train.val_dataset)
+    m = pd.read_parquet(manifest)
+    full = int((m.status == "ok").sum())
+    m.loc[m.index[m.status == "ok"][:3], "lat"] = np.nan
+    m.to_parquet(manifest)
+    plan = train._check(cfg, 1)
+    assert len(plan.val_rows) == full - 3 and "3 validation images have no true location" in capsys.readouterr().err
+    m["lat"] = np.nan
+    m.to_parquet(manifest)
+    with pytest.raises(InputError, match="no true locations"):
+        train._check(cfg, 1)

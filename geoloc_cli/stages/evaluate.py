@@ -157,7 +157,7 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
 
     from geoloc_cli.data import GeoDataset, collate, locate
     from geoloc_cli.dist import amp_dtype
-    from geoloc_cli.inference import CellSet, run_geolocation, summarize
+    from geoloc_cli.inference import CellSet, run_geolocation, scene_accuracy, summarize
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]
@@ -200,8 +200,8 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     base = cells.names[0]
     results[BASELINE] = accuracy(trivial_baseline(cells.count[base], cells.lat[base], cells.lon[base],
                                                   pred["lat"].to_numpy(), pred["lon"].to_numpy()), thresholds)
-    if "scene_pred" in pred:
-        results["scene"] = {"accuracy": float((pred["scene_pred"] == pred["scene_true"]).mean())}
+    if "scene_pred" in pred and (acc := scene_accuracy(pred)) is not None:
+        results["scene"] = {"accuracy": acc}
     pred.insert(0, "img_id", rows["id"].to_numpy()[pred["index"].to_numpy()])
     if "S3_Label" in rows:
         pred["s3"] = pd.to_numeric(rows["S3_Label"], errors="coerce").to_numpy()[pred["index"].to_numpy()]

@@ -539,6 +539,7 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     if not files:
         raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     ids = [p.relative_to(folder).as_posix() for p in files]
+    meta = _folder_meta_source(root, name, meta)
     known = _folder_meta(meta, ids) if meta is not None else pd.DataFrame({"IMG_ID": []})
     from_meta = set(known["IMG_ID"])
     exif = [(i, exif_latlon(p)) for i, p in zip(ids, files, strict=True) if i not in from_meta]
@@ -557,6 +558,22 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     return fetch_list(cfg, root, name, urls_csv, meta_csv, require_gps=True, **kw)
 
 
+def _folder_meta_source(root: DataRoot, name: str, meta: Path | None) -> Path | None:
+    """The --meta of this folder import: a later run without the option (a resume, --retry-failed) uses
+    the first run's, so positions and labels are never lost on the way."""
+    record = root.dataset(name) / "folder_meta.json"
+    if meta is not None:
+        write_json_atomic(record, {"meta": str(Path(meta).resolve())})
+        return meta
+    if not record.is_file():
+        return None
+    meta = Path(json.loads(record.read_text())["meta"])
+    if not meta.is_file():
+        raise InputError(f"{name} was imported with --meta {meta}, which is gone: give --meta again")
+    console.info(f"{name}: positions and labels from {meta} (the --meta of the first run)")
+    return meta
+
+
 def _folder_meta(meta: Path, ids: list[str]) -> Any:
     """The rows of `meta` that belong to photos `ids`, their IMG_ID rewritten to the photo's id: matched
     by the whole relative path, else by file name. Rows without LAT/LON are dropped."""
@@ -573,9 +590,15 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     if missing:
         raise InputError(f"{meta}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
     paths = set(ids)
-    names: dict[str, str] = {}
-    for i in ids:
-        names.setdefault(i.rsplit("/", 1)[-1], i)
-    df["IMG_ID"] = [m if m in paths else names.get(m) for m in df["IMG_ID"]]
+    names = Counter(i.rsplit("/", 1)[-1] for i in ids)
+    by_name = {i.rsplit("/", 1)[-1]: i for i in ids}
+    ambiguous = sorted(m for m in set(df["IMG_ID"]) - paths if names[m] > 1)
+    if ambiguous:
+        console.warn(f"{meta}: {len(ambiguous):,} ids name several photos in the folder (e.g. {ambiguous[0]}) "
+                     "and are not used; use ids with the sub-folder")
+    df["IMG_ID"] = [m if m in paths else by_name[m] if names[m] == 1 else None for m in df["IMG_ID"]]
     # a photo matched twice (by path and by name) keeps its first row
-    return df.dropna(subset=["IMG_ID", "LAT", "LON"]).drop_duplicates("IMG_ID").reset_index(drop=True)
+    df = df.dropna(subset=["IMG_ID", "LAT", "LON"]).drop_duplicates("IMG_ID").reset_index(drop=True)
+    if df.empty:
+        console.warn(f"{meta}: no IMG_ID matches a photo's path or file name in the folder")
+    return df

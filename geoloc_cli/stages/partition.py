@@ -96,10 +96,15 @@ def _selected(cfg: Any, cells: str, tau_max: int | None) -> dict[str, tuple[int,
         # One custom partitioning, named after --cells when that names one (so training finds it).
         return {cells if cells != "all" else "custom": (tau_min, tau_max)}
     if cells == "all":
-        return {name: (tau_min, t) for name, t in configured.items()}
-    if cells not in configured:
-        raise ConfigError(f"--cells {cells!r}: expected all or one of {', '.join(configured)} (partition.tau_max)")
-    return {cells: (tau_min, configured[cells])}
+        specs = {name: (tau_min, t) for name, t in configured.items()}
+    else:
+        if cells not in configured:
+            raise ConfigError(f"--cells {cells!r}: expected all or one of {', '.join(configured)} (partition.tau_max)")
+        specs = {cells: (tau_min, configured[cells])}
+    low = {name: t for name, (_, t) in specs.items() if t <= tau_min}
+    if low:
+        raise ConfigError(f"partition.tau_max {low}: must be greater than tau_min ({tau_min})")
+    return specs
 
 
 def _earlier(out_dir: Path, specs: dict[str, tuple[int, int]], img_ids: np.ndarray) -> dict[str, tuple]:

@@ -20,6 +20,7 @@ at once: a run removes stale temporary files left in `seg/` by a killed run.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 import zipfile
@@ -150,11 +151,17 @@ class Settings:
 def record_maker(root: DataRoot, name: str, maker: dict[str, Any]) -> None:
     """Note in seg/segmenter.json what makes this dataset's maps: one maker per dataset, so training can
     embed the same segmenter for predict."""
-    import json
-
     path = root.seg_maker(name)
-    if path.is_file() and any(root.seg(name).glob("seg-*.tar")):
+    done = any(root.seg(name).glob("seg-*.tar"))
+    if done and not path.is_file():  # maps from before geoloc recorded their maker
+        console.warn(f"{name}: some maps were made before geoloc recorded their segmenter; they are kept, "
+                     "and training will warn that they may come from another model")
+        write_json_atomic(path, {"model": "unknown"})
+        return
+    if done:
         made = json.loads(path.read_text())
+        if made.get("model") == "unknown":
+            return
         if made != maker:
             hint = (f"set segment.model={made['model']} segment.input_size={made.get('input_size')}"
                     if made.get("model") != "imported" else "import the rest the same way")
@@ -166,8 +173,14 @@ def record_maker(root: DataRoot, name: str, maker: dict[str, Any]) -> None:
 def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
     jobs = [job for name in names for job in plan(root, name)]
     pending = [j for j in jobs if not j.seg_shard.is_file()]
+    maker = {"model": cfg.segment.model, "input_size": cfg.segment.input_size}
     for name in {j.dataset for j in pending}:
-        record_maker(root, name, {"model": cfg.segment.model, "input_size": cfg.segment.input_size})
+        record_maker(root, name, maker)
+    for name in set(names) - {j.dataset for j in pending}:
+        made = root.seg_maker(name)
+        if made.is_file() and json.loads(made.read_text()) != maker:
+            console.warn(f"{name}: every map was made already, by {made.read_text().strip()}; delete "
+                         f"{root.seg(name)} to make them again with {cfg.segment.model}")
     settings = Settings(cfg.segment.model, cfg.segment.precision, cfg.segment.input_size,
                         cfg.segment.batch_size, max(1, cfg.runtime.num_workers))
     devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [str(resolve_device(cfg.runtime.device))]

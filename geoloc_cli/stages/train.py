@@ -84,6 +84,14 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         v = cfg.train.val_dataset
         m = read_parquet(root.manifest(v), f"manifest of validation dataset {v!r}", f"run `geoloc fetch {v}`")
         val = m[m["status"] == OK].reset_index(drop=True)
+        located = val["lat"].notna() & val["lon"].notna()
+        if not located.any():
+            raise InputError(f"validation dataset {v!r} has no true locations: fetch it with --meta "
+                             "*_places365.csv (or photos with EXIF GPS)")
+        if warn and not located.all():
+            console.warn(f"{v}: {int((~located).sum()):,} validation images have no true location and are "
+                         "left out")
+        val = val[located].reset_index(drop=True)
         if cfg.model.seg_channels and not _has_seg(root, v, val):
             raise InputError(f"validation dataset {v!r} has no segmentation maps: run `geoloc segment {v}`")
     if cfg.model.seg_channels:
@@ -97,11 +105,11 @@ def _check_seg_maker(cfg: Config, root: DataRoot, name: str, warn: bool) -> None
     path = root.seg_maker(name)
     made = json.loads(path.read_text()) if path.is_file() else {}
     want = {"model": cfg.segment.model, "input_size": cfg.segment.input_size}
-    if made.get("model") not in (None, "imported") and made != want:
+    if made.get("model") not in (None, "imported", "unknown") and made != want:
         raise ConfigError(f"{name}: its maps were made by {made}, but segment.model={want['model']} "
                           f"(input_size {want['input_size']}) would be embedded for predict: set "
                           f"segment.model={made['model']} segment.input_size={made.get('input_size')}")
-    if warn and made.get("model") in (None, "imported"):
+    if warn and made.get("model") in (None, "imported", "unknown"):
         console.warn(f"{name}: its maps were imported or made before geoloc recorded their segmenter; "
                      f"predict will segment photos with segment.model={want['model']}")
 
@@ -402,6 +410,9 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
     n = batch["image"].shape[0]
     chunks = range(0, n, micro)
     totals: dict[str, Any] = {}  # detached device tensors: read back once per step (one GPU sync)
+    # Each head's loss is the mean over the known targets (-1 = unknown) of the whole local batch, so
+    # accumulation chunks add up to it exactly, and a chunk without known targets adds 0, not NaN.
+    known = {h: (batch["targets"][h] >= 0).sum().clamp(min=1).to(device) for h in weights}
     opt.zero_grad(set_to_none=True)
     for j, s in enumerate(chunks):
         image = batch["image"][s:s + micro].to(device, non_blocking=True)
@@ -414,13 +425,11 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
             loss = torch.zeros((), device=device)
             for h, w in weights.items():
                 t = batch["targets"][h][s:s + micro].to(device)
-                # mean over known targets; a micro-batch with none adds 0, not the NaN of a plain mean
-                known = (t >= 0).sum().clamp(min=1)
-                lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1, reduction="sum") / known
+                lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1, reduction="sum") / known[h]
                 loss = loss + w * lh
-                totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach() / len(chunks)
-            scaler.scale(loss / len(chunks)).backward()
-        totals["loss"] = totals.get("loss", 0.0) + loss.detach() / len(chunks)
+                totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach()
+            scaler.scale(loss).backward()
+        totals["loss"] = totals.get("loss", 0.0) + loss.detach()
     if grad_clip > 0:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), grad_clip)
@@ -448,7 +457,7 @@ def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any]):
 def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
     """Great-circle accuracy on the validation set (each rank its share, gathered on all ranks)."""
     from geoloc_cli import dist
-    from geoloc_cli.inference import run_geolocation, summarize
+    from geoloc_cli.inference import run_geolocation, scene_accuracy, summarize
 
     model.eval()
     pred = run_geolocation(model, loader, cells, cfg.model.seg_channels, info.device, amp)
@@ -457,8 +466,8 @@ def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, m in summarize(pred, cells).items():
         out.update({f"val_{name}_{k}": v for k, v in m.items() if k.startswith("acc_") or k == "median_km"})
-    if "scene_pred" in pred:
-        out["val_scene_acc"] = float((pred["scene_pred"] == pred["scene_true"]).mean())
+    if "scene_pred" in pred and (acc := scene_accuracy(pred)) is not None:
+        out["val_scene_acc"] = acc
     return out
 
 
