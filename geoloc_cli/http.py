@@ -186,6 +186,7 @@ class _Connection(asyncio.Protocol):
         self.active = False  # a request is in flight
         self.received = 0  # bytes received for the request in flight
         self.eof = False  # the peer closed its side (or the connection was lost)
+        self.eof_fed = False  # ... and h11 was told
         self.lost: BaseException | None = None
         self.closed = False  # never reuse: closed, lost, or the server spoke out of turn
 
@@ -224,21 +225,20 @@ class _Connection(asyncio.Protocol):
 
     async def next_event(self, read_timeout: float) -> Any:
         """The next h11 event, waiting at most `read_timeout` for each piece of data."""
-        eof_fed = False
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as e:
-                if not eof_fed:
+                if not self.eof_fed:
                     raise ProtocolError(f"malformed response: {e}") from None
                 reason = f" ({self.lost})" if self.lost else ""
                 raise IncompleteBody(f"connection closed before the response was complete{reason}") from None
             if event is not h11.NEED_DATA:
                 return event
             if self.eof:  # everything before the end is parsed: now h11 may see the end
-                assert not eof_fed, "h11 asked for data after the end of the stream"
+                assert not self.eof_fed, "h11 asked for data after the end of the stream"
                 self.h11.receive_data(b"")
-                eof_fed = True
+                self.eof_fed = True
                 continue
             loop = asyncio.get_running_loop()
             self.waiter = loop.create_future()
