@@ -16,6 +16,8 @@ import typer
 
 from geoloc_cli.errors import ConfigError, GeolocError
 
+BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
+
 app = typer.Typer(
     name="geoloc",
     help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.",
@@ -220,7 +222,7 @@ def evaluate(
     ] = None,
     model: Annotated[
         list[Path] | None,
-        typer.Option(help="Inference checkpoint (default: the run's best); repeat to compare models side by side."),
+        typer.Option(help=f"{BEST_HELP}; repeat to compare models side by side."),
     ] = None,
     from_predictions: Annotated[
         list[Path] | None,
@@ -248,7 +250,7 @@ def evaluate(
 @_handled
 def predict(
     photos: Annotated[list[Path], typer.Argument(help="Photos or folders of photos.")],
-    model: Annotated[Path | None, typer.Option(help="Inference checkpoint (default: the run's best).")] = None,
+    model: Annotated[Path | None, typer.Option(help=f"{BEST_HELP}.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Candidate places per photo.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     csv_: Annotated[bool, typer.Option("--csv", help="Print one CSV row per photo and rank.")] = False,
@@ -280,7 +282,7 @@ def predict(
 )
 @_handled
 def export(
-    ckpt: Annotated[Path | None, typer.Argument(help="Inference checkpoint (default: the run's best).")] = None,
+    ckpt: Annotated[Path | None, typer.Argument(help=f"{BEST_HELP}.")] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Network file (default: CKPT with suffix .onnx; "
                                   "predict finds only that one).")

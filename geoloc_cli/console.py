@@ -30,8 +30,17 @@ from rich.table import Table
 from rich.text import Text
 
 _state = {"quiet": False}
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+PIPE_WIDTH = 160  # columns when writing to a file or pipe (rich's default, 80, wraps paths and tables)
+
+
+def _console(stderr: bool) -> Console:
+    c = Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c.width = PIPE_WIDTH
+    return c
+
+
+out, err = _console(False), _console(True)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -45,17 +54,18 @@ def is_main() -> bool:
 
 def info(msg: str) -> None:
     if is_main():
-        err.print(msg, markup=False)
+        err.print(msg, markup=False, soft_wrap=not err.is_terminal)
 
 
 def warn(msg: str) -> None:
     if is_main():
-        err.print(f"[yellow]warning:[/] {escape(msg)}")
+        err.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=not err.is_terminal)
 
 
 def error(msg: str) -> None:
-    # Errors print from every rank: a failing worker must be able to say why.
-    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
+    # Errors print from every rank: a failing worker must be able to say why. Never wrapped in a log:
+    # a URL or path in it must stay copyable.
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False, soft_wrap=not err.is_terminal)
 
 
 def print_json(obj: Any) -> None:
@@ -91,26 +101,38 @@ class Task:
     def __init__(self, progress: Progress | None, task_id: Any, description: str, total: float | None):
         self._progress, self._id, self._desc, self._total = progress, task_id, description, total
         self._done = 0.0
+        self._fields: dict[str, Any] = {}
         self._last_log = time.monotonic()
         self._start = time.monotonic()
 
     def advance(self, n: float = 1, **fields: Any) -> None:
         self._done += n
+        self._fields = fields or self._fields
         if self._progress is not None:
             self._progress.update(self._id, advance=n, **fields)
         elif is_main() and time.monotonic() - self._last_log > 10:
-            self._last_log = time.monotonic()
-            rate = self._done / max(time.monotonic() - self._start, 1e-9)
-            extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-            total = f"/{self._total:.0f}" if self._total else ""
-            err.print(f"{self._desc}: {self._done:.0f}{total} ({rate:.1f}/s) {extra}")
+            self.log()
+
+    def log(self, final: bool = False) -> None:
+        """One plain progress line (the stand-in for a bar in quiet mode and in logs)."""
+        self._last_log = time.monotonic()
+        seconds = max(time.monotonic() - self._start, 1e-9)
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in self._fields.items())
+        total = f"/{self._total:.0f}" if self._total else ""
+        done = f" done in {seconds:.1f} s" if final else ""
+        err.print(f"{self._desc}: {self._done:.0f}{total} ({self._done / seconds:.1f}/s){done} {extra}".rstrip(),
+                  markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
 def progress(description: str, total: float | None, unit: str = "it", **fields: Any) -> Iterator[Task]:
     """A progress bar with rate, ETA and free-form fields (e.g. loss=0.1) shown after the bar."""
-    if _state["quiet"] or not is_main():
-        yield Task(None, None, description, total)
+    if _state["quiet"] or not is_main() or not err.is_terminal:
+        # quiet, another rank, or a log file / pipe (where a live bar only garbles): plain lines
+        task = Task(None, None, description, total)
+        yield task
+        if is_main() and not _state["quiet"]:
+            task.log(final=True)
         return
     extra = " ".join(f"{k}={{task.fields[{k}]}}" for k in fields)
     columns = [

@@ -428,13 +428,16 @@ def export_mapping(
 
 
 def _partitions_dir(path: Path, dataset: str) -> Path:
+    """`path` itself, or the partitions directory of `dataset` when `path` is a data root."""
     path = Path(path)
-    for candidate in (path, store.DataRoot(path).partitions(dataset)):
+    candidates = [path]
+    if path.parts[-2:] != ("partitions", dataset):  # already the dataset's directory: no second guess
+        candidates.append(store.DataRoot(path).partitions(dataset))
+    for candidate in candidates:
         if (candidate / PARTITIONS_JSON).is_file():
             return candidate
-    raise InputError(
-        f"no {PARTITIONS_JSON} in {path} or {store.DataRoot(path).partitions(dataset)} (run `geoloc partition`)"
-    )
+    where = " or ".join(str(c) for c in candidates)
+    raise InputError(f"no {PARTITIONS_JSON} in {where} (run `geoloc partition`)")
 
 
 def read_partitions_json(path: Path, dataset: str = "mp16") -> tuple[Path, dict[str, dict]]:

@@ -420,11 +420,14 @@ def test_cli_fetch_and_bad_part(server, tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "http_404" in r.output and "ok" in r.output
+    loud = CliRunner().invoke(app, [a for a in args if a != "-q"] + ["--name", "loud"])
+    assert "fetch loud: 2/2 (" in loud.output and " done in " in loud.output, "in a log: plain lines, no bar"
     assert list(manifest(tmp_path / "root", "cli").status) == ["ok", "http_404"]
     r = CliRunner().invoke(app, [*args, "--part", "2/2"])
     assert r.exit_code == 2 and "--part" in r.output
-    r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "none.csv"), "--root", str(tmp_path)])
-    assert r.exit_code == 1 and "none.csv" in r.output
+    missing = tmp_path / ("deep" * 30) / "none.csv"
+    r = CliRunner().invoke(app, ["fetch", "--urls", str(missing), "--root", str(tmp_path)])
+    assert r.exit_code == 1 and str(missing) in r.output, "a path in an error is never wrapped in a log"
     (tmp_path / "empty.csv").write_text("")
     r = CliRunner().invoke(app, ["fetch", "--urls", str(tmp_path / "empty.csv"), "--root", str(tmp_path)])
     assert r.exit_code == 1 and "empty" in r.output

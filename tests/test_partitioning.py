@@ -320,3 +320,14 @@ def test_tau_min_is_checked_against_what_this_run_builds(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     result = _invoke("--input", str(meta), "--cells", "fine", "--tau-min", "2000", *root)
     assert result.exit_code == 2 and "must be greater than tau_min (2000)" in result.output
+
+
+def test_missing_partitions_name_only_real_places(tmp_path: Path) -> None:
+    from geoloc_cli.errors import InputError
+    from geoloc_cli.store import DataRoot
+
+    with pytest.raises(InputError) as e:
+        part.load_partitions(DataRoot(tmp_path).partitions("mp16"))
+    assert str(e.value).count("partitions/mp16") == 1, str(e.value)
+    with pytest.raises(InputError, match=f"in {tmp_path} or {tmp_path}/partitions/mp16"):
+        part.load_partitions(tmp_path)  # a data root: both places are tried

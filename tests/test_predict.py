@@ -217,7 +217,7 @@ def test_exif_gps_gives_the_true_place_and_the_error(ckpt, tmp_path):
     top1 = res["top"][0]
     assert e["error_km"] == pytest.approx(float(haversine_km(e["lat"], e["lon"], top1["lat"], top1["lon"])), abs=0.1)
     table = predict(str(tmp_path / "gps.jpg"), "--model", str(ckpt))
-    assert "exif" in table.stdout and "error" in table.stdout
+    assert "exif" in table.stdout and "true position" in table.stdout and "km off" in table.stdout
 
 
 def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
@@ -225,7 +225,7 @@ def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
     r = predict(*args, "--csv")
     assert r.exit_code == 1
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert len(rows) == 3 * 2 + 1 and rows[-1]["error"].startswith("no such file")
+    assert len(rows) == 3 * 2 + 1 and rows[-1]["failure"].startswith("no such file")
     assert [x["rank"] for x in rows[:2]] == ["1", "2"] and rows[0]["place"] and rows[0]["country"]
     gj = json.loads(predict(*args, "--geojson").stdout)
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3 * 2

@@ -240,17 +240,18 @@ def _place_name(p: dict[str, Any]) -> str:
 
 
 CSV_COLUMNS = ["file", "rank", "lat", "lon", "probability", "cell", "place", "country", "place_km", "scene",
-               "scene_probability", "true_lat", "true_lon", "error_km", "error"]
+               "scene_probability", "true_lat", "true_lon", "error_km", "failure"]
 
 
 def to_csv(results: list[dict[str, Any]]) -> str:
-    """One row per (photo, rank); a failed photo is one row with only file and error."""
+    """One row per (photo, rank); a photo that could not be read is one row with only file and failure.
+    true_lat/true_lon/error_km: the EXIF position and its distance to rank 1, when the photo has one."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in results:
         if "error" in r:
-            w.writerow({"file": r["file"], "error": r["error"]})
+            w.writerow({"file": r["file"], "failure": r["error"]})
             continue
         scene = max(r["scene"], key=r["scene"].get) if r["scene"] else ""
         truth = r.get("exif", {})
@@ -297,8 +298,9 @@ def _table(results: list[dict[str, Any]]) -> None:
                          f"{scene} {100 * r['scene'][scene]:.0f}%" if first and scene else ""))
         if "exif" in r:
             e = r["exif"]
-            rows.append(("", "exif", f"{e['lat']:.4f}", f"{e['lon']:.4f}", _place_name(e["place"]), "",
-                         "", f"error {e['error_km']:,.0f} km"))
+            rows.append(("", "exif", f"{e['lat']:.4f}", f"{e['lon']:.4f}",
+                         f"{_place_name(e['place'])} (true position: rank 1 is {e['error_km']:,.0f} km off)",
+                         "", "", ""))
     if rows:
         from geoloc_cli.gazetteer import ATTRIBUTION
 

@@ -284,9 +284,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
             _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
             extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
-            console.info(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
-                         f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} steps/epoch"
-                         + extras)
+            if state["epoch"] >= cfg.train.epochs:
+                console.info(f"{plan.run_dir.name}: all {cfg.train.epochs} epochs are done already; nothing to "
+                             "train (raise train.epochs to continue)")
+            else:
+                console.info(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
+                             f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} "
+                             f"steps/epoch" + extras)
         if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
             _segmenter_state(cfg.segment.model, cfg.segment.input_size)
         val_loader = _val_loader(cfg, plan, info, pre) if plan.val_rows is not None else None
@@ -476,7 +480,8 @@ def _write_epoch(run_dir: Path, record: dict[str, Any], model, cells, cfg: Confi
         f.write(json.dumps(record) + "\n")
     shown = [(k, v) for k, v in record.items()
              if k in ("train_loss", "val_scene_acc", "images_per_s") or k.startswith("val_hierarchical")]
-    console.table(f"epoch {record['epoch']}", ["metric", "value"], [(k, round(v, 4)) for k, v in shown])
+    console.table(f"epoch {record['epoch']}", ["metric", "value"],  # accuracies in percent, as evaluate shows them
+                  [(k, f"{100 * v:.1f}%" if "_acc" in k else round(v, 4)) for k, v in shown])
     export_checkpoint(run_dir / "last.safetensors", model, cells, cfg)
     if is_best:
         export_checkpoint(run_dir / "model.safetensors", model, cells, cfg)
