@@ -28,6 +28,25 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_devices(gpus: list[int], device: str, stage: str) -> None:
+    """GPUs that are asked for must exist: checked in the launching process before any worker starts."""
+    if not gpus:
+        resolve_device(device)  # raises for cuda without CUDA
+        return
+    flag = f"--gpus {','.join(map(str, gpus))}"
+    if device == "cpu":
+        raise ConfigError(f"{flag} conflicts with runtime.device=cpu: drop one of them")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"{flag}: a GPU is listed twice")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{flag}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}): leave out --gpus to {stage} on the CPU")
+    n = torch.cuda.device_count()
+    bad = [g for g in gpus if not 0 <= g < n]
+    if bad:
+        raise ConfigError(f"{flag}: GPU(s) {bad} do not exist, {n} visible (indices 0..{n - 1})")
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """auto -> this process's GPU if CUDA is available, else cpu; cuda:N must exist."""
     if spec == "auto":

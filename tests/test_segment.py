@@ -354,3 +354,9 @@ def test_maps_from_before_the_record_are_kept_and_marked_unknown(world: DataRoot
     assert "before geoloc recorded their segmenter" in capsys.readouterr().err
     train._check_seg_maker(other, world, "demo", warn=True)  # a warning, not an error
     assert "predict will segment photos with" in capsys.readouterr().err
+
+
+def test_gpus_that_cannot_be_used_fail_before_any_work(world: DataRoot):
+    with pytest.raises(ConfigError, match="conflicts with runtime.device=cpu"):
+        stage.run(_cfg(world.path, "runtime.gpus=[0]"), datasets=["demo"])
+    assert not list(world.seg("demo").glob("seg-*.tar"))

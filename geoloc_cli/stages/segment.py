@@ -37,7 +37,7 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.dist import resolve_device
+from geoloc_cli.dist import check_devices, resolve_device
 from geoloc_cli.errors import ConfigError, GeolocError, InputError
 from geoloc_cli.segmentation import (
     Segmenter,
@@ -171,6 +171,7 @@ def record_maker(root: DataRoot, name: str, maker: dict[str, Any]) -> None:
 
 
 def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
+    check_devices(cfg.runtime.gpus, cfg.runtime.device, "segment")
     jobs = [job for name in names for job in plan(root, name)]
     pending = [j for j in jobs if not j.seg_shard.is_file()]
     maker = {"model": cfg.segment.model, "input_size": cfg.segment.input_size}

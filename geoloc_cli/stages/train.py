@@ -120,30 +120,6 @@ def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
     return all((root.seg(name) / seg_shard_for(s)).is_file() for s in rows["shard"].unique())
 
 
-def _check_devices(cfg: Config) -> None:
-    """GPUs that are asked for must exist, checked in the launching process before any worker starts."""
-    from geoloc_cli.dist import resolve_device
-
-    gpus = cfg.runtime.gpus
-    if not gpus:
-        resolve_device(cfg.runtime.device)  # raises for cuda without CUDA
-        return
-    flag = f"--gpus {','.join(map(str, gpus))}"
-    if cfg.runtime.device == "cpu":
-        raise ConfigError(f"{flag} conflicts with runtime.device=cpu: drop one of them")
-    if len(set(gpus)) != len(gpus):
-        raise ConfigError(f"{flag}: a GPU is listed twice")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{flag}: CUDA is not available on this machine (torch {torch.__version__}, "
-                          f"CUDA build {torch.version.cuda or 'none'}): leave out --gpus to train on the CPU")
-    n = torch.cuda.device_count()
-    bad = [g for g in gpus if not 0 <= g < n]
-    if bad:
-        raise ConfigError(f"{flag}: GPU(s) {bad} do not exist, {n} visible (indices 0..{n - 1})")
-
-
 def _visible_devices(gpus: list[int]) -> str:
     """CUDA_VISIBLE_DEVICES for the listed GPUs; indices count within an already restricted set."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -162,7 +138,9 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     under_torchrun = "LOCAL_RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else _nproc(cfg) * nnodes
     plan = _check(cfg, world)
-    _check_devices(cfg)
+    from geoloc_cli.dist import check_devices
+
+    check_devices(cfg.runtime.gpus, cfg.runtime.device, "train")
     if resume and not (plan.run_dir / "resume.pt").is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
     if under_torchrun or world == 1:
