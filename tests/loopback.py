@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -174,10 +175,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class LoopbackServer:
-    """Threaded test server on 127.0.0.1, port chosen by the OS. Use as a context manager."""
+    """Threaded test server on 127.0.0.1, port chosen by the OS (https with a server-side `tls` context).
+    Use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.httpd = _Server()
+        self.scheme = "https" if tls else "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -187,7 +192,7 @@ class LoopbackServer:
         return self.httpd.hits
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
     @staticmethod
     def refused_url() -> str:

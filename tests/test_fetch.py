@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -453,3 +454,26 @@ def test_an_unusable_proxy_setting_fails_the_run(server, tmp_path, monkeypatch):
     args = ["fetch", "--urls", str(urls), "--name", "px", "--root", str(tmp_path / "root"), "-q"]
     r = CliRunner().invoke(app, args + sum((["--set", s] for s in FAST), []))
     assert r.exit_code == 2 and "socks5" in r.output and "http:// proxy" in r.output, r.output
+
+
+def test_https_end_to_end_with_verified_certificates(tmp_path, monkeypatch):
+    """The whole fetch over TLS: the parent loads the CA once, forked workers verify the server with it."""
+    trustme = pytest.importorskip("trustme")
+    from geoloc_cli import http
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    http.ssl_context.cache_clear()
+    try:
+        with LoopbackServer(tls=server_ctx) as srv:
+            urls = write_list(tmp_path / "l.csv", [(f"s{k}", srv.url(f"img/s{k}.jpg")) for k in range(6)]
+                              + [("r", srv.url("redirect/r")), ("gone", srv.url("404/g"))])
+            out = stage.run(make_cfg(tmp_path / "root"), urls=urls, name="tls")
+    finally:
+        http.ssl_context.cache_clear()
+    assert out["tls"]["status"] == {"ok": 7, "http_404": 1}
+    assert len(stored(tmp_path / "root", "tls")) == 7

@@ -367,7 +367,7 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
     if wanted:
         what = f"{len(fetch)} new" + (f" and {len(retry)} retried" if retry_failed else "")
         console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards; fetching {what} "
-                     f"shard(s) ({total:,} items) with {cfg.fetch.processes} process(es)")
+                     f"shard(s) ({total:,} items) with {min(cfg.fetch.processes, len(wanted))} process(es)")
         jobs = iter_jobs(cfg, root, name, urls_csv, meta, wanted, retry_gone, require_gps)
         counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
                           f"fetch {name}")
