@@ -27,7 +27,7 @@ import urllib.parse
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -107,11 +107,13 @@ class Options:
     retries: int = 3
     max_bytes: int = 20_000_000
     max_pixels: int = 100_000_000
+    # From the environment of the process that starts the workers (a fork server's may be older):
+    tls: tuple[str | None, str | None] = (None, None)  # (cafile, capath), see http.env_tls
+    proxies: dict[str, Any] = field(default_factory=dict)  # see http.env_proxies
 
     @classmethod
     def from_config(cls, fetch_cfg: Any) -> Options:
-        names = cls.__dataclass_fields__
-        return cls(**{k: getattr(fetch_cfg, k) for k in names})
+        return cls(**{k: getattr(fetch_cfg, k) for k in cls.__dataclass_fields__ if hasattr(fetch_cfg, k)})
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -270,7 +272,7 @@ class Fetcher:
         self.opts = opts
         self.client = http.Client(opts.connect_timeout, opts.read_timeout, keep_per_origin=opts.per_host,
                                   max_idle=opts.concurrency, headers={"User-Agent": USER_AGENT},
-                                  proxies=http.env_proxies())
+                                  proxies=opts.proxies, tls=opts.tls)
         self.slots = asyncio.Semaphore(opts.concurrency)
         self.hosts: dict[str, asyncio.Semaphore] = {}
         self.pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")

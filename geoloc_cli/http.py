@@ -83,15 +83,22 @@ class Response:
     body: bytes
 
 
-@functools.cache
-def ssl_context() -> ssl.SSLContext:
-    """One verifying TLS context for the process (loading the CA bundle costs ~30 ms). SSL_CERT_FILE and
-    SSL_CERT_DIR are honoured like httpx does; otherwise certifi's bundle, as httpx uses."""
-    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+def env_tls() -> tuple[str | None, str | None]:
+    """(cafile, capath): SSL_CERT_FILE and SSL_CERT_DIR as httpx honours them, else certifi's bundle."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
     if not cafile and not capath:
         import certifi
 
         cafile = certifi.where()
+    return cafile, capath
+
+
+@functools.cache
+def ssl_context(cafile: str | None = None, capath: str | None = None) -> ssl.SSLContext:
+    """One verifying TLS context per CA setting (loading a bundle costs ~30 ms); with no argument, the
+    environment's (env_tls)."""
+    if cafile is None and capath is None:
+        cafile, capath = env_tls()
     ctx = ssl.create_default_context(cafile=cafile, capath=capath)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
@@ -263,9 +270,9 @@ class Client:
 
     def __init__(self, connect_timeout: float, read_timeout: float, keep_per_origin: int = 16,
                  max_idle: int = 64, idle_expiry: float = 5.0, headers: dict[str, str] | None = None,
-                 proxies: dict[str, Any] | None = None) -> None:
+                 proxies: dict[str, Any] | None = None, tls: tuple[str | None, str | None] = (None, None)) -> None:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.proxies = proxies or {}
+        self.proxies, self.tls = proxies or {}, tls
         self.routes: dict[tuple[str, str, int], Proxy | None] = {}
         self.keep_per_origin, self.max_idle, self.idle_expiry = keep_per_origin, max_idle, idle_expiry
         self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -327,7 +334,7 @@ class Client:
     async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        tls = ssl_context() if scheme == "https" else None
+        tls = ssl_context(*self.tls) if scheme == "https" else None
         proxy = self._route(origin)
         try:
             async with asyncio.timeout(self.connect_timeout):

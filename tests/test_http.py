@@ -308,7 +308,7 @@ def test_a_failed_tls_connection_is_dropped_at_once():
         c_ctx = ssl.create_default_context(cafile=None)
         ca.configure_trust(c_ctx)
         try:
-            with unittest.mock.patch.object(http, "ssl_context", lambda: c_ctx), pytest.raises(http.ReadTimeout):
+            with unittest.mock.patch.object(http, "ssl_context", lambda *tls: c_ctx), pytest.raises(http.ReadTimeout):
                 await c.get(f"{base}/x", 100)
             await asyncio.sleep(0.1)
             return c.open, sockets[0].fileno()
@@ -397,7 +397,7 @@ def test_proxies_from_the_environment(monkeypatch):
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
     client_ctx = ssl.create_default_context(cafile=None)
     ca.configure_trust(client_ctx)
-    monkeypatch.setattr(http, "ssl_context", lambda: client_ctx)
+    monkeypatch.setattr(http, "ssl_context", lambda *tls: client_ctx)
     for k in list(os.environ):
         if k.lower().endswith("_proxy"):
             monkeypatch.delenv(k)

@@ -8,6 +8,7 @@ memory stays flat in the length of the list. The download itself lives in geoloc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -384,15 +385,12 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
     """Run shard jobs on `processes` worker processes; show progress; return counts by status."""
     processes = max(1, min(processes, n_jobs))  # a worker per job at most: each start costs CPU
     ctx = worker_context()
+    opts = dataclasses.replace(opts, tls=http.env_tls(), proxies=_proxies())
     try:  # once, here: forked workers share it, and a bad certificate setting fails the run, not each item
-        http.ssl_context()
+        http.ssl_context(*opts.tls)
     except OSError as e:
         raise ConfigError(f"cannot load TLS certificates (SSL_CERT_FILE={os.environ.get('SSL_CERT_FILE')!r}, "
                           f"SSL_CERT_DIR={os.environ.get('SSL_CERT_DIR')!r}): {e}") from None
-    try:
-        http.env_proxies()
-    except ValueError as e:
-        raise ConfigError(f"{e}; unset the variable or point it to an http:// proxy") from None
     job_q, events = ctx.Queue(maxsize=max(2, processes * 2)), ctx.Queue()
     workers = [ctx.Process(target=worker_main, args=(opts, job_q, events, os.getpid()), daemon=True)
                for _ in range(processes)]
@@ -446,6 +444,13 @@ def worker_context() -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["geoloc_cli.download"])
     return ctx
+
+
+def _proxies() -> dict[str, Any]:
+    try:
+        return http.env_proxies()
+    except ValueError as e:
+        raise ConfigError(f"{e}; unset the variable or point it to an http:// proxy") from None
 
 
 def _feed(jobs: Iterator[dict[str, Any]], job_q: Any, processes: int, errors: list[BaseException],
