@@ -215,6 +215,25 @@ def flickr_sized(url: str, suffix: str) -> str:
 META_TYPES = {"LAT": pa.float64(), "LON": pa.float64()} | {c: MANIFEST_SCHEMA.field(c).type for c in META_COLUMNS}
 
 
+def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
+    """A *_places365.csv as pandas chunks: ids stay text even when they read "NA", empty numeric cells
+    are missing values; a missing file, missing IMG_ID/LAT/LON columns or bad CSV are errors naming it."""
+    if not Path(path).is_file():
+        raise InputError(f"metadata file not found: {path}")
+    import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
+
+    na = {c: [""] for c in META_TYPES if c != "AUTHOR"}
+    try:
+        for chunk in pd.read_csv(path, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
+                                 na_values=na, chunksize=chunksize):
+            missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
+            if missing:
+                raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+            yield chunk
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: malformed metadata CSV: {e}") from None
+
+
 class MetaIndex:
     """Metadata rows looked up by IMG_ID without a Python object per row.
 
@@ -223,26 +242,15 @@ class MetaIndex:
     """
 
     def __init__(self, path: Path) -> None:
-        if not Path(path).is_file():
-            raise InputError(f"metadata file not found: {path}")
-        import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
-
         hashes, cols = [], {c: [] for c in META_TYPES}
-        dtypes = {"IMG_ID": str, "AUTHOR": str}
-        # Ids stay text even when they read "NA"; empty numeric cells are missing values.
-        na = {c: [""] for c in cols if c != "AUTHOR"}
         try:
-            for chunk in pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=na,
-                                     chunksize=500_000):
-                missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
-                if missing:
-                    raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+            for chunk in read_meta_chunks(path):
                 hashes.append(_hash_ids(chunk["IMG_ID"].to_numpy()))
                 for c in cols:  # as the manifest stores them: labels with gaps read as floats
                     kind = META_TYPES[c]
                     cols[c].append(pa.array(chunk[c], kind, from_pandas=True) if c in chunk.columns
                                    else pa.nulls(len(chunk), kind))
-        except (pd.errors.ParserError, UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise InputError(f"{path}: malformed metadata CSV: {e}") from None
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         self.order = np.argsort(h, kind="stable")
@@ -584,16 +592,7 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     by the whole relative path, else by file name. Rows without LAT/LON are dropped."""
     import pandas as pd
 
-    if not Path(meta).is_file():
-        raise InputError(f"metadata file not found: {meta}")
-    try:
-        df = pd.read_csv(meta, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
-                         na_values={c: [""] for c in ("LAT", "LON", *META_COLUMNS[1:])})
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{meta}: malformed metadata CSV: {e}") from None
-    missing = {"IMG_ID", "LAT", "LON"} - set(df.columns)
-    if missing:
-        raise InputError(f"{meta}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+    df = pd.concat(list(read_meta_chunks(meta)), ignore_index=True)
     paths = set(ids)
     names = Counter(i.rsplit("/", 1)[-1] for i in ids)
     by_name = {i.rsplit("/", 1)[-1]: i for i in ids}
