@@ -404,6 +404,14 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
     stage.run(make_cfg(root), source=str(photos), name="im2gps", retry_failed=True)
     again = manifest(root, "im2gps").set_index("id")
     pd.testing.assert_frame_equal(again[["status", "lat", "lon", "S3_Label"]], m[["status", "lat", "lon", "S3_Label"]])
+    # a --meta that cannot be read is not remembered; a non-number in it is named with its line
+    with pytest.raises(InputError, match="metadata file not found"):
+        stage.run(make_cfg(root), source=str(photos), meta=tmp_path / "typo.csv", name="typo")
+    assert stage.run(make_cfg(root), source=str(photos), name="typo")["typo"]["ok"] == 2  # EXIF only
+    bad = tmp_path / "bad.csv"
+    bad.write_text("IMG_ID,LAT,LON\n3_c.jpg,north,2.3\n")
+    with pytest.raises(InputError, match="bad.csv: line 2, column LAT: 'north' is not a number"):
+        stage.run(make_cfg(root), source=str(photos), meta=bad, name="bad")
     # a file name found in two sub-folders matches neither
     _gps_jpeg(photos / "1_a_1_x@N00.jpeg", None, None)
     (photos / "other").mkdir()

@@ -552,8 +552,12 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     if not files:
         raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     ids = [p.relative_to(folder).as_posix() for p in files]
-    meta = _folder_meta_source(root, name, meta)
+    record = root.dataset(name) / "folder_meta.json"
+    given = meta
+    meta = meta if meta is not None else _recorded_meta(record, name)
     known = _folder_meta(meta, ids) if meta is not None else pd.DataFrame({"IMG_ID": []})
+    if given is not None:  # remembered only once it has been read without error
+        write_json_atomic(record, {"meta": str(Path(given).resolve())})
     from_meta = set(known["IMG_ID"])
     exif = [(i, exif_latlon(p)) for i, p in zip(ids, files, strict=True) if i not in from_meta]
     located = pd.DataFrame([{"IMG_ID": i, "LAT": pos[0], "LON": pos[1]} for i, pos in exif if pos],
@@ -571,13 +575,9 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     return fetch_list(cfg, root, name, urls_csv, meta_csv, require_gps=True, **kw)
 
 
-def _folder_meta_source(root: DataRoot, name: str, meta: Path | None) -> Path | None:
-    """The --meta of this folder import: a later run without the option (a resume, --retry-failed) uses
-    the first run's, so positions and labels are never lost on the way."""
-    record = root.dataset(name) / "folder_meta.json"
-    if meta is not None:
-        write_json_atomic(record, {"meta": str(Path(meta).resolve())})
-        return meta
+def _recorded_meta(record: Path, name: str) -> Path | None:
+    """The --meta an earlier import of this folder used: a later run without the option (a resume,
+    --retry-failed) uses it too, so positions and labels are never lost on the way."""
     if not record.is_file():
         return None
     meta = Path(json.loads(record.read_text())["meta"])
@@ -593,6 +593,13 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     import pandas as pd
 
     df = pd.concat(list(read_meta_chunks(meta)), ignore_index=True)
+    for col in [c for c in META_TYPES if c != "AUTHOR" and c in df]:  # numbers, as MetaIndex will need them
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise InputError(f"{meta}: line {row + 2}, column {col}: {df[col].iloc[row]!r} is not a number")
+        df[col] = values
     paths = set(ids)
     names = Counter(i.rsplit("/", 1)[-1] for i in ids)
     by_name = {i.rsplit("/", 1)[-1]: i for i in ids}
