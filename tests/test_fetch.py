@@ -412,6 +412,11 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
     bad.write_text("IMG_ID,LAT,LON\n3_c.jpg,north,2.3\n")
     with pytest.raises(InputError, match="bad.csv: line 2, column LAT: 'north' is not a number"):
         stage.run(make_cfg(root), source=str(photos), meta=bad, name="bad")
+    bad.write_text("IMG_ID,LAT,LON,S3_Label\n" + "a,1,2,0\n" * 3 + "b,1,2,urban\n")
+    with pytest.raises(InputError, match="bad.csv: line 5, column S3_Label: 'urban' is not a number"):
+        stage.MetaIndex(bad)  # a URL list's --meta is read by the same reader, line numbers across chunks
+    with pytest.raises(InputError, match="line 5, column S3_Label"):
+        list(stage.read_meta_chunks(bad, chunksize=2))
     # a file name found in two sub-folders matches neither
     _gps_jpeg(photos / "1_a_1_x@N00.jpeg", None, None)
     (photos / "other").mkdir()

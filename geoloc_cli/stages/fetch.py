@@ -216,19 +216,30 @@ META_TYPES = {"LAT": pa.float64(), "LON": pa.float64()} | {c: MANIFEST_SCHEMA.fi
 
 
 def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
-    """A *_places365.csv as pandas chunks: ids stay text even when they read "NA", empty numeric cells
-    are missing values; a missing file, missing IMG_ID/LAT/LON columns or bad CSV are errors naming it."""
+    """A *_places365.csv as pandas chunks: ids stay text even when they read "NA", numeric columns are
+    numbers (empty cells missing); a missing file, missing IMG_ID/LAT/LON columns, bad CSV or a non-number
+    are errors naming the file (and the line)."""
     if not Path(path).is_file():
         raise InputError(f"metadata file not found: {path}")
     import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
 
     na = {c: [""] for c in META_TYPES if c != "AUTHOR"}
+    line = 2  # of the chunk's first row (the header is line 1)
     try:
         for chunk in pd.read_csv(path, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
                                  na_values=na, chunksize=chunksize):
             missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
             if missing:
                 raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
+            for col in [c for c in na if c in chunk]:
+                values = pd.to_numeric(chunk[col], errors="coerce")
+                bad = (values.isna() & chunk[col].notna()).to_numpy()
+                if bad.any():
+                    row = int(bad.argmax())
+                    raise InputError(f"{path}: line {line + row}, column {col}: {chunk[col].iloc[row]!r} is not "
+                                     "a number")
+                chunk[col] = values
+            line += len(chunk)
             yield chunk
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: malformed metadata CSV: {e}") from None
@@ -593,13 +604,6 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     import pandas as pd
 
     df = pd.concat(list(read_meta_chunks(meta)), ignore_index=True)
-    for col in [c for c in META_TYPES if c != "AUTHOR" and c in df]:  # numbers, as MetaIndex will need them
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() & df[col].notna()
-        if bad.any():
-            row = int(bad.to_numpy().argmax())
-            raise InputError(f"{meta}: line {row + 2}, column {col}: {df[col].iloc[row]!r} is not a number")
-        df[col] = values
     paths = set(ids)
     names = Counter(i.rsplit("/", 1)[-1] for i in ids)
     by_name = {i.rsplit("/", 1)[-1]: i for i in ids}
