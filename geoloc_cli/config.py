@@ -38,7 +38,9 @@ class RuntimeConfig:
     device: str = doc("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     gpus: list[int] = doc([], "GPU indices for multi-GPU stages (train, segment); empty = use `device`.")
     nproc: int = doc(0, "Processes per node when `gpus` is empty (CPU/gloo multi-process); 0 = one.")
-    num_workers: int = doc(2, "Data-loading worker processes per training/inference process.")
+    num_workers: int | str = doc(
+        "auto", "Data-loading worker processes per training/inference process (segment: decode threads); auto = "
+        "the cores a GPU process leaves free (up to 16), 1-2 on the CPU.")
     seed: int = doc(0, "Random seed for everything that is random.")
 
 
@@ -168,7 +170,7 @@ class Config:
 # Value checks beyond types: key -> (predicate, what is allowed).
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
-    "runtime.num_workers": (lambda v: v >= 0, ">= 0"),
+    "runtime.num_workers": (lambda v: v == "auto" or isinstance(v, int) and v >= 0, "auto or >= 0"),
     "fetch.shard_size": (lambda v: v > 0, "> 0"),
     "fetch.processes": (lambda v: v > 0, "> 0"),
     "fetch.concurrency": (lambda v: v > 0, "> 0"),

@@ -88,7 +88,7 @@ def probabilities(model: torch.nn.Module, image: torch.Tensor, seg: torch.Tensor
 
     with torch.inference_mode():
         image = image.to(device, non_blocking=True)
-        seg_in = encode_seg_torch(seg.to(device, non_blocking=True), seg_channels) if seg_channels else None
+        seg_in = encode_seg_torch(seg.to(device, non_blocking=True), seg_channels, amp) if seg_channels else None
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(image, seg_in)
         return {h: torch.softmax(v.float(), -1).cpu().numpy() for h, v in logits.items()}
@@ -215,15 +215,15 @@ def crop_boxes(w: int, h: int, crops: str, crop_pct: float = 1.0) -> list[tuple[
 
 
 def view(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],
-         box: tuple[float, ...], flip: bool) -> tuple[np.ndarray, np.ndarray]:
+         box: tuple[float, ...], flip: bool, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One crop of a photo and its class map, as data.transform does for evaluation: (3, S, S) float32
-    normalised photo, (S, S) uint8 class map (all SEG_IGNORE without a map)."""
+    normalised photo (`raw`: uint8 pixels, which GeoModel normalises on its device), (S, S) uint8 class
+    map (all SEG_IGNORE without a map)."""
     from PIL import Image
 
     w, h = img.size
     interp = Image.BICUBIC if pre.get("interpolation") == "bicubic" else Image.BILINEAR
-    x = np.asarray(img.resize((size, size), interp, box=box), dtype=np.float32).transpose(2, 0, 1) / 255.0
-    x = (x - np.asarray(pre["mean"], np.float32)[:, None, None]) / np.asarray(pre["std"], np.float32)[:, None, None]
+    x = np.asarray(img.resize((size, size), interp, box=box), dtype=np.uint8).transpose(2, 0, 1)
     if seg is not None:
         sx, sy = seg.size[0] / w, seg.size[1] / h  # maps may be at a lower resolution than the photo
         seg = seg.resize((size, size), Image.NEAREST, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
@@ -232,7 +232,15 @@ def view(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, An
         s = np.full((size, size), SEG_IGNORE, dtype=np.uint8)
     if flip:
         x, s = x[:, :, ::-1], s[:, ::-1]
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(s)
+    return np.ascontiguousarray(x if raw else normalize(x, pre)), np.ascontiguousarray(s)
+
+
+def normalize(pixels: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
+    """uint8 (..., 3, S, S) pixels -> float32 as the backbone expects (`pre`: its mean and std). GeoModel
+    does the same operations on its device, so both give identical numbers."""
+    mean = np.asarray(pre["mean"], np.float32)[:, None, None]
+    std = np.asarray(pre["std"], np.float32)[:, None, None]
+    return (pixels.astype(np.float32) / 255.0 - mean) / std
 
 
 def views(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],

@@ -81,9 +81,21 @@ class GeoModel(nn.Module):
         self.rgb = _create_vit(spec, 3, pretrained)
         self.seg = _create_vit(spec, spec.seg_channels, pretrained) if spec.seg_channels else None
         dim = self.rgb.num_features
-        # Late fusion: a learned weighting of the two CLS features (sigmoid keeps it a convex mix).
-        self.fuse_logit = nn.Parameter(torch.zeros(())) if self.seg is not None else None
+        # Late fusion: a learned weighting of the two CLS features (sigmoid keeps it a convex mix). Only
+        # then: a parameter no forward uses would stall DDP's gradient reduction at the second step.
+        self.fuse_logit = nn.Parameter(torch.zeros(())) if self.seg is not None and spec.fusion == "late" else None
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in spec.heads.items()})
+        pre = self.data_config()
+        self.pixel_mean, self.pixel_std = tuple(pre["mean"]), tuple(pre["std"])
+
+    def pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 photos (the training loader's) -> normalised floats, on their device, with the same
+        operations as inference.normalize; float input is taken as normalised already."""
+        if image.dtype != torch.uint8:
+            return image
+        mean = torch.tensor(self.pixel_mean, device=image.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.pixel_std, device=image.device).view(1, 3, 1, 1)
+        return (image.float() / 255.0 - mean) / std
 
     @staticmethod
     def _embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +106,7 @@ class GeoModel(nn.Module):
         return vit.forward_head(vit.norm(tokens), pre_logits=True)
 
     def features(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.pixels(image)
         if self.seg is None:
             return self.rgb(image)
         assert seg is not None, "this model has a segmentation branch: pass the segmentation map"
@@ -112,6 +125,13 @@ class GeoModel(nn.Module):
     def forward(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         f = self.features(image, seg)
         return {name: head(f) for name, head in self.heads.items()}
+
+    def upgrade_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict of an older geoloc made loadable: exchange-fusion models used to carry an unused
+        `fuse_logit`."""
+        if self.fuse_logit is None:
+            state = {k: v for k, v in state.items() if k != "fuse_logit"}
+        return state
 
     def data_config(self) -> dict[str, Any]:
         """Preprocessing derived from the backbone's own data config (mean/std/interpolation/crop)."""
@@ -170,6 +190,7 @@ def load_inference_checkpoint(path: Path, device: str = "cpu",
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model = _empty_model(spec)
+        state = model.upgrade_state(state)
         model.load_state_dict(state, strict=True, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer kept out of state dicts
             model = GeoModel(spec, pretrained="none")

@@ -93,17 +93,22 @@ def encode_seg(class_maps: np.ndarray, channels: int) -> np.ndarray:
     raise ConfigError(f"model.seg_channels: {channels} cannot encode a segmentation map (expected 3 or 150)")
 
 
-def encode_seg_torch(class_maps: torch.Tensor, channels: int) -> torch.Tensor:
-    """encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) float32."""
+def encode_seg_torch(class_maps: torch.Tensor, channels: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """encode_seg on any device: (B, H, W) integer tensor -> (B, C, H, W) in `dtype` (default float32)."""
     import torch
 
+    dtype = dtype or torch.float32
     valid = (class_maps.long() < NUM_CLASSES).unsqueeze(1)  # e.g. 255 = no map: encoded as zeros
     index = class_maps.long().clamp(max=NUM_CLASSES - 1)
     if channels == 3:
         palette = torch.from_numpy(load_palette()).to(index.device, torch.float32) / 255.0
-        return (palette[index].permute(0, 3, 1, 2) * valid).contiguous()
+        return (palette[index].permute(0, 3, 1, 2) * valid).to(dtype).contiguous()
     if channels == NUM_CLASSES:
-        return (torch.nn.functional.one_hot(index, NUM_CLASSES).permute(0, 3, 1, 2).float() * valid).contiguous()
+        # a scatter straight into the output: an int64 one-hot would need 4x the output's memory in
+        # temporaries (~22 GiB at batch 256 and 224 px)
+        b, h, w = index.shape
+        out = torch.zeros((b, NUM_CLASSES, h, w), dtype=dtype, device=index.device)
+        return out.scatter_(1, index.unsqueeze(1), valid.to(dtype))
     raise ConfigError(f"model.seg_channels: {channels} cannot encode a segmentation map (expected 3 or 150)")
 
 

@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -36,6 +37,51 @@ def test_forward_shapes_and_gradients(seg_channels: int, fusion: str):
     assert model.rgb.patch_embed.proj.weight.grad is not None
     if seg_channels:
         assert model.seg.patch_embed.proj.weight.grad.abs().sum() > 0, "the seg branch must influence the output"
+
+
+@pytest.mark.parametrize("fusion", ["late", "exchange"])
+def test_every_parameter_gets_a_gradient(fusion: str):
+    """DDP waits for a gradient of every parameter: one that no forward uses stalls the second step."""
+    model = build_model(spec(3, fusion))
+    seg = seg_to_input(torch.randint(0, 150, (2, 32, 32), dtype=torch.uint8), 3)
+    sum(v.sum() for v in model(torch.randn(2, 3, 32, 32), seg).values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_an_exchange_checkpoint_of_an_older_geoloc_still_loads(tmp_path):
+    """Exchange-fusion models used to carry an unused `fuse_logit`: their files load without it."""
+    model = build_model(spec(3, "exchange"))
+    path = tmp_path / "old.safetensors"
+    save_inference_checkpoint(path, model, {"partitionings": {}})
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["model.fuse_logit"] = torch.zeros(())
+    save_file(tensors, path, metadata={"geoloc": json.dumps(read_checkpoint_meta(path))})
+    loaded, _, _ = load_inference_checkpoint(path)
+    assert loaded.fuse_logit is None and torch.equal(loaded.heads["fine"].weight, model.heads["fine"].weight)
+
+
+def test_uint8_pixels_are_normalised_on_the_device_exactly_as_numpy_does():
+    from geoloc_cli.inference import normalize
+
+    model = build_model(spec(0))
+    pre = model.data_config()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    floats = torch.from_numpy(normalize(pixels.numpy(), pre))
+    assert torch.equal(model.pixels(pixels), floats)
+    model.eval()
+    assert torch.equal(model(pixels)["fine"], model(floats)["fine"])
+
+
+def test_one_hot_encoding_is_a_scatter_in_the_autocast_dtype():
+    from geoloc_cli.segmentation import encode_seg
+
+    maps = torch.randint(0, 150, (2, 16, 16), dtype=torch.uint8)
+    maps[0, 0, 0] = 255  # no map: all zeros
+    out = seg_to_input(maps, 150, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out[0, :, 0, 0].sum() == 0
+    np.testing.assert_array_equal(out.float().numpy(), encode_seg(maps.numpy(), 150).astype(np.float32))
 
 
 def test_backbone_and_override_mistakes_are_config_errors():

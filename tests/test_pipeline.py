@@ -4,12 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
+from worlds import DATA_STAGES, build_world
 
 from geoloc_cli.cli import app
 
-DEMO_CFG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 runner = CliRunner()
 
 
@@ -20,21 +19,9 @@ def geoloc(*args: str):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny demo world run through every stage once; returns (config file, data root)."""
-    tmp = tmp_path_factory.mktemp("world")
-    cfg = yaml.safe_load(DEMO_CFG.read_text())
-    cfg["paths"]["root"] = str(tmp / "data")
-    cfg["fetch"].update(demo_size=200, shard_size=40, processes=1)
-    cfg["partition"].update(tau_min=2, tau_max={"coarse": 40, "middle": 20, "fine": 10})
-    cfg["segment"].update(input_size=64)
-    cfg["model"].update(img_size=32, overrides={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
-    cfg["train"].update(epochs=2, batch_size=16, checkpoint_every=5)
-    cfg["runtime"]["num_workers"] = 0
-    path = tmp / "geoloc.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    for cmd in (["fetch", "demo"], ["partition", "--cells", "all"], ["filter"], ["segment"], ["train"]):
-        r = geoloc(*cmd, "-c", str(path), "-q")
-        assert r.exit_code == 0, f"geoloc {' '.join(cmd)} failed:\n{r.output}"
-    return path, tmp / "data"
+    stages = (*DATA_STAGES, ["segment"], ["train"])
+    return build_world(tmp_path_factory.mktemp("world"), stages,
+                       train={"epochs": 2, "batch_size": 16, "checkpoint_every": 5})
 
 
 def test_pipeline_outputs(world):
@@ -110,15 +97,19 @@ def test_missing_inputs_fail_early_with_clear_messages(tmp_path):
     assert r.exit_code != 0 and "nope.csv" in r.output
 
 
-def test_ddp_two_gloo_processes_match_one_process(world):
-    """Same global batch on 1 and 2 processes: same losses, same weights, identical on both ranks."""
+@pytest.mark.parametrize("fusion", ["late", "exchange"])
+def test_ddp_two_gloo_processes_match_one_process(world, fusion):
+    """Same global batch on 1 and 2 processes: same losses, same weights, identical on both ranks (for
+    exchange fusion too: a parameter without a gradient used to stop DDP at its second step)."""
     from geoloc_cli.config import load_config
     from geoloc_cli.stages import train
 
     cfg_path, root = world
-    common = ["train.epochs=1", "train.val_dataset=", "runtime.device=cpu", "train.grad_clip=0"]
+    common = ["train.epochs=1", "train.val_dataset=", "runtime.device=cpu", "train.grad_clip=0",
+              f"model.fusion={fusion}"]
     single = train.launch(load_config(cfg_path, [*common, "train.run=one", "runtime.nproc=1"]))
     double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=29731)
+    assert double[0]["history"][0]["step"] >= 2, "DDP must get past its second step"
     assert [r["rank"] for r in double] == [0, 1]
     assert double[0]["param_sum"] == double[1]["param_sum"], "DDP ranks must hold identical weights"
     assert double[0]["param_sum"] == pytest.approx(single[0]["param_sum"], rel=1e-4)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -134,7 +135,7 @@ def test_single_graph_exports_match_torch(tmp_path, photos, seg_channels, fusion
 
 def test_numpy_center_view_mirrors_data_transform():
     from geoloc_cli.data import transform
-    from geoloc_cli.inference import view, views
+    from geoloc_cli.inference import normalize, view, views
 
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 255, (70, 110, 3), dtype=np.uint8))
@@ -142,8 +143,9 @@ def test_numpy_center_view_mirrors_data_transform():
     for pre in ({"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.9},
                 {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}):
         x_ref, s_ref = transform(img, seg, 32, pre, False, None)
+        assert x_ref.dtype == torch.uint8, "the training loader ships pixels, not floats"
         x, s = views(img, seg, 32, pre, "center")
-        np.testing.assert_allclose(x[0], x_ref.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(x[0], normalize(x_ref.numpy(), pre))
         assert (s[0] == s_ref.numpy()).all()
     x, s = view(img, None, 16, pre, (0, 0, 50, 50), True)
     assert x.shape == (3, 16, 16) and (s == 255).all(), "no map: all pixels are 'ignore'"

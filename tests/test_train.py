@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
+from worlds import build_world
 
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
@@ -21,7 +21,6 @@ from geoloc_cli.data import EpochSampler, ShardReader
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.stages import train
 
-DEMO_CFG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 runner = CliRunner()
 
 
@@ -29,21 +28,10 @@ runner = CliRunner()
 def world(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny demo world (fetched, partitioned, indexed; no segmentation maps) and an RGB-only config
     with EMA: 3 epochs of 6 steps, resume state every step. Returns (config file, data root)."""
-    tmp = tmp_path_factory.mktemp("trainworld")
-    cfg = yaml.safe_load(DEMO_CFG.read_text())
-    cfg["paths"]["root"] = str(tmp / "data")
-    cfg["fetch"].update(demo_size=200, shard_size=40, processes=1)
-    cfg["partition"].update(tau_min=2, tau_max={"coarse": 40, "middle": 20, "fine": 10})
-    cfg["model"].update(img_size=32, seg_channels=0,
-                        overrides={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
-    cfg["train"].update(epochs=3, batch_size=16, checkpoint_every=1, ema_decay=0.9, warmup_epochs=0.5)
-    cfg["runtime"].update(num_workers=0, device="cpu")
-    path = tmp / "geoloc.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    for cmd in (["fetch", "demo"], ["partition", "--cells", "all"], ["filter"]):
-        r = runner.invoke(app, [*cmd, "-c", str(path), "-q"])
-        assert r.exit_code == 0, f"geoloc {' '.join(cmd)} failed:\n{r.output}"
-    return path, tmp / "data"
+    return build_world(tmp_path_factory.mktemp("trainworld"), model={"seg_channels": 0},
+                       train={"epochs": 3, "batch_size": 16, "checkpoint_every": 1, "ema_decay": 0.9,
+                              "warmup_epochs": 0.5},
+                       runtime={"device": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +254,58 @@ def test_configs_that_cannot_work_fail_before_any_heavy_work(world, tmp_path, mo
         train.launch(cfg("runtime.device=auto", "runtime.gpus=[0,0]"))
     with pytest.raises(ConfigError, match="conflicts with runtime.device=cpu"):
         train.launch(cfg("runtime.gpus=[0,1]"))
+    with pytest.raises(ConfigError, match="conflicts with runtime.device=cuda:1"):
+        train.launch(cfg("runtime.gpus=[0,1]", "runtime.device=cuda:1"))
+
+
+def test_labels_outside_a_heads_range_fail_before_any_device_sees_them(world, tmp_path):
+    """On CUDA an out-of-range target is an asynchronous device-side assert; here it names the column."""
+    import shutil
+
+    import pandas as pd
+
+    from geoloc_cli.store import DataRoot
+
+    cfg_path, data = world
+    root = tmp_path / "data"
+    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
+    cfg = load_config(cfg_path, [f"paths.root={root}"])
+    index = DataRoot(root).index(cfg.train.dataset)
+    rows = pd.read_parquet(index)
+    rows.loc[3, "fine"] = 10_000
+    rows.to_parquet(index)
+    with pytest.raises(InputError, match="column fine has label 10000 .row 3.*run `geoloc filter` again"):
+        train._check(cfg, 1)
+
+
+def test_loader_workers_and_threads_are_sized_to_the_machine(monkeypatch):
+    from geoloc_cli import dist
+
+    monkeypatch.setattr(dist.os, "cpu_count", lambda: 16)
+    assert dist.loader_workers("auto", torch.device("cuda", 0)) == 14  # a GPU rank: the cores it leaves
+    assert dist.loader_workers("auto", "cuda:0", world=2) == 6  # two ranks share the cores
+    assert dist.loader_workers("auto", torch.device("cpu")) == 2
+    assert dist.loader_workers(3, torch.device("cuda", 0)) == 3  # a number is taken as it is
+    monkeypatch.setattr(dist.os, "cpu_count", lambda: 64)
+    assert dist.loader_workers("auto", "cuda:0") == dist.MAX_AUTO_WORKERS
+    threads = []
+    monkeypatch.setattr(dist.torch, "set_num_threads", threads.append)
+    dist.limit_cpu_threads(14, 1, torch.device("cuda", 0))
+    dist.limit_cpu_threads(2, 1, torch.device("cpu"))
+    assert threads == [dist.GPU_RANK_THREADS, 62]
+
+
+def test_a_single_process_on_gpu_n_makes_it_the_current_device(monkeypatch):
+    """Without set_device, kernels and NCCL would put a context on GPU 0 as well."""
+    from geoloc_cli import dist
+
+    current = []
+    monkeypatch.setattr(dist.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(dist.torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = dist.setup("cuda:3")
+    assert info.device == torch.device("cuda", 3) and current == [torch.device("cuda", 3)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

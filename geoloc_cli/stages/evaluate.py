@@ -156,7 +156,7 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     import torch
 
     from geoloc_cli.data import GeoDataset, collate, locate
-    from geoloc_cli.dist import amp_dtype
+    from geoloc_cli.dist import amp_dtype, loader_workers
     from geoloc_cli.inference import CellSet, run_geolocation, scene_accuracy, summarize
 
     root = DataRoot(cfg.root)
@@ -185,8 +185,9 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
              train=False)
     if crops != "center":
         ds.crops = crops
+    workers = loader_workers(cfg.runtime.num_workers, device)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.evaluate.batch_size, collate_fn=collate,
-                                         num_workers=cfg.runtime.num_workers)
+                                         num_workers=workers, pin_memory=device.type == "cuda")
     cells = CellSet.from_meta(meta["partitionings"])
     amp = amp_dtype(cfg.train.precision, device)
     with console.progress(f"evaluate {dataset}", len(loader), unit="batch") as bar:
@@ -279,12 +280,15 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
 
 
 def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: bool = False) -> dict[str, Any]:
-    from geoloc_cli.dist import limit_cpu_threads, resolve_device
+    import torch
+
+    from geoloc_cli.dist import limit_cpu_threads, loader_workers, resolve_device
     from geoloc_cli.model import load_inference_checkpoint
 
     device = resolve_device(cfg.runtime.device)
-    if device.type == "cpu":
-        limit_cpu_threads(cfg.runtime.num_workers)
+    if device.type == "cuda":  # cuda:N: its caching context, not one on GPU 0 as well
+        torch.cuda.set_device(device)
+    limit_cpu_threads(loader_workers(cfg.runtime.num_workers, device), device=device)
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
     thresholds = cfg.evaluate.thresholds_km
     kinds = [*meta["partitionings"]["names"], "hierarchical"]

@@ -37,7 +37,7 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.dist import check_devices, resolve_device
+from geoloc_cli.dist import check_devices, loader_workers, resolve_device
 from geoloc_cli.errors import ConfigError, GeolocError, InputError
 from geoloc_cli.segmentation import (
     Segmenter,
@@ -182,9 +182,10 @@ def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
         if made.is_file() and json.loads(made.read_text()) != maker:
             console.warn(f"{name}: every map was made already, by {made.read_text().strip()}; delete "
                          f"{root.seg(name)} to make them again with {cfg.segment.model}")
-    settings = Settings(cfg.segment.model, cfg.segment.precision, cfg.segment.input_size,
-                        cfg.segment.batch_size, max(1, cfg.runtime.num_workers))
     devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [str(resolve_device(cfg.runtime.device))]
+    threads = loader_workers(cfg.runtime.num_workers, devices[0], len(devices))
+    settings = Settings(cfg.segment.model, cfg.segment.precision, cfg.segment.input_size,
+                        cfg.segment.batch_size, max(1, threads))
     total = sum(len(shard_keys(j.image_shard)) for j in pending)
     console.info(f"segment: {len(pending)} of {len(jobs)} shards to do ({total:,} images) with "
                  f"{settings.model} on {', '.join(devices)}")
@@ -233,6 +234,10 @@ def _worker(rank: int, shares: list[list[Job]], settings: Settings, devices: lis
 
 def segment_shards(jobs: list[Job], settings: Settings, device: str, report: Callable[[int], Any]) -> None:
     """Segment each job's image shard into its seg shard; report(n) after every batch of n images."""
+    if device.startswith("cuda"):  # this worker's GPU hosts its CUDA context, not GPU 0
+        import torch
+
+        torch.cuda.set_device(device)
     segmenter = Segmenter.from_name(settings.model, device, settings.precision, settings.input_size)
     segment_with(segmenter, jobs, settings.batch_size, settings.threads, report)
 

@@ -71,6 +71,7 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     if scene_col not in rows.columns:
         raise InputError(f"the training index has no {scene_col} column for the scene head: "
                          "fetch with --meta *_places365.csv")
+    _check_labels(rows, {**{p: len(tables[p]) for p in cfg.model.partitionings}, scene_col: cfg.model.scene_classes})
     if warn and rows[scene_col].isna().all():
         console.warn(f"{name}: no image has a scene label ({scene_col}; fetched without --meta): "
                      "the scene head is not trained")
@@ -98,6 +99,20 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         for dataset in {name, *([cfg.train.val_dataset] if cfg.train.val_dataset else [])}:
             _check_seg_maker(cfg, root, dataset, warn)
     return Plan(root, root.run(cfg.train.run), rows, val, _nproc(cfg))
+
+
+def _check_labels(rows: pd.DataFrame, classes: dict[str, int]) -> None:
+    """Every target within its head's range, here: on CUDA an out-of-range label is an asynchronous
+    device-side assert that names nothing."""
+    for col, n in classes.items():
+        if col not in rows.columns:
+            continue
+        labels = rows[col].dropna()
+        bad = labels[(labels < -1) | (labels >= n)]
+        if len(bad):
+            raise InputError(f"training index: column {col} has label {int(bad.iloc[0])} (row {bad.index[0]}), "
+                             f"outside 0..{n - 1} ({n} classes): the index was built against other partitions; "
+                             "run `geoloc filter` again")
 
 
 def _check_seg_maker(cfg: Config, root: DataRoot, name: str, warn: bool) -> None:
@@ -221,8 +236,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from geoloc_cli.model import ModelSpec, build_model
 
     info = dist.setup(_device_spec(cfg))
-    if info.device.type == "cpu":
-        dist.limit_cpu_threads(cfg.runtime.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = dist.loader_workers(cfg.runtime.num_workers, info.device, local_world)
+    dist.limit_cpu_threads(workers, local_world, info.device)
     try:
         plan = _check(cfg, info.world, warn=False)  # launch warned already
         torch.manual_seed(cfg.runtime.seed)
@@ -271,14 +287,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                              f"steps/epoch" + extras)
         if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
             _segmenter_state(cfg.segment.model, cfg.segment.input_size)
-        val_loader = _val_loader(cfg, plan, info, pre) if plan.val_rows is not None else None
+        val_loader = _val_loader(cfg, plan, info, pre, workers) if plan.val_rows is not None else None
         eval_model = ema.module if ema is not None else model  # validated and exported
         history = []
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_batch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             sampler.set_epoch(epoch, start_batch * local_batch)
             ds.set_epoch(epoch)
-            loader = _epoch_loader(ds, sampler, local_batch, cfg, info, epoch)
+            loader = _epoch_loader(ds, sampler, local_batch, workers, cfg.runtime.seed, info, epoch)
             ddp.train()
             sums: dict[str, float] = state["sums"] if start_batch > 0 else {}  # restored mid-epoch sums
             t0, seen = time.perf_counter(), 0
@@ -322,17 +338,18 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         dist.teardown()
 
 
-def _epoch_loader(ds, sampler, local_batch: int, cfg: Config, info, epoch: int):
+def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, epoch: int):
     import torch
 
     from geoloc_cli.data import collate
 
     return torch.utils.data.DataLoader(
-        ds, batch_size=local_batch, sampler=sampler, num_workers=cfg.runtime.num_workers,
+        ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
         collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if cfg.runtime.num_workers else None,
+        # 2 batches ahead per worker: with many workers more only fills /dev/shm (a 64 MB container's dies)
+        persistent_workers=False, prefetch_factor=2 if workers else None,
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
-        generator=torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch))
+        generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def _checksum(module) -> float:
@@ -398,7 +415,7 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
     opt.zero_grad(set_to_none=True)
     for j, s in enumerate(chunks):
         image = batch["image"][s:s + micro].to(device, non_blocking=True)
-        seg = encode_seg_torch(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels) \
+        seg = encode_seg_torch(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels, amp) \
             if seg_channels else None
         # DDP: sync gradients only on the last micro-batch
         sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
@@ -406,7 +423,7 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
             logits = fwd(image, seg)
             loss = torch.zeros((), device=device)
             for h, w in weights.items():
-                t = batch["targets"][h][s:s + micro].to(device)
+                t = batch["targets"][h][s:s + micro].to(device, non_blocking=True)
                 lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1, reduction="sum") / known[h]
                 loss = loss + w * lh
                 totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach()
@@ -421,7 +438,7 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
     return dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))
 
 
-def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any]):
+def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int):
     import torch
 
     from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
@@ -433,7 +450,8 @@ def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any]):
                     {"scene": SCENE_COLUMNS[cfg.model.scene_classes]}, train=False)
     sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=False)
     return torch.utils.data.DataLoader(ds, batch_size=max(cfg.train.batch_size // info.world, 1),
-                                       sampler=sampler, num_workers=cfg.runtime.num_workers, collate_fn=collate)
+                                       sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       pin_memory=info.device.type == "cuda")
 
 
 def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
@@ -535,7 +553,7 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
         raise ConfigError(f"{path}: step {step} of epoch {epoch + 1} does not fit {steps_per_epoch} steps per "
                           "epoch: resume with the train.batch_size and dataset the run started with")
     try:
-        model.load_state_dict(blob["model"])
+        model.load_state_dict(model.upgrade_state(blob["model"]))
     except RuntimeError as e:  # shapes or names differ: the model config changed since the run started
         raise ConfigError(f"{path} does not fit the configured model (model.* changed since the run started?): "
                           f"{' '.join(str(e).split())[:300]}") from None
@@ -544,9 +562,9 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
     scaler.load_state_dict(blob["scaler"])
     if ema is not None:
         if blob.get("ema") is not None:
-            ema.load_state_dict(blob["ema"])
+            ema.load_state_dict({**blob["ema"], "module": model.upgrade_state(blob["ema"]["module"])})
         else:  # EMA switched on for the rest of a run: start it from the current weights
-            ema.module.load_state_dict(blob["model"])
+            ema.module.load_state_dict(model.state_dict())
     # resume states written before per-rank RNG and loss sums were kept hold rank 0's CPU RNG only
     ranks = blob.get("ranks") or [{"rng": {"cpu": blob["torch_rng"], "cuda": None}, "sums": {}}]
     mine = ranks[info.rank] if len(ranks) == info.world else ranks[0]
