@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-wheels gpu-smoke
 
 $(BIN)/geoloc: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,17 @@ demo: install
 test: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks
 	$(BIN)/pytest
+
+# What a lent GPU machine (Python 3.12, x86-64, no network) lacks, as wheels for the device tool to carry
+# (`carry: [".whl"]`); benchmarks/gpu_check.sh installs them with --no-deps beside the machine's torch.
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d .whl simplejpeg==1.9.0 s2sphere==0.2.5 future==1.0.0
+
+# The GPU check's steps on this CPU with tiny sizes (~2 min), so the script cannot rot between GPU loans.
+gpu-smoke: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh geoloc-data/gpu-smoke --smoke
 
 lint: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks

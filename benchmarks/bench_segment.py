@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 import time
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=256, help="images per measurement")
     p.add_argument("--threads", type=int, default=2, help="decode threads (runtime.num_workers)")
     p.add_argument("--skip-stage", action="store_true", help="only time the model")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     if args.random_init and args.model.endswith("-random"):
         sys.exit("--random-init is for hub ids and directories; *-random models are random already")
@@ -114,9 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model={args.model} device={device} precision={args.precision} input={args.input_size} "
           f"batch={args.batch_size} n={args.n} torch_threads={torch.get_num_threads()}")
     print(f"model only : {model_rate:10.1f} img/s")
+    report = {"device": device, "model": args.model, "model_images_s": model_rate}
     if not args.skip_stage:
         rate = bench_stage(segmenter, jpegs, args.batch_size, args.threads)
         print(f"stage      : {rate:10.1f} img/s  (decode threads={args.threads})")
+        report.update(stage_images_s=rate, threads=args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

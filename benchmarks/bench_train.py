@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -49,9 +50,10 @@ def build_world(tmp: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def train_loader(cfg: Config, epoch: int = 0):
-    """The DataLoader the train stage builds for one process (rank 0 of 1)."""
-    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
+def train_loader(cfg: Config, epoch: int = 0, device: str = "cpu"):
+    """The DataLoader the train stage builds for one process (rank 0 of 1) on `device`."""
+    from geoloc_cli import dist
+    from geoloc_cli.data import EpochSampler, GeoDataset, locate
     from geoloc_cli.model import ModelSpec, build_model
     from geoloc_cli.stages import train
     from geoloc_cli.store import DataRoot, read_parquet
@@ -69,9 +71,9 @@ def train_loader(cfg: Config, epoch: int = 0):
     sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.runtime.seed, groups=rows["shard"].to_numpy())
     sampler.set_epoch(epoch)
     ds.set_epoch(epoch)
-    w = cfg.runtime.num_workers
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=w,
-                                       collate_fn=collate, drop_last=True, prefetch_factor=4 if w else None)
+    info = SimpleNamespace(device=torch.device(device))  # the loader's settings for a process on `device`
+    workers = dist.loader_workers(cfg.runtime.num_workers, info.device)
+    return train._epoch_loader(ds, sampler, cfg.train.batch_size, workers, cfg.runtime.seed, info, epoch)
 
 
 def data_rate(cfg: Config, epochs: int = 2) -> float:

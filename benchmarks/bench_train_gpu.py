@@ -4,6 +4,7 @@
     python benchmarks/bench_train_gpu.py --compile --fusion exchange
     python benchmarks/bench_train_gpu.py --data-root geoloc-data --dataset mp16 --num-workers 8
     python benchmarks/bench_train_gpu.py --smoke                  # tiny version on the CPU (checks the script)
+    python benchmarks/bench_train_gpu.py --json out.json          # also write the numbers as JSON
 
 Times the training stage's own optimizer step (`stages.train._step`: autocast forward of both branches,
 multi-task loss over the published partitionings - 3,298 / 7,202 / 12,893 cells - and 3 scene classes,
@@ -17,6 +18,7 @@ convolutions, forward + backward) and MFU = FLOPs/s / the GPU's dense bf16 peak 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +66,7 @@ def setup(args: argparse.Namespace, device: torch.device):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     b, s = args.batch_size, args.img_size
     batch = {
-        "image": torch.randn(b, 3, s, s, device=device),
+        "image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device),  # as the loader ships them
         "seg": torch.randint(0, 150, (b, s, s), dtype=torch.uint8, device=device),
         "targets": {h: torch.randint(0, n, (b,), device=device) for h, n in heads.items()},
     }
@@ -110,7 +112,7 @@ def loader_rate(args: argparse.Namespace, batches: int) -> float:
     sets = [f"paths.root={args.data_root}", f"train.dataset={args.dataset}", f"model.backbone={args.backbone}",
             f"model.img_size={args.img_size}", f"model.seg_channels={args.seg_channels}",
             f"train.batch_size={args.batch_size}", f"runtime.num_workers={args.num_workers}"]
-    it = iter(train_loader(load_config(None, sets)))
+    it = iter(train_loader(load_config(None, sets), device="cuda" if torch.cuda.is_available() else "cpu"))
     next(it)
     t0, n = time.perf_counter(), 0
     for _, batch in zip(range(batches), it, strict=False):
@@ -133,7 +135,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--data-root", help="also time the DataLoader on this data root's shards")
     ap.add_argument("--dataset", default="mp16")
-    ap.add_argument("--num-workers", type=int, default=8)
+    ap.add_argument("--num-workers", type=int, default=16)
+    ap.add_argument("--json", help="write the numbers to this JSON file")
     ap.add_argument("--smoke", action="store_true", help="tiny model and batch, runs on the CPU")
     args = ap.parse_args()
     args.overrides = {}
@@ -171,10 +174,19 @@ def main() -> None:
         print("MFU     n/a (device not in the peak table: pass --peak-tflops)")
     if device.type == "cuda":
         print(f"memory  {torch.cuda.max_memory_allocated(device) / 2**30:8.1f} GiB peak allocated")
+    report = {"device": name, "backbone": args.backbone, "fusion": args.fusion, "seg_channels": args.seg_channels,
+              "compile": args.compile, "precision": args.precision, "batch_size": args.batch_size,
+              "img_size": args.img_size, "params_m": n_params / 1e6, "step_ms": dt * 1e3, "images_s": images_s,
+              "gflop_per_image": flops / args.batch_size / 1e9, "tflops": flops / dt / 1e12,
+              "mfu": flops / dt / peak if peak else None,
+              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if args.data_root:
         rate = loader_rate(args, batches=max(args.steps, 20))
         verdict = "keeps up" if rate >= images_s else "is the bottleneck: add --num-workers or cores"
         print(f"data    {rate:8.1f} images/s with {args.num_workers} workers: loading {verdict}")
+        report.update(loader_images_s=rate, loader_workers=args.num_workers)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
