@@ -57,7 +57,7 @@ except ImportError:
 Image.preinit()
 
 # Statuses that mean "this image is gone for good": --retry-failed skips them unless retry_gone.
-GONE = frozenset({"http_404", "http_410", "unavailable"})
+GONE = frozenset({"http_404", "http_410", "unavailable", "missing"})  # missing: no image in the archive
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is not waited for
