@@ -123,8 +123,8 @@ def report_stated(results: dict[str, dict[str, Any]], table: bool) -> None:
             console.table(f"{file}: summary block", ["", "1 km %", "25 km %", "200 km %", "750 km %", "2500 km %",
                                                      "mean km"], rows)
         if m["stated_differs"]:
-            console.warn(f"{file}: the summary block's {', '.join(m['stated_differs'])} differ from the recomputed values "
-                         "by more than rounding")
+            console.warn(f"{file}: the summary block's {', '.join(m['stated_differs'])} differ from the "
+                         "recomputed values by more than rounding")
 
 
 # --------------------------------------------------------------------------- tables and plots
