@@ -106,8 +106,7 @@ def _hf(repo: str, path: str, **kw: object) -> Remote:
 
 _MP16PRO = "Jia-py/MP16-Pro"
 _G3 = "Jia-py/G3-checkpoint"
-_FLICKR_TERMS = ("Flickr photos under their authors' Creative Commons licences; research use, credit the "
-                 "authors")
+_FLICKR_TERMS = "Flickr photos under their authors' licences: research use, credit the authors"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset(
@@ -123,7 +122,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                                              for i in range(19)), rule="mp16pro", size="~370 GB"),),
         urls=MetaFile("mp16_urls.csv", (_hf(_MP16PRO, "metadata/mp16_urls.csv", gated=True),)),
         rows=4_654_532, size="~370 GB, ~4.12 M images",
-        licence="gated: accept the terms on the Hub page; academic use only", terms=_FLICKR_TERMS,
+        licence="MP16-Pro: gated, academic use only (accept its terms on the Hub page)", terms=_FLICKR_TERMS,
     ),
     Preset(
         "yfcc25600", "YFCC25600 validation set",
@@ -149,23 +148,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                     rule="cmu"),
             Archive("tar.gz", ((Remote(url=f"{_JHU}/Datasets/im2gps_rgb_images.tar.gz"),),)),
         ),
-        rows=237, size="237 images", licence="Flickr photos (Hays & Efros 2008)", terms=_FLICKR_TERMS,
+        rows=237, size="237 images", licence="Im2GPS (Hays & Efros 2008)", terms=_FLICKR_TERMS,
     ),
     Preset(
         "im2gps3k", "Im2GPS3k test set",
         MetaFile("im2gps3k_places365.csv", (
+            _hf(_G3, "im2gps3k_places365.csv", repo_type="model",
+                sha256="0f243d1e23cbb4ab8f0a83fa045ebae642dac2458fb94a1540db6f5f5588031d"),
             Remote(url=f"{_TRANSLOCATOR}/im2gps3k_places365.csv",
                    sha256="0f243d1e23cbb4ab8f0a83fa045ebae642dac2458fb94a1540db6f5f5588031d"),
             Remote(url=f"{_KEYANG}/im2gps3k_places365.csv",
                    sha256="0f243d1e23cbb4ab8f0a83fa045ebae642dac2458fb94a1540db6f5f5588031d"),
-            _hf(_G3, "im2gps3k_places365.csv", repo_type="model",
-                sha256="0f243d1e23cbb4ab8f0a83fa045ebae642dac2458fb94a1540db6f5f5588031d"),
         )),
         archives=(
             Archive("zip", ((_hf("MatchaMacchiato/img2gps3k", "im2gps3ktest.zip"),),)),
             Archive("tar.gz", ((Remote(url=f"{_JHU}/Datasets/im2gps3k_rgb_images.tar.gz"),),)),
         ),
-        rows=2_997, size="3,000 images", licence="Flickr photos (Vo et al. 2017)", terms=_FLICKR_TERMS,
+        rows=2_997, size="3,000 images", licence="Im2GPS3k (Vo et al. 2017)", terms=_FLICKR_TERMS,
     ),
     Preset(
         "yfcc4k", "YFCC4k test set",

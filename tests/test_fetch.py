@@ -338,8 +338,12 @@ def test_kill_and_resume(server, tmp_path):
 
 
 def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
-    monkeypatch.setitem(stage.MIRRORS, "im2gps_urls.csv", ([server.url("file/im2gps_urls.csv")], None))
-    monkeypatch.setitem(stage.MIRRORS, "im2gps_places365.csv", ([server.url("404/meta.csv")], None))
+    from geoloc_cli import sources
+
+    p = sources.Preset("im2gps", "t", sources.MetaFile("im2gps_places365.csv", (
+        sources.Remote(url=server.url("404/meta.csv")),)), urls=sources.MetaFile("im2gps_urls.csv", (
+            sources.Remote(url=server.url("file/im2gps_urls.csv")),)))
+    monkeypatch.setitem(sources.PRESETS, "im2gps", p)
     server.httpd.files["im2gps_urls.csv"] = f"a,{server.url('img/preset.jpg')}\n".encode()
     root = tmp_path / "root"
     with pytest.raises(InputError) as e:
@@ -347,10 +351,11 @@ def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch
     msg = str(e.value)
     assert "im2gps_places365.csv" in msg and server.url("404/meta.csv") in msg
     assert str(root / "meta" / "im2gps_places365.csv") in msg
-    assert (root / "meta" / "im2gps_urls.csv").read_bytes() == server.httpd.files["im2gps_urls.csv"]
+    (root / "meta").mkdir(parents=True, exist_ok=True)
     write_meta(root / "meta" / "im2gps_places365.csv", ["a"])  # supplied by hand: now it runs
     out = stage.run(make_cfg(root), source="im2gps")
     assert out["im2gps"]["ok"] == 1
+    assert (root / "meta" / "im2gps_urls.csv").read_bytes() == server.httpd.files["im2gps_urls.csv"]
 
 
 def _gps_jpeg(path: Path, lat: tuple | None, lon: tuple | None, refs: tuple[str, str] = ("N", "E")) -> None:
