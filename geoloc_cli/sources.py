@@ -13,7 +13,7 @@ and a file put into <root>/meta/ by hand wins over all of them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 _JHU = "http://www.cis.jhu.edu/~shraman/TransLocator"
 _RAW = "https://raw.githubusercontent.com"
@@ -212,7 +212,7 @@ def with_split(p: Preset, split: str | None = None) -> Preset:
     meta = MetaFile(f"{dataset_name(p, split)}_places365.csv",
                     tuple(_resolve(r, split) for r in p.meta.mirrors), p.meta.columns)
     archives = tuple(Archive(a.kind, a.parts or _split_zips(p.name, split), a.rule, a.size) for a in p.archives)
-    return _replace(p, meta=meta, archives=archives)
+    return replace(p, meta=meta, archives=archives)
 
 
 def _split_zips(name: str, split: str) -> tuple[tuple[Remote, ...], ...]:
@@ -221,11 +221,7 @@ def _split_zips(name: str, split: str) -> tuple[tuple[Remote, ...], ...]:
 
 
 def _resolve(r: Remote, split: str) -> Remote:
-    return Remote(**{**r.__dict__, "hf_path": r.hf_path.format(split=split), "url": r.url.format(split=split)})
-
-
-def _replace(p: Preset, **kw: object) -> Preset:
-    return Preset(**{**p.__dict__, **kw})  # type: ignore[arg-type]
+    return replace(r, hf_path=r.hf_path.format(split=split), url=r.url.format(split=split))
 
 
 # ------------------------------------------------------------------------------------------ id rules

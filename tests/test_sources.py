@@ -5,20 +5,17 @@ mirrors, kill-and-resume of an archive import, and the README table."""
 from __future__ import annotations
 
 import io
-import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from loopback import LoopbackServer, make_jpeg
-from test_fetch import make_cfg, manifest, stored, write_meta
+from test_fetch import kill_after, make_cfg, manifest, stored, write_meta
 
 from geoloc_cli import sources
 from geoloc_cli.errors import ConfigError, InputError
@@ -241,6 +238,21 @@ def test_cmu_names_in_a_local_zip_and_byte_split_tar_parts(tmp_path, monkeypatch
         stage.run(make_cfg(root), source="mp16", archive=parts / "mp-16-images00", name="other")
 
 
+def test_worker_processes_write_the_same_shards_as_one(tmp_path):
+    ids = [f"{k}.jpg" for k in range(10)]
+    meta = meta_at(tmp_path / "m.csv", ids)
+    archive = tmp_path / "w.tar.gz"
+    archive.write_bytes(tar_bytes({f"w/{i}": make_jpeg(300 + k, 200) for k, i in enumerate(ids[:9])}, "w:gz"))
+    shards = []
+    for processes in (1, 2):
+        root = tmp_path / f"root{processes}"
+        out = stage.run(make_cfg(root, f"fetch.processes={processes}", "fetch.shard_size=3"), archive=archive,
+                        meta=meta)["w"]
+        assert out["status"] == {"ok": 9, "missing": 1}
+        shards.append({p.name: p.read_bytes() for p in sorted(DataRoot(root).shards("w").glob("*.tar"))})
+    assert len(shards[0]) == 4 and shards[0] == shards[1]
+
+
 def test_osv5m_split_keeps_admin_columns(hub, tmp_path):
     hub.hub[("osv5m/osv5m", "test.csv")] = (
         b"id,latitude,longitude,thumb_original_url,country,sub-region,region,city\n"
@@ -285,17 +297,10 @@ def test_archive_import_killed_and_resumed_loses_and_duplicates_nothing(tmp_path
     root = tmp_path / "root"
     cmd = [sys.executable, "-m", "geoloc_cli", "fetch", "--archive", str(archive), "--meta", str(meta), "--name", "k",
            "--root", str(root), "-q", "--set", "fetch.shard_size=4", "--set", "fetch.processes=1"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     shards = DataRoot(root).shards("k")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < 3:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(shards.glob("*.parquet")))
+    done_before = kill_after(cmd, shards, 3, timeout=60)
     assert 3 <= done_before < n // 4, "the run was not killed mid-way"
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = manifest(root, "k")
     assert len(m) == n + 1 and m["key"].is_unique and m["id"].is_unique

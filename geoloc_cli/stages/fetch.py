@@ -127,7 +127,10 @@ def fetch_preset(cfg: Any, root: DataRoot, preset: str, name: str | None, split:
         raise ConfigError(f"--split: {e}") from None
     name = name or sources.dataset_name(p, split)
     mirrors = list(cfg.fetch.mirrors)
-    meta_csv = ensure_file(root, p.meta, mirrors)
+    try:
+        meta_csv = ensure_file(root, p.meta, mirrors)
+    except Unavailable as e:
+        raise InputError(str(e)) from None
     if archive is not None:
         return {name: import_archive(cfg, root, name, *local_archive(p, Path(archive)), meta_csv, **kw)}
     tried: list[Unavailable] = []
@@ -194,7 +197,6 @@ def _get(r: sources.Remote, root: DataRoot) -> Path:
 def _materialize(src: Path, r: sources.Remote, dest: Path, columns: dict[str, str]) -> None:
     """Write the file (or its zip member) to dest, checking the checksum; rename columns when asked."""
     import shutil
-    import zipfile
 
     if r.member:
         try:
@@ -204,8 +206,7 @@ def _materialize(src: Path, r: sources.Remote, dest: Path, columns: dict[str, st
             raise Unavailable(f"{r.describe()}: {e}") from None
     else:
         shutil.copyfile(src, dest)
-    if r.sha256 and (digest := sha256_of(dest)) != r.sha256:
-        raise Unavailable(f"{r.describe()}: sha256 {digest} != expected {r.sha256}")
+    check_sha256(r, dest)
     if columns:
         _rename_columns(dest, columns)
 
@@ -218,12 +219,16 @@ def _rename_columns(path: Path, columns: dict[str, str]) -> None:
     df.rename(columns=columns).to_csv(path, index=False)
 
 
-def sha256_of(path: Path) -> str:
+def check_sha256(r: sources.Remote, path: Path) -> None:
+    """A file whose checksum is not the registry's is not the file: the next mirror is tried."""
+    if not r.sha256:
+        return
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    if h.hexdigest() != r.sha256:
+        raise Unavailable(f"{r.describe()}: sha256 {h.hexdigest()} != expected {r.sha256}")
 
 
 def obtain_part(root: DataRoot, part: tuple[sources.Remote, ...], mirrors: list[str]) -> Path:
@@ -235,10 +240,12 @@ def obtain_part(root: DataRoot, part: tuple[sources.Remote, ...], mirrors: list[
         console.info(f"getting {file_name} from {r.describe()}")
         try:
             path = _get(r, root)
-            if r.sha256 and (digest := sha256_of(path)) != r.sha256:
-                if not r.hf_repo:
+            try:
+                check_sha256(r, path)
+            except Unavailable:
+                if not r.hf_repo:  # not kept for the next run to reuse
                     path.unlink()
-                raise Unavailable(f"{r.describe()}: sha256 {digest} != expected {r.sha256}")
+                raise
             return path
         except Unavailable as e:
             tried.append(e)
@@ -254,7 +261,7 @@ def hf_file(r: sources.Remote) -> Path:
     """A file of a Hub repository through huggingface_hub: cached and resumed by it; HF_ENDPOINT,
     HF_HUB_OFFLINE and HF_TOKEN (or the token of `hf auth login`) are read now, not at its import."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(
@@ -271,7 +278,7 @@ def hf_file(r: sources.Remote) -> Path:
     except LocalEntryNotFoundError:
         raise Unavailable(f"{r.describe()}: not in the local Hugging Face cache (HF_HUB_OFFLINE is set, or the "
                           "Hub did not answer)") from None
-    except OSError as e:
+    except (OSError, ValueError, EntryNotFoundError) as e:
         raise Unavailable(f"{r.describe()}: {type(e).__name__}: {str(e)[:80]}") from None
 
 
