@@ -177,7 +177,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
         "osv5m", "OpenStreetView-5M (street view; test split by default, --split train)",
         MetaFile("osv5m_places365.csv", (_hf("osv5m/osv5m", "{split}.csv"),),
                  columns={"id": "IMG_ID", "latitude": "LAT", "longitude": "LON"}),
-        archives=(Archive("zip", (), rule="stem"),),  # parts per split: see archive_parts
+        archives=(Archive("zip", (), rule="stem"),),  # parts per split: see _split_zips
         rows=210_122, size="test: 210 k images (~4 GB); train: 4.9 M (~ 100 GB)",
         licence="CC-BY-SA-4.0", terms="share alike; credit OpenStreetView-5M",
         splits=("test", "train"),
@@ -186,12 +186,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 
 # Image zips per split (images/<split>/NN.zip) of the presets with splits.
 _SPLIT_ZIPS = {"osv5m": {"test": 5, "train": 98}}
-# Columns of OSV-5M (and of MP16-Pro's address columns) the manifest keeps for per-region metrics.
-ADMIN_COLUMNS = ["country", "region", "sub-region", "city"]
-
-
-def preset(name: str) -> Preset:
-    return PRESETS[name]
 
 
 def dataset_name(p: Preset, split: str | None) -> str:
