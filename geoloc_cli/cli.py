@@ -82,16 +82,23 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @app.command(
     epilog="Examples:  geoloc fetch demo  |  geoloc fetch mp16  |  "
+    "geoloc fetch im2gps3k --archive im2gps3ktest.zip  |  geoloc fetch osv5m --split train  |  "
     "geoloc fetch --urls list.csv --meta meta.csv --name mine  |  geoloc fetch ./photos --name holiday"
 )
 @_handled
 def fetch(
     source: Annotated[
         str | None,
-        typer.Argument(help="Preset (demo, mp16, yfcc25600, im2gps, im2gps3k, yfcc4k) or a folder of photos."),
+        typer.Argument(help="Preset (demo, mp16, yfcc25600, im2gps, im2gps3k, yfcc4k, osv5m; sources in the "
+                            "README) or a folder of photos."),
     ] = None,
     urls: Annotated[Path | None, typer.Option(help="URL list: image_id,url rows without a header.")] = None,
     meta: Annotated[Path | None, typer.Option(help="Metadata CSV in *_places365.csv format.")] = None,
+    archive: Annotated[Path | None, typer.Option(
+        help="Images from a local archive (.zip, .tar, .tar.gz; a folder or one part of a multi-part one), "
+             "streamed into shards; with a preset, or with --meta.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a preset that has splits (osv5m: test, train).")] = None,
+    via: Annotated[str | None, typer.Option(help="Preset images only from its archive or its URL list.")] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name (datasets/<name>/).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Retry failed items (not 404/410).")] = False,
     retry_gone: Annotated[bool, typer.Option(help="With --retry-failed, retry 404/410 too.")] = False,
@@ -106,7 +113,7 @@ def fetch(
 
     cfg = _config(config, set_, root)
     stage.run(cfg, source=source, urls=urls, meta=meta, name=name, retry_failed=retry_failed,
-              retry_gone=retry_gone, part=part)
+              retry_gone=retry_gone, part=part, archive=archive, split=split, via=via)
 
 
 @app.command(
@@ -226,7 +233,8 @@ def evaluate(
     ] = None,
     from_predictions: Annotated[
         list[Path] | None,
-        typer.Option(help="Recompute metrics from a per-image predictions CSV (published format); repeatable."),
+        typer.Option(help="Recompute metrics from a per-image predictions CSV (published format, a trailing "
+                          "summary block is compared with the recomputed one); repeatable."),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     config: ConfigOpt = None,

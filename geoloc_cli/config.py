@@ -60,6 +60,8 @@ class FetchConfig:
     max_bytes: int = doc(20_000_000, "Largest response body accepted.")
     demo_size: int = doc(1200, "Photos in the built-in demo world (3/4 training, 1/4 held out).")
     max_pixels: int = doc(100_000_000, "Largest decoded image (width*height) accepted: decompression-bomb guard.")
+    mirrors: list[str] = doc([], "Your own mirror base URLs (e.g. an institutional copy), tried first for every "
+                             "preset file: <base>/<file name>.")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import traceback
 import urllib.parse
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ except ImportError:
 Image.preinit()
 
 # Statuses that mean "this image is gone for good": --retry-failed skips them unless retry_gone.
-GONE = frozenset({"http_404", "http_410", "unavailable"})
+GONE = frozenset({"http_404", "http_410", "unavailable", "missing"})  # missing: no image in the archive
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is not waited for
@@ -73,7 +74,11 @@ USER_AGENT = "geoloc/0.1 (photo geolocation research; +https://github.com/)"
 # Flickr answers a deleted photo with a redirect to this placeholder image instead of a 404.
 FLICKR_PLACEHOLDER = "photo_unavailable"
 
-META_COLUMNS = ["AUTHOR", "S3_Label", "S16_Label", "S365_Label", "Prob_indoor", "Prob_natural", "Prob_urban"]
+# Administrative areas as some metadata gives them (OSV-5M; MP16-Pro's address columns): text, kept for
+# per-region metrics. Manifests written before they existed read them as nulls (fetch._conform).
+ADMIN_COLUMNS = ["country", "region", "sub-region", "city"]
+META_COLUMNS = ["AUTHOR", "S3_Label", "S16_Label", "S365_Label", "Prob_indoor", "Prob_natural", "Prob_urban",
+                *ADMIN_COLUMNS]
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("id", pa.string()), ("url", pa.string()),
     ("lat", pa.float64()), ("lon", pa.float64()),
@@ -82,6 +87,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("shard", pa.string()),
     ("AUTHOR", pa.string()), ("S3_Label", pa.int32()), ("S16_Label", pa.int32()), ("S365_Label", pa.int32()),
     ("Prob_indoor", pa.float64()), ("Prob_natural", pa.float64()), ("Prob_urban", pa.float64()),
+    *[(c, pa.string()) for c in ADMIN_COLUMNS],
 ])
 
 
@@ -455,6 +461,106 @@ def _write_shard(tar_path: Path, part_path: Path, rows: list[dict[str, Any]],
     table = manifest_table(rows)
     with atomic_path(part_path) as tmp:
         pq.write_table(table, tmp)
+
+
+# ---------------------------------------------------------------------------------------------- archives
+
+
+class _Joined(io.RawIOBase):
+    """Byte-split parts of one file (MP16-Pro's mp-16-images00..18) read as one seekable stream, so a
+    tar can be walked across part boundaries without joining the parts on disk."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.starts = [0]
+        for p in self.paths:
+            self.starts.append(self.starts[-1] + p.stat().st_size)
+        self.pos, self._open = 0, (-1, None)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.starts[-1] + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        i = next((k for k in range(len(self.paths)) if self.pos < self.starts[k + 1]), None)
+        if i is None:
+            return 0
+        if self._open[0] != i:
+            if self._open[1] is not None:
+                self._open[1].close()
+            self._open = (i, open(self.paths[i], "rb"))  # noqa: SIM115 - closed on the next part or close()
+        f = self._open[1]
+        f.seek(self.pos - self.starts[i])
+        n = f.readinto(memoryview(buf)[: self.starts[i + 1] - self.pos])
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if self._open[1] is not None:
+            self._open[1].close()
+        super().close()
+
+
+class Member(NamedTuple):
+    name: str
+    size: int
+    read: Any  # () -> bytes; valid only until the next member is yielded
+
+
+def archive_members(kind: str, paths: list[Path]) -> Iterator[Member]:
+    """The image files of an archive in stored order, without unpacking it: zip (several zips are read
+    one after the other), tar, tar.gz, or "tar-parts" (byte-split pieces of one tar). A member's bytes
+    are read only when asked for; uncompressed tars seek over the rest."""
+    import tarfile
+    import zipfile
+
+    if kind == "zip":
+        for path in paths:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if not info.is_dir():
+                        yield Member(info.filename, info.file_size, lambda z=z, i=info: z.read(i))
+        return
+    stream = _Joined(paths)
+    mode = "r:gz" if kind == "tar.gz" else "r:"
+    with stream, tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode=mode) as tar:  # type: ignore[arg-type]
+        for m in tar:
+            if m.isfile():
+                yield Member(m.name, m.size, lambda t=tar, m=m: t.extractfile(m).read())
+
+
+def archive_shard(job: dict[str, Any], opts: Options) -> Counter:
+    """One shard of an archive import: job["data"][i] is the member's bytes (None: no image for that row).
+    Same checks, resizing, statuses and writing as a downloaded shard."""
+    tar_path, part_path = Path(job["tar"]), Path(job["part"])
+    rows = [_row(job, i, tar_path.name) for i in range(len(job["keys"]))]
+    images: dict[str, tuple[bytes, bytes]] = {}
+    for row, data in zip(rows, job["data"], strict=True):
+        row.update(_fetch_row(_from_bytes(data, opts), images, row))
+    _write_shard(tar_path, part_path, rows, images)
+    return Counter(r["status"] for r in rows)
+
+
+def _from_bytes(data: bytes | None, opts: Options) -> Any:
+    if data is None:
+        return ItemFailure("missing", "no image for this id in the archive")
+    if len(data) > opts.max_bytes:
+        return ItemFailure("too_large", f"member larger than {opts.max_bytes} bytes")
+    try:
+        return process_image(data, opts), len(data)
+    except ItemFailure as e:
+        return e
+    except Exception as e:  # an item must never crash the run: record what happened
+        return ItemFailure("error", f"{type(e).__name__}: {e}")
 
 
 # ----------------------------------------------------------------------------------------------- worker

@@ -15,13 +15,18 @@ Routes (any path below them works, so items can have distinct URLs, e.g. /flaky/
   /bomb.png /bomb.jpg  tiny files declaring 100000 x 100000 pixels
   /redirect/...    302 to /img/...          /loop/...      redirects to itself forever
   /imgslow/...     200 JPEG after `imgslow_seconds`   /toggle/...  500 while `failing`, else 200 JPEG
-  /file/NAME       the bytes of srv.files[NAME] (metadata mirrors), else 404
+  /file/NAME       the bytes of srv.files[NAME] (metadata mirrors, archives; honours Range), else 404
+  /datasets/REPO/resolve/REV/PATH, /REPO/resolve/REV/PATH   a fake Hugging Face Hub (HF_ENDPOINT=srv.url("")):
+                   the bytes of srv.hub[(REPO, PATH)] with the Hub's headers (HEAD and GET); a repo in
+                   srv.gated answers 401 GatedRepo without a token and 403 with a token not in srv.tokens
 refused_url() is a URL on a closed port (connection refused). `hits` counts requests per path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 import socket
 import ssl
 import struct
@@ -80,9 +85,37 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: C901 - one branch per route reads best here
+    def do_HEAD(self) -> None:
+        self.do_GET(head=True)
+
+    def _hub(self, path: str, head: bool) -> bool:
+        """Answer a Hub file request (resolve URL) as huggingface_hub expects it; False: not one."""
+        m = re.fullmatch(r"/(?:(datasets)/)?(.+?)/resolve/([^/]+)/(.+)", path)
+        if not m:
+            return False
+        srv, repo, name = self.server, m[2], m[4]
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if repo in srv.gated and token not in srv.tokens:
+            code = 403 if token else 401
+            self._send(code, f"Access to {repo} is restricted.".encode(), "text/plain",
+                       {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to {repo} is restricted."}, head)
+            return True
+        body = srv.hub.get((repo, name))
+        if body is None:
+            self._send(404, b"Entry not found", "text/plain", {"X-Error-Code": "EntryNotFound"}, head)
+            return True
+        etag = hashlib.sha256(body).hexdigest()
+        self._send(200, body, "application/octet-stream",
+                   {"X-Repo-Commit": "0" * 40, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}, head)
+        return True
+
+    def do_GET(self, head: bool = False) -> None:  # noqa: C901 - one branch per route reads best here
         srv = self.server
         parts = urlsplit(self.path)
+        if self._hub(parts.path, head):
+            with srv.lock:
+                srv.hits[parts.path] += 1
+            return None
         route = parts.path.strip("/").split("/")[0]
         with srv.lock:
             srv.hits[parts.path] += 1
@@ -96,7 +129,14 @@ class _Handler(BaseHTTPRequestHandler):
                 200, srv.jpeg(640, 480), "image/jpeg")
         if route == "file":
             body = srv.files.get(parts.path.split("/", 2)[-1])
-            return self._send(200, body, "text/csv") if body is not None else self._send(404, b"", "text/plain")
+            if body is None:
+                return self._send(404, b"", "text/plain")
+            start = int(re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "bytes=0-"))[1])
+            if start:
+                srv.ranges.append(start)
+                return self._send(206, body[start:], "application/octet-stream",
+                                  {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
+            return self._send(200, body, "application/octet-stream")
         if route == "img":
             return self._send(200, srv.jpeg(int(q.get("w", 640)), int(q.get("h", 480))), "image/jpeg")
         if route == "png":
@@ -142,14 +182,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(302, b"", "text/plain", {"Location": parts.path})
         return self._send(404, b"unknown route", "text/plain")
 
-    def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+    def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None,
+              head: bool = False) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -165,6 +207,10 @@ class _Server(ThreadingHTTPServer):
         self.imgslow_seconds = 0.1
         self.failing = True
         self.files: dict[str, bytes] = {}
+        self.ranges: list[int] = []  # start offsets of the Range requests /file/ answered
+        self.hub: dict[tuple[str, str], bytes] = {}  # (repo, path in repo) -> bytes
+        self.gated: set[str] = set()
+        self.tokens: set[str] = set()  # tokens with access to the gated repos
         self._jpegs: dict[tuple[int, int], bytes] = {}
 
     def jpeg(self, w: int, h: int) -> bytes:
@@ -190,6 +236,9 @@ class LoopbackServer:
     @property
     def hits(self) -> Counter:
         return self.httpd.hits
+
+    def __getattr__(self, name: str) -> object:  # files, hub, gated, tokens, ranges: the server's state
+        return getattr(self.httpd, name)
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}/{path.lstrip('/')}"

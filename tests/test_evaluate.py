@@ -76,6 +76,37 @@ def test_several_predictions_files_side_by_side(tmp_path):
     assert [v["n"] for v in res.values()] == [5, 2]
 
 
+BLOCK = ("street acc (1km),city acc (25km),region acc (200km),country acc (750km),continent acc (2500km),"
+         "mean deviation (km)\n")
+
+
+def test_a_results_file_with_its_summary_block_is_read_as_published(tmp_path):
+    path = write_predictions(tmp_path / "results.csv", ROWS)
+    mean = sum(gc_km(*r) for r in ROWS) / 5
+    base = path.read_text()
+    path.write_text(base + BLOCK + f"0.2,0.2,0.4,0.6,0.6,{mean:.1f}\n")  # as GeoEstimation wrote it
+    r = geoloc("evaluate", "--from-predictions", str(path), "--json")
+    assert r.exit_code == 0, r.output
+    (m,) = json.loads(r.stdout).values()
+    assert m["n"] == 5, "the block's two lines are not images"
+    assert m["stated"] == {"acc_1km": 0.2, "acc_25km": 0.2, "acc_200km": 0.4, "acc_750km": 0.6, "acc_2500km": 0.6,
+                           "mean_km": round(mean, 1)}
+    assert m["stated_differs"] == [] and "differ" not in r.stderr
+    table = geoloc("evaluate", "--from-predictions", str(path))
+    assert "summary block" in table.stdout and "stated in the file" in table.stdout
+    # 0.4 where 0.6 is true; a mean rounded to one decimal is fine, one off by 0.2 km is not
+    path.write_text(base + BLOCK + f"0.2,0.2,0.4,0.4,0.6,{mean:.1f}\n")
+    r = geoloc("evaluate", "--from-predictions", str(path), "--json")
+    (m,) = json.loads(r.stdout).values()
+    assert m["stated_differs"] == ["acc_750km"] and "acc_750km differ" in r.stderr
+    path.write_text(base + BLOCK + f"0.2,0.2,0.4,0.6,0.6,{mean + 0.2:.1f}\n")
+    (m,) = json.loads(geoloc("evaluate", "--from-predictions", str(path), "--json").stdout).values()
+    assert m["stated_differs"] == ["mean_km"]
+    path.write_text(base + BLOCK + "0.2,0.2\n")
+    r = geoloc("evaluate", "--from-predictions", str(path))
+    assert r.exit_code == 1 and "summary row" in r.output
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A small held-out demo dataset with segmentation maps, and two random tiny checkpoints."""

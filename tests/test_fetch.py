@@ -312,20 +312,25 @@ def test_parts_are_disjoint_and_combine(server, tmp_path):
     assert sorted(stored(root, "p")) == [f"{k:09d}" for k in range(14)]
 
 
+def kill_after(cmd: list[str], shards: Path, parts: int, timeout: float = 30) -> int:
+    """Run cmd, SIGKILL it once `parts` shards are done; return how many were done then."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < parts:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(shards.glob("*.parquet")))
+
+
 def test_kill_and_resume(server, tmp_path):
     root = tmp_path / "root"
     n = 48
     urls = write_list(tmp_path / "l.csv", [(f"k{k}", server.url(f"imgslow/kill{k}.jpg")) for k in range(n)])
     cmd = [sys.executable, "-m", "geoloc_cli", "fetch", "--urls", str(urls), "--name", "k", "--root", str(root),
            "-q", *sum((["--set", s] for s in FAST + ["fetch.concurrency=2"]), [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = DataRoot(root).shards("k")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(shards.glob("*.parquet")))
+    done_before = kill_after(cmd, shards, 2)
     assert 2 <= done_before < n // 4, "the run was not killed mid-way"
     time.sleep(0.7)  # orphaned workers notice their parent is gone and exit
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -338,8 +343,12 @@ def test_kill_and_resume(server, tmp_path):
 
 
 def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
-    monkeypatch.setitem(stage.MIRRORS, "im2gps_urls.csv", ([server.url("file/im2gps_urls.csv")], None))
-    monkeypatch.setitem(stage.MIRRORS, "im2gps_places365.csv", ([server.url("404/meta.csv")], None))
+    from geoloc_cli import sources
+
+    p = sources.Preset("im2gps", "t", sources.MetaFile("im2gps_places365.csv", (
+        sources.Remote(url=server.url("404/meta.csv")),)), urls=sources.MetaFile("im2gps_urls.csv", (
+            sources.Remote(url=server.url("file/im2gps_urls.csv")),)))
+    monkeypatch.setitem(sources.PRESETS, "im2gps", p)
     server.httpd.files["im2gps_urls.csv"] = f"a,{server.url('img/preset.jpg')}\n".encode()
     root = tmp_path / "root"
     with pytest.raises(InputError) as e:
@@ -347,10 +356,11 @@ def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch
     msg = str(e.value)
     assert "im2gps_places365.csv" in msg and server.url("404/meta.csv") in msg
     assert str(root / "meta" / "im2gps_places365.csv") in msg
-    assert (root / "meta" / "im2gps_urls.csv").read_bytes() == server.httpd.files["im2gps_urls.csv"]
+    (root / "meta").mkdir(parents=True, exist_ok=True)
     write_meta(root / "meta" / "im2gps_places365.csv", ["a"])  # supplied by hand: now it runs
     out = stage.run(make_cfg(root), source="im2gps")
     assert out["im2gps"]["ok"] == 1
+    assert (root / "meta" / "im2gps_urls.csv").read_bytes() == server.httpd.files["im2gps_urls.csv"]
 
 
 def _gps_jpeg(path: Path, lat: tuple | None, lon: tuple | None, refs: tuple[str, str] = ("N", "E")) -> None:

@@ -1,11 +1,14 @@
 """evaluate: great-circle accuracy of trained models on held-out datasets, or of predictions files.
 
-For each model and dataset (the standard test sets im2gps, im2gps3k, yfcc4k and yfcc25600 are dataset
-names under <root>/datasets/, fetched by `geoloc fetch <name>`): accuracy at the configured thresholds,
+For each model and dataset (a dataset name under <root>/datasets/; the standard test sets are presets of
+geoloc_cli.sources, fetched by `geoloc fetch <name>`): accuracy at the configured thresholds,
 median and mean error, for every partitioning, the hierarchical prediction and the trivial baseline
 (always the largest cell), overall and per scene (S3_Label: indoor / natural / urban). Test-time crops
 (evaluate.crops: center, five, ten; photo and segmentation map cropped alike) are combined by
 evaluate.crop_reduce (mean or max of the probabilities).
+
+--from-predictions scores published per-image results files as they are; GeoEstimation's end with a
+summary block (SUMMARY_HEADER and one row), which is shown beside the recomputed summary.
 
 Writes to <checkpoint dir>/eval/<dataset>[-<crops>-<reduce>]/ (eval-<stem>/ for a checkpoint not named
 model.safetensors): metrics.json, predictions.csv in the published results format
@@ -31,6 +34,7 @@ from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.inference import SCENES3
 from geoloc_cli.metrics import accuracy, trivial_baseline
+from geoloc_cli.sources import PRESETS
 from geoloc_cli.store import (
     OK,
     DataRoot,
@@ -43,18 +47,33 @@ from geoloc_cli.store import (
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
-PRESETS = ("im2gps", "im2gps3k", "yfcc4k", "yfcc25600")
 
 
 # --------------------------------------------------------------------------- predictions files
 
 
-def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, float]:
+# GeoEstimation's results CSVs end with this header and one row of fractions (and the mean in km).
+SUMMARY_HEADER = ["street acc (1km)", "city acc (25km)", "region acc (200km)", "country acc (750km)",
+                  "continent acc (2500km)", "mean deviation (km)"]
+SUMMARY_KEYS = ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "mean_km"]
+
+
+def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, Any]:
     """Recompute the summary of a published-format predictions CSV from its coordinates (the file's
-    great_circle_distance column is ignored: distances are recomputed with the one ruler)."""
+    great_circle_distance column is ignored: distances are recomputed with the one ruler). A summary
+    block the file states at its end is returned too ("stated"), with the keys that disagree beyond the
+    rounding of the stated numbers ("stated_differs")."""
+    import io
+
     try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        lines = Path(path).read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read predictions file {path}: {e}") from None
+    at = next((i for i, line in enumerate(lines) if line.strip().startswith(SUMMARY_HEADER[0])), None)
+    stated = _stated_summary(path, lines[at:]) if at is not None else None
+    try:
+        df = pd.read_csv(io.StringIO("".join(lines[:at])))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(f"cannot read predictions file {path}: {e}") from None
     missing = [c for c in PUBLISHED_COLUMNS[:5] if c not in df.columns]
     if missing:
@@ -66,7 +85,46 @@ def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, f
         raise InputError(f"{path}: row {row}: non-numeric coordinate")
     d = haversine_km(coords["gt_lat"].to_numpy(), coords["gt_long"].to_numpy(),
                      coords["predicted_lat"].to_numpy(), coords["predicted_long"].to_numpy())
-    return accuracy(d, thresholds)
+    out: dict[str, Any] = accuracy(d, thresholds)
+    if stated is not None:
+        values, digits = stated
+        recomputed = accuracy(d, [1, 25, 200, 750, 2500])  # the block's thresholds, whatever the config's
+        out["stated"] = values
+        out["recomputed"] = {k: recomputed[k] for k in SUMMARY_KEYS}
+        out["stated_differs"] = [k for k, v in values.items()
+                                 if abs(recomputed[k] - v) > 0.5 * 10.0 ** -digits[k] + 1e-9]
+    return out
+
+
+def _stated_summary(path: Path, block: list[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """({key: value}, {key: decimals written}) of the summary block at a results file's end."""
+    rows = [line.strip() for line in block if line.strip()]
+    if len(rows) != 2 or [c.strip() for c in rows[0].split(",")] != SUMMARY_HEADER:
+        raise InputError(f"{path}: the summary block at the end must be the header "
+                         f"{','.join(SUMMARY_HEADER)} and one row of numbers")
+    cells = [c.strip() for c in rows[1].split(",")]
+    try:
+        values = dict(zip(SUMMARY_KEYS, map(float, cells), strict=True))
+    except ValueError:
+        raise InputError(f"{path}: summary row {rows[1]!r}: expected {len(SUMMARY_KEYS)} numbers") from None
+    digits = {k: len(c.partition(".")[2]) if "e" not in c.lower() else 15 for k, c in zip(SUMMARY_KEYS, cells,
+                                                                                          strict=True)}
+    return values, digits
+
+
+def report_stated(results: dict[str, dict[str, Any]], table: bool) -> None:
+    """The summary each file states beside the recomputed one (a table), and a warning where they differ."""
+    for file, m in results.items():
+        if "stated" not in m:
+            continue
+        if table:
+            rows = [(what, *(f"{100 * src[k]:.2f}" for k in SUMMARY_KEYS[:5]), f"{src['mean_km']:.1f}")
+                    for what, src in (("stated in the file", m["stated"]), ("recomputed", m["recomputed"]))]
+            console.table(f"{file}: summary block", ["", "1 km %", "25 km %", "200 km %", "750 km %", "2500 km %",
+                                                     "mean km"], rows)
+        if m["stated_differs"]:
+            console.warn(f"{file}: the summary block's {', '.join(m['stated_differs'])} differ from the "
+                         "recomputed values by more than rounding")
 
 
 # --------------------------------------------------------------------------- tables and plots
@@ -161,7 +219,7 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]
-    hint = f"run `geoloc fetch {dataset}`" + (" (a standard test set preset)" if dataset in PRESETS else "")
+    hint = f"run `geoloc fetch {dataset}`" + (f" ({PRESETS[dataset].what})" if dataset in PRESETS else "")
     manifest = read_parquet(root.manifest(dataset), f"manifest of {dataset!r}", hint)
     rows = manifest[manifest["status"] == OK].reset_index(drop=True)
     if rows.empty:
@@ -260,11 +318,12 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
     if from_predictions is not None:
         files = [from_predictions] if isinstance(from_predictions, str | Path) else list(from_predictions)
         result = {str(f): metrics_from_predictions(Path(f), thresholds) for f in files}
+        short = dict(zip(labels([Path(f) for f in files]), result.values(), strict=True))
         if as_json:
             console.print_json(result)
         else:
-            short = dict(zip(labels([Path(f) for f in files]), result.values(), strict=True))
             _table("predictions files", short, thresholds, first="file")
+        report_stated(short, table=not as_json)
         return result
     models = [model] if isinstance(model, str | Path) else list(model or [])
     ckpts = [Path(m) for m in models] or [DataRoot(cfg.root).model(cfg.train.run)]

@@ -15,9 +15,11 @@ import math
 import multiprocessing as mp
 import os
 import re
+import tarfile
 import threading
 import time
 import urllib.parse
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,41 +30,25 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console, http
+from geoloc_cli import console, download, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.photo import exif_gps
-from geoloc_cli.store import OK, DataRoot, atomic_path, read_table, shard_name, write_json_atomic, write_text_atomic
+from geoloc_cli.store import (
+    OK,
+    DataRoot,
+    atomic_path,
+    read_table,
+    shard_name,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 
 # Every item ends within fetch.deadline once it has a slot, so when none has finished for this many
 # deadlines while work is queued, a worker is stuck (a deadlock in a native library, say).
 STALL_DEADLINES = 4
 STALL_MIN_S = 60.0
-PRESETS = ("mp16", "yfcc25600", "im2gps", "im2gps3k", "yfcc4k")
-_GH = "https://github.com/TIBHannover/GeoEstimation/releases/download"
-_RAW = "https://raw.githubusercontent.com"
-# Mirrors per metadata file, tried in order (first that answers wins), and sha256 where known.
-MIRRORS: dict[str, tuple[list[str], str | None]] = {
-    "mp16_urls.csv": ([f"{_GH}/v1.0/mp16_urls.csv", f"{_GH}/pytorch/mp16_urls.csv"], None),
-    "mp16_places365.csv": ([f"{_GH}/pytorch/mp16_places365.csv", f"{_GH}/v1.0/mp16_places365.csv"], None),
-    "yfcc25600_urls.csv": ([f"{_GH}/pytorch/yfcc25600_urls.csv", f"{_GH}/v1.0/yfcc25600_urls.csv"], None),
-    "yfcc25600_places365.csv": ([
-        f"{_GH}/pytorch/yfcc25600_places365.csv",
-        f"{_RAW}/ShramanPramanick/Transformer_Based_Geo-localization/main/resources/yfcc25600_places365.csv",
-    ], None),
-    "im2gps_urls.csv": ([f"{_GH}/pytorch/im2gps_urls.csv"], None),
-    "im2gps_places365.csv": ([
-        f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/im2gps_places365.csv",
-        f"{_RAW}/keyang1211/GeoEstimation/original_tf/meta/im2gps_places365.csv",
-    ], None),
-    "im2gps3k_urls.csv": ([f"{_GH}/pytorch/im2gps3k_urls.csv"], None),
-    "im2gps3k_places365.csv": ([
-        f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/im2gps3k_places365.csv",
-        f"{_RAW}/keyang1211/GeoEstimation/original_tf/meta/im2gps3k_places365.csv",
-    ], None),
-    "yfcc4k_urls.csv": ([f"{_GH}/pytorch/yfcc4k_urls.csv"], None),
-    "yfcc4k_places365.csv": ([f"{_RAW}/TIBHannover/GeoEstimation/original_tf/meta/yfcc4k_places365.csv"], None),
-}
 MIRROR_TIMEOUT = 30.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
 # Flickr file names: <id>_<secret>[_<size>].<ext>; the size part is what --size-suffix sets.
@@ -74,30 +60,40 @@ _FLICKR_NAME = re.compile(r"^(?P<stem>\d+_[0-9a-f]+)(?P<size>_[a-z0-9]{1,2})?(?P
 
 def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Path | None = None,
         name: str | None = None, retry_failed: bool = False, retry_gone: bool = False,
-        part: str | None = None) -> dict[str, dict[str, Any]]:
-    """Resolve what to fetch (preset, list or folder), fetch each dataset, return {name: stats}."""
+        part: str | None = None, archive: Path | None = None, split: str | None = None,
+        via: str | None = None) -> dict[str, dict[str, Any]]:
+    """Resolve what to fetch (preset, list, archive or folder), fetch each dataset, return {name: stats}."""
     root = DataRoot(Path(cfg.paths.root))
     kw = {"retry_failed": retry_failed, "retry_gone": retry_gone, "part": parse_part(part)}
-    if urls is not None:
+    presets = ", ".join(["demo", *sources.PRESETS])
+    if via not in (None, "archive", "urls"):
+        raise ConfigError(f"--via: expected archive or urls, got {via!r}")
+    if source in sources.PRESETS:
+        return fetch_preset(cfg, root, source, name, split, archive, via, **kw)
+    if split is not None:
+        raise ConfigError(f"--split is for presets with splits ({source or 'no preset'} given)")
+    if urls is not None or archive is not None:
         if source is not None:
-            raise ConfigError(f"give either a source ({source!r}) or --urls, not both")
+            raise ConfigError(f"give either a source ({source!r}) or --urls/--archive, not both")
+        if archive is not None:
+            if meta is None:
+                raise ConfigError("--archive without a preset needs --meta *_places365.csv (positions and ids)")
+            n = name or Path(archive).name.split(".", 1)[0]
+            return {n: import_archive(cfg, root, n, *local_archive(None, Path(archive)), Path(meta), **kw)}
         return {n: fetch_list(cfg, root, n, Path(urls), meta, **kw)
                 for n in [name or Path(urls).stem.removesuffix("_urls")]}
     if source is None:
-        raise ConfigError("nothing to fetch: give a preset (demo, " + ", ".join(PRESETS)
-                          + "), a folder of photos, or --urls LIST.csv --name NAME")
+        raise ConfigError(f"nothing to fetch: give a preset ({presets}), a folder of photos, "
+                          "--urls LIST.csv --name NAME, or --archive FILE --meta META.csv")
     if source == "demo":
         from geoloc_cli import demo
 
         return {n: fetch_list(cfg, root, n, u, m, **kw) for n, (u, m) in demo.generate(root, cfg).items()}
-    if source in PRESETS:
-        urls_csv, meta_csv = ensure_preset_files(root, source)
-        return {name or source: fetch_list(cfg, root, name or source, urls_csv, meta_csv, **kw)}
     folder = Path(source)
     if folder.is_dir():
         n = name or folder.resolve().name
         return {n: import_folder(cfg, root, n, folder, meta, **kw)}
-    raise InputError(f"{source}: not a preset (demo, {', '.join(PRESETS)}) and not a folder")
+    raise InputError(f"{source}: not a preset ({presets}) and not a folder")
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -113,49 +109,381 @@ def parse_part(text: str | None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- presets
 
 
-def ensure_preset_files(root: DataRoot, preset: str) -> tuple[Path, Path]:
-    """Download <preset>_urls.csv and <preset>_places365.csv into <root>/meta/ unless present."""
-    paths = []
-    for fname in (f"{preset}_urls.csv", f"{preset}_places365.csv"):
-        dest = root.meta / fname
-        if not dest.is_file():
-            mirrors, sha256 = MIRRORS.get(fname, ([], None))
-            download_meta_file(dest, mirrors, sha256)
-        paths.append(dest)
-    return paths[0], paths[1]
+class Unavailable(Exception):
+    """A source did not deliver a file (host gone, not found, bad checksum): try the next one."""
 
 
-def download_meta_file(dest: Path, mirrors: list[str], sha256: str | None) -> None:
-    """Fetch `dest` from the first mirror that answers (checksum when known), atomically."""
-    tried = []
-    for url in mirrors:
-        console.info(f"downloading {dest.name} from {url}")
+class Gated(Unavailable):
+    """A gated Hugging Face repository refused us: the user has to accept its terms; never worked around."""
+
+
+def fetch_preset(cfg: Any, root: DataRoot, preset: str, name: str | None, split: str | None,
+                 archive: Path | None, via: str | None, **kw: Any) -> dict[str, dict[str, Any]]:
+    """A registry preset: its metadata, then its images from the first source that delivers (archives
+    first, then a URL list), or from a local --archive."""
+    try:
+        p = sources.with_split(sources.PRESETS[preset], split)
+    except ValueError as e:
+        raise ConfigError(f"--split: {e}") from None
+    name = name or sources.dataset_name(p, split)
+    mirrors = list(cfg.fetch.mirrors)
+    try:
+        meta_csv = ensure_file(root, p.meta, mirrors)
+    except Unavailable as e:
+        raise InputError(str(e)) from None
+    if archive is not None:
+        return {name: import_archive(cfg, root, name, *local_archive(p, Path(archive)), meta_csv, **kw)}
+    tried: list[Unavailable] = []
+    for a in p.archives if via != "urls" else ():
         try:
-            with atomic_path(dest) as tmp:
-                digest = _download_to(url, tmp)
-                if sha256 and digest != sha256:
-                    raise ValueError(f"sha256 {digest} != expected {sha256}")
-            return
-        except Exception as e:  # any failure means: try the next mirror
-            tried.append(f"{url} ({type(e).__name__}: {str(e)[:80]})")
+            paths = [obtain_part(root, part, mirrors) for part in a.parts]
+        except Unavailable as e:
+            tried.append(e)
+            continue
+        return {name: import_archive(cfg, root, name, a.kind, a.rule, paths, a.label, meta_csv, **kw)}
+    if p.urls is not None and via != "archive":
+        try:
+            return {name: fetch_list(cfg, root, name, ensure_file(root, p.urls, mirrors), meta_csv, **kw)}
+        except Unavailable as e:
+            tried.append(e)
+    gated = [e for e in tried if isinstance(e, Gated)]
+    raise InputError(str(gated[0]) if gated else
+                     f"{preset}: no image source delivered ({'; '.join(map(str, tried)) or f'none for --via {via}'}); "
+                     f"import images you have with `geoloc fetch {preset} --archive FILE`")
+
+
+def _user_remotes(mirrors: list[str], file_name: str) -> list[sources.Remote]:
+    return [sources.Remote(url=f"{base.rstrip('/')}/{file_name}") for base in mirrors]
+
+
+def ensure_file(root: DataRoot, mf: sources.MetaFile, mirrors: list[str]) -> Path:
+    """<root>/meta/<name> as it is when present (a file put there by hand wins), else from the first
+    mirror that delivers it (the user's fetch.mirrors first), checksum checked, atomically."""
+    dest = root.meta / mf.name
+    if dest.is_file():
+        return dest
+    remotes = [*_user_remotes(mirrors, mf.name), *mf.mirrors]
+    if not remotes:
+        raise Unavailable(f"{mf.gone or mf.name + ': no mirror known'}: put a copy at {dest} or set fetch.mirrors to "
+                          f"a host that has it")
+    tried: list[Unavailable] = []
+    for r in remotes:
+        console.info(f"getting {mf.name} from {r.describe()}")
+        try:
+            src = _get(r, root)
+            try:
+                with atomic_path(dest) as tmp:
+                    _materialize(src, r, tmp, mf.columns)
+            finally:
+                if not r.hf_repo:  # a URL's download was only the way here (the Hub's cache is the Hub's)
+                    src.unlink(missing_ok=True)
+            return dest
+        except Unavailable as e:
+            tried.append(e)
+    gated = [e for e in tried if isinstance(e, Gated)]
     raise InputError(
-        f"metadata file {dest.name} is missing: not in {dest.parent} and no mirror answered "
-        f"(tried: {'; '.join(tried) or 'no mirrors known'}); get the file from the GeoEstimation "
-        f"release assets or a copy of it and put it at {dest}"
-    )
+        f"metadata file {mf.name} is missing: not in {dest.parent} and no mirror delivered it "
+        f"(tried: {'; '.join(map(str, tried))}); put the file at {dest} or set fetch.mirrors to a copy"
+        + (f". {gated[0]}" if gated else ""))
 
 
-def _download_to(url: str, path: Path) -> str:
+def _get(r: sources.Remote, root: DataRoot) -> Path:
+    """The file a remote names, on disk: the Hub's cache, or <root>/downloads/ for a URL."""
+    if r.hf_repo:
+        return hf_file(r)
+    return download_resumable(r.url, root.path / "downloads" / urllib.parse.urlsplit(r.url).path.rsplit("/", 1)[-1])
+
+
+def _materialize(src: Path, r: sources.Remote, dest: Path, columns: dict[str, str]) -> None:
+    """Write the file (or its zip member) to dest, checking the checksum; rename columns when asked."""
+    import shutil
+
+    if r.member:
+        try:
+            with zipfile.ZipFile(src) as z, z.open(r.member) as f, open(dest, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise Unavailable(f"{r.describe()}: {e}") from None
+    else:
+        shutil.copyfile(src, dest)
+    check_sha256(r, dest)
+    if columns:
+        _rename_columns(dest, columns)
+
+
+def _rename_columns(path: Path, columns: dict[str, str]) -> None:
+    """A published metadata file (OSV-5M's id, latitude, longitude) as *_places365.csv columns."""
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.rename(columns=columns).to_csv(path, index=False)
+
+
+def check_sha256(r: sources.Remote, path: Path) -> None:
+    """A file whose checksum is not the registry's is not the file: the next mirror is tried."""
+    if not r.sha256:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != r.sha256:
+        raise Unavailable(f"{r.describe()}: sha256 {h.hexdigest()} != expected {r.sha256}")
+
+
+def obtain_part(root: DataRoot, part: tuple[sources.Remote, ...], mirrors: list[str]) -> Path:
+    """One archive file from the first of its mirrors that delivers it (a complete earlier download is
+    reused: the Hub's cache, or <root>/downloads/)."""
+    file_name = part[0].file_name
+    tried: list[Unavailable] = []
+    for r in [*_user_remotes(mirrors, file_name), *part]:
+        console.info(f"getting {file_name} from {r.describe()}")
+        try:
+            path = _get(r, root)
+            try:
+                check_sha256(r, path)
+            except Unavailable:
+                if not r.hf_repo:  # not kept for the next run to reuse
+                    path.unlink()
+                raise
+            return path
+        except Unavailable as e:
+            tried.append(e)
+    gated = [e for e in tried if isinstance(e, Gated)]
+    raise gated[0] if gated else Unavailable(f"{file_name}: {'; '.join(map(str, tried))}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hf_file(r: sources.Remote) -> Path:
+    """A file of a Hub repository through huggingface_hub: cached and resumed by it; HF_ENDPOINT,
+    HF_HUB_OFFLINE and HF_TOKEN (or the token of `hf auth login`) are read now, not at its import."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(
+            r.hf_repo, r.hf_path, repo_type=r.repo_type, revision=r.revision,
+            endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None,
+            local_files_only=_env_true("HF_HUB_OFFLINE")))
+    except GatedRepoError:
+        raise Gated(gate_message(r)) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if r.gated and status in (401, 403):
+            raise Gated(gate_message(r)) from None
+        raise Unavailable(f"{r.describe()}: HTTP {status}") from None
+    except LocalEntryNotFoundError:
+        raise Unavailable(f"{r.describe()}: not in the local Hugging Face cache (HF_HUB_OFFLINE is set, or the "
+                          "Hub did not answer)") from None
+    except (OSError, ValueError, EntryNotFoundError) as e:
+        raise Unavailable(f"{r.describe()}: {type(e).__name__}: {str(e)[:80]}") from None
+
+
+def gate_message(r: sources.Remote) -> str:
+    page = f"https://huggingface.co/{'' if r.repo_type == 'model' else 'datasets/'}{r.hf_repo}"
+    return (f"{r.hf_repo} is a gated repository and this account has no access: accept its terms on {page} "
+            "(signed in), then give a token via HF_TOKEN or `hf auth login`")
+
+
+def download_resumable(url: str, dest: Path) -> Path:
+    """GET url to dest through dest.part, continuing a part left by an earlier run (HTTP Range)."""
     import httpx
 
-    h = hashlib.sha256()
-    with httpx.stream("GET", url, headers={"User-Agent": "geoloc"}, timeout=MIRROR_TIMEOUT,
-                      follow_redirects=True) as r, open(path, "wb") as f:
-        r.raise_for_status()
-        for chunk in r.iter_bytes(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-    return h.hexdigest()
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "geoloc", **({"Range": f"bytes={have}-"} if have else {})}
+    try:
+        with httpx.stream("GET", url, headers=headers, timeout=MIRROR_TIMEOUT, follow_redirects=True) as r:
+            if r.status_code == 416 and have:  # the part is already complete
+                part.replace(dest)
+                return dest
+            r.raise_for_status()
+            with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+    except (httpx.HTTPError, OSError) as e:
+        raise Unavailable(f"{url} ({type(e).__name__}: {str(e)[:80]})") from None
+    part.replace(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- archives
+
+ARCHIVE_SUFFIXES = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz"}
+
+
+def local_archive(p: sources.Preset | None, path: Path) -> tuple[str, str, list[Path], str]:
+    """(kind, id rule, files, label) of a user's --archive: one file, one part of a multi-part archive
+    (its siblings are read too), or a folder holding every part of one of the preset's archives."""
+    if not path.exists():
+        raise InputError(f"--archive {path}: no such file or folder")
+    known = p.archives if p is not None else ()
+    for a in known:
+        paths = [(path if path.is_dir() else path.parent) / n for n in a.file_names]
+        if path.is_dir() or (len(paths) > 1 and path.name in a.file_names):
+            missing = [q.name for q in paths if not q.is_file()]
+            if not missing:
+                return a.kind, a.rule, paths, a.label
+            if not path.is_dir():
+                raise InputError(f"--archive {path}: {a.label} is read as one; missing beside it: {', '.join(missing)}")
+    if path.is_dir():
+        raise InputError(f"--archive {path}: a folder must hold every file of one archive of the preset"
+                         + "".join(f"; {a.label}" for a in known))
+    kind = next((k for suffix, k in ARCHIVE_SUFFIXES.items() if path.name.lower().endswith(suffix)), None)
+    if kind is None:
+        raise InputError(f"--archive {path}: not a {', '.join(ARCHIVE_SUFFIXES)} file")
+    same = [a for a in known if path.name in a.file_names] or [a for a in known if a.kind == kind]
+    return kind, same[0].rule if same else "name", [path], path.name
+
+
+def import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, paths: list[Path], label: str,
+                   meta_csv: Path, retry_failed: bool = False, retry_gone: bool = False,
+                   part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Stream an image archive into shards, through the same checks and statuses as downloads.
+
+    Keys follow the archive's own order (matched members first, then the metadata rows without an image,
+    status `missing`), so each shard's images are consecutive in the archive: a shard is written as soon
+    as its last member is read, and memory holds one shard. The plan (the member of each key) is made
+    once and kept in archive_plan.parquet, so a resumed run cuts the same shards.
+    """
+    if part != (0, 1):
+        raise ConfigError("--part splits URL lists; an archive is read as one stream")
+    t0 = time.monotonic()
+    size = cfg.fetch.shard_size
+    plan, info = archive_plan(root, name, kind, rule, paths, label, meta_csv)
+    n_items = len(plan)
+    if n_items == 0:
+        raise InputError(f"{meta_csv}: no metadata rows to import")
+    _check_layout(root, name, Path(label), n_items, size)
+    fetch, retry = plan_shards(root, name, n_items, size, (0, 1), retry_failed, retry_gone)
+    wanted = set(fetch) | set(retry)  # a retried shard is read again from the archive
+    remove_stale_temps(root.shards(name), dict.fromkeys(wanted, False))
+    counts: Counter = Counter()
+    if wanted:
+        total = sum(min(size, n_items - s * size) for s in wanted)
+        console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards from {label}; "
+                     f"importing {len(wanted)} shard(s) ({total:,} items)")
+        jobs = archive_jobs(root, name, kind, paths, plan, MetaIndex(meta_csv), wanted, size, label)
+        counts = run_archive_jobs(Options.from_config(cfg.fetch), jobs, total, cfg.fetch.processes, f"import {name}")
+    else:
+        console.info(f"{name}: every shard is done")
+    stats = finish(root, name, n_items, size, counts, time.monotonic() - t0, {"archive": info})
+    summary_table(name, stats)
+    return stats
+
+
+def archive_plan(root: DataRoot, name: str, kind: str, rule: str, paths: list[Path], label: str,
+                 meta_csv: Path) -> tuple[Any, dict[str, Any]]:
+    """(plan: id and member per key, counts) of an archive import, made on the first run and kept.
+
+    Members are matched to metadata ids by the preset's id rule (sources.member_keys/meta_key); a row
+    without a member and a member without a row are both counted, and the members listed in
+    unmatched.txt: neither disappears silently."""
+    import pandas as pd
+
+    plan_path, info_path = root.dataset(name) / "archive_plan.parquet", root.dataset(name) / "archive.json"
+    if plan_path.is_file() and info_path.is_file():
+        return pd.read_parquet(plan_path), json.loads(info_path.read_text())
+    console.info(f"{name}: reading the member names of {label}")
+    ids = list(dict.fromkeys(i for chunk in read_meta_chunks(meta_csv) for i in chunk["IMG_ID"]))
+    by_key: dict[str, str] = {}
+    for i in ids:
+        by_key.setdefault(sources.meta_key(rule, i), i)
+    members, matched, unmatched = [], {}, []
+    try:
+        for m in download.archive_members(kind, paths):
+            hit = next((by_key[k] for k in sources.member_keys(rule, m.name) if k in by_key), None)
+            if hit is None or hit in matched:
+                unmatched.append(m.name)
+            else:
+                matched[hit] = m.name
+                members.append(m.name)
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise InputError(f"{label}: cannot read the archive: {e}") from None
+    missing = [i for i in ids if i not in matched]
+    plan = pd.DataFrame({"id": [*matched, *missing], "member": [*members, *[""] * len(missing)]})
+    listing = root.dataset(name) / "unmatched.txt"
+    write_text_atomic(listing, "".join(f"{m}\n" for m in unmatched))
+    info = {"source": label, "rule": rule, "members": len(members) + len(unmatched), "matched": len(members),
+            "missing": len(missing), "unmatched": len(unmatched), "unmatched_list": str(listing)}
+    if missing or unmatched:
+        console.warn(f"{name}: {len(missing):,} metadata rows have no image in {label} (status missing); "
+                     f"{len(unmatched):,} archive files match no row (listed in {listing})")
+    write_parquet_atomic(plan, plan_path)
+    write_json_atomic(info_path, info)
+    return plan, info
+
+
+def archive_jobs(root: DataRoot, name: str, kind: str, paths: list[Path], plan: Any, meta: MetaIndex,
+                 wanted: set[int], size: int, label: str) -> Iterator[dict[str, Any]]:
+    """Read the archive once, in order, and yield one job per wanted shard with its members' bytes.
+    Members of other shards are not read (a plain tar seeks over them)."""
+    ids, members = plan["id"].tolist(), plan["member"].tolist()
+    n_matched = sum(1 for m in members if m)
+    last = max((s for s in wanted if s * size < n_matched), default=-1)
+    buf: list[bytes] = []
+    pos = 0  # the next key whose member is due
+    if last >= 0:
+        for m in download.archive_members(kind, paths):
+            if m.name != members[pos]:
+                continue  # unmatched or a duplicate
+            s = pos // size
+            if s in wanted:
+                buf.append(m.read())
+            pos += 1
+            if pos == min((s + 1) * size, n_matched):
+                if s in wanted:
+                    yield _archive_job(root, name, s, size, ids, members, buf, meta, label)
+                buf = []
+                if s >= last:
+                    break
+        if pos // size <= last and pos < n_matched:
+            raise InputError(f"{label} ended before {members[pos]}: it is not the archive this dataset was planned "
+                             f"from; delete {root.dataset(name)} to start over")
+    for s in sorted(w for w in wanted if w > last):  # shards of rows without an image only
+        yield _archive_job(root, name, s, size, ids, members, [], meta, label)
+
+
+def _archive_job(root: DataRoot, name: str, s: int, size: int, ids: list[str], members: list[str],
+                 data: list[bytes], meta: MetaIndex, label: str) -> dict[str, Any]:
+    lo, hi = s * size, min((s + 1) * size, len(ids))
+    job = _shard_job(root, name, s, size, ids[lo:hi], [f"{label}:{m}" if m else "" for m in members[lo:hi]], meta)
+    job["data"] = data + [None] * (hi - lo - len(data))
+    return job
+
+
+def run_archive_jobs(opts: Options, jobs: Iterator[dict[str, Any]], total: int, processes: int,
+                     label: str) -> Counter:
+    """Process shard jobs here (one process) or on a pool, at most two jobs per process queued."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    counts: Counter = Counter()
+    with console.progress(label, total=total, unit="img", ok=0, failed=0) as bar:
+        def done(c: Counter) -> None:
+            counts.update(c)
+            bar.advance(sum(c.values()), ok=counts[OK], failed=sum(counts.values()) - counts[OK])
+
+        if processes <= 1:
+            for job in jobs:
+                done(download.archive_shard(job, opts))
+            return counts
+        with ProcessPoolExecutor(processes, mp_context=worker_context()) as pool:
+            pending: set = set()
+            for job in jobs:
+                pending.add(pool.submit(download.archive_shard, job, opts))
+                if len(pending) >= 2 * processes:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        done(f.result())
+            for f in pending:
+                done(f.result())
+    return counts
 
 
 # ------------------------------------------------------------------------------------------ list reading
@@ -223,15 +551,16 @@ def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
         raise InputError(f"metadata file not found: {path}")
     import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
 
+    text = [c for c, kind in META_TYPES.items() if pa.types.is_string(kind)]  # AUTHOR, admin areas
     na = {c: [""] for c in META_TYPES if c != "AUTHOR"}
     line = 2  # of the chunk's first row (the header is line 1)
     try:
-        for chunk in pd.read_csv(path, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
+        for chunk in pd.read_csv(path, dtype=dict.fromkeys(["IMG_ID", *text], str), keep_default_na=False,
                                  na_values=na, chunksize=chunksize):
             missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
             if missing:
                 raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
-            for col in [c for c in na if c in chunk]:
+            for col in [c for c in na if c in chunk and c not in text]:
                 values = pd.to_numeric(chunk[col], errors="coerce")
                 bad = (values.isna() & chunk[col].notna()).to_numpy()
                 if bad.any():
@@ -350,20 +679,24 @@ def iter_jobs(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta: MetaInd
             return
         if s not in wanted:
             continue
-        ids = chunk.column("id").to_pylist()
-        tar, part = _shard_paths(root, name, s)
-        info = meta.lookup(ids) if meta is not None else {}
-        nan = [math.nan] * len(chunk)
-        yield {
-            "shard": s, "tar": str(tar), "part": str(part), "retry": wanted[s], "retry_gone": retry_gone,
-            "require_gps": require_gps,
-            "keys": [f"{s * size + j:09d}" for j in range(len(chunk))],
-            "ids": ids,
-            "urls": [flickr_sized(u, cfg.fetch.size_suffix) for u in chunk.column("url").to_pylist()],
-            "lat": [math.nan if v is None else v for v in info.get("LAT", nan)],
-            "lon": [math.nan if v is None else v for v in info.get("LON", nan)],
-            "meta": {c: info[c] for c in META_COLUMNS if c in info},
-        }
+        urls = [flickr_sized(u, cfg.fetch.size_suffix) for u in chunk.column("url").to_pylist()]
+        yield _shard_job(root, name, s, size, chunk.column("id").to_pylist(), urls, meta) | {
+            "retry": wanted[s], "retry_gone": retry_gone, "require_gps": require_gps}
+
+
+def _shard_job(root: DataRoot, name: str, s: int, size: int, ids: list[str], urls: list[str],
+               meta: MetaIndex | None) -> dict[str, Any]:
+    """What a worker needs to write shard s: keys, ids, urls, and positions and labels from the metadata."""
+    tar, part = _shard_paths(root, name, s)
+    info = meta.lookup(np.asarray(ids, dtype=object)) if meta is not None else {}
+    nan = [math.nan] * len(ids)
+    return {
+        "shard": s, "tar": str(tar), "part": str(part),
+        "keys": [f"{s * size + j:09d}" for j in range(len(ids))], "ids": ids, "urls": urls,
+        "lat": [math.nan if v is None else v for v in info.get("LAT", nan)],
+        "lon": [math.nan if v is None else v for v in info.get("LON", nan)],
+        "meta": {c: info[c] for c in META_COLUMNS if c in info},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- fetching
@@ -488,7 +821,7 @@ def _feed(jobs: Iterator[dict[str, Any]], job_q: Any, processes: int, errors: li
 
 
 def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Counter,
-           seconds: float) -> dict[str, Any]:
+           seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Combine all manifest parts present into manifest.parquet (streamed) and write stats.json."""
     by_status: Counter = Counter()
     n_shards = math.ceil(n_items / shard_size)
@@ -512,6 +845,7 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
         "status": dict(sorted(by_status.items(), key=lambda kv: -kv[1])), "ok": by_status[OK],
         "bytes": int(nbytes), "this_run": {"items": fetched, "ok": counts[OK], "seconds": round(seconds, 2),
                                            "images_per_s": round(fetched / seconds, 1) if seconds else 0.0},
+        **(extra or {}),
     }
     write_json_atomic(root.dataset(name) / "stats.json", stats)
     if present < n_shards:
