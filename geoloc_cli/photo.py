@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
+# Photo files every stage takes (fetch's folders and archives, predict); Pillow decodes each of them.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 GPS_IFD = 0x8825
 ORIENTATION = 0x0112
 
@@ -15,6 +17,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB: transparency composited on white (not black), 16-bit/float greyscale stretched."""
     if im.mode == "RGB":
         return im
+    import numpy as np
+    from PIL import Image
+
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(im, dtype=np.float64)
         a = (a - a.min()) / max(float(a.max() - a.min()), 1e-9) * 255

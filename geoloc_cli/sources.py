@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from geoloc_cli.photo import IMAGE_SUFFIXES
+
 _JHU = "http://www.cis.jhu.edu/~shraman/TransLocator"
 _RAW = "https://raw.githubusercontent.com"
 _TRANSLOCATOR = f"{_RAW}/ShramanPramanick/Transformer_Based_Geo-localization/main/resources"
@@ -230,7 +232,7 @@ def member_key(rule: str, member: str) -> str | None:
     name = member.rstrip("/").rsplit("/", 1)[-1]
     if "." not in name or name.startswith("."):
         return None
-    if name.rsplit(".", 1)[-1].lower() not in {"jpg", "jpeg", "png", "tif", "tiff", "webp", "bmp"}:
+    if "." + name.rsplit(".", 1)[-1].lower() not in IMAGE_SUFFIXES:
         return None
     if rule == "cmu":
         m = _CMU.match(name)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
-from worlds import DATA_STAGES, build_world
+from worlds import DATA_STAGES, build_world, free_port
 
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
@@ -158,6 +158,6 @@ def test_predict_with_torch_on_cuda_agrees_with_onnx_on_the_cpu(world, reference
 def test_ddp_on_two_gpus_with_nccl_keeps_the_ranks_identical(world):
     cfg = load_config(world[0], ["train.run=nccl", "train.epochs=1", "train.val_dataset=", "runtime.gpus=[0,1]",
                                  "runtime.device=auto", "model.fusion=exchange"])
-    results = train.launch(cfg, master_port=29741)
+    results = train.launch(cfg, master_port=free_port())
     assert [r["rank"] for r in results] == [0, 1]
     assert results[0]["param_sum"] == results[1]["param_sum"]

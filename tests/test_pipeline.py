@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from worlds import DATA_STAGES, build_world
+from worlds import DATA_STAGES, build_world, free_port
 
 from geoloc_cli.cli import app
 
@@ -108,7 +108,7 @@ def test_ddp_two_gloo_processes_match_one_process(world, fusion):
     common = ["train.epochs=1", "train.val_dataset=", "runtime.device=cpu", "train.grad_clip=0",
               f"model.fusion={fusion}"]
     single = train.launch(load_config(cfg_path, [*common, "train.run=one", "runtime.nproc=1"]))
-    double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=29731)
+    double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=free_port())
     assert double[0]["history"][0]["step"] >= 2, "DDP must get past its second step"
     assert [r["rank"] for r in double] == [0, 1]
     assert double[0]["param_sum"] == double[1]["param_sum"], "DDP ranks must hold identical weights"

@@ -39,3 +39,12 @@ def build_world(tmp: Path, stages: tuple[list[str], ...] = DATA_STAGES,
         r = CliRunner().invoke(app, [*cmd, "-c", str(path), "-q"])
         assert r.exit_code == 0, f"geoloc {' '.join(cmd)} failed:\n{r.output}"
     return path, tmp / "data"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: parallel test runs (other checkouts too) never share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from geoloc_cli import console, download, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.photo import exif_gps
+from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
 from geoloc_cli.store import (
     OK,
     DataRoot,
@@ -50,7 +50,6 @@ from geoloc_cli.store import (
 STALL_DEADLINES = 4
 STALL_MIN_S = 60.0
 MIRROR_TIMEOUT = 30.0
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"}
 # Flickr file names: <id>_<secret>[_<size>].<ext>; the size part is what --size-suffix sets.
 _FLICKR_NAME = re.compile(r"^(?P<stem>\d+_[0-9a-f]+)(?P<size>_[a-z0-9]{1,2})?(?P<ext>\.[A-Za-z]+)$")
 

@@ -22,10 +22,9 @@ import numpy as np
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, InputError, require
-from geoloc_cli.photo import exif_gps, to_rgb
+from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps, to_rgb
 from geoloc_cli.store import DataRoot
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = ("table", "json", "csv", "geojson")
 
 
@@ -34,7 +33,7 @@ def collect(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         else:
             out.append(p)
     return out
