@@ -313,6 +313,37 @@ def export(
         console.info(f"wrote {path}")
 
 
+@app.command(
+    "convert",
+    epilog="Examples:  geoloc convert seed-vit Saved_RGB_ViT.tar -o seed.safetensors  |  "
+    "geoloc convert geoestimation epoch=014-val_loss=18.4833.ckpt -o base_m.safetensors",
+)
+@_handled
+def convert(
+    kind: Annotated[str, typer.Argument(help="seed-vit (the original ViT + segmentation model) or geoestimation "
+                                        "(GeoEstimation's ResNet-50 base(M,f*)).")],
+    checkpoint: Annotated[Path, typer.Argument(help="The published checkpoint file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The inference checkpoint to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
+    from geoloc_cli import console
+    from geoloc_cli.errors import require
+
+    cfg = _config(config, set_, root)
+    require("torch", "timm")
+    from geoloc_cli.convert import convert as run_convert
+
+    done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)
+    console.info(f"wrote {output}: {done['backbone']}, heads {done['heads']}")
+    if kind == "geoestimation":
+        console.info("its published numbers use five crops and their maximum: geoloc evaluate ... --model "
+                     f"{output} --set evaluate.crops=five --set evaluate.crop_reduce=max")
+
+
 @app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")
 @_handled
 def show_config(

@@ -102,7 +102,8 @@ class ModelConfig:
     )
     img_size: int = doc(224, "Input resolution of both branches.")
     seg_channels: int = doc(3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
-    fusion: str = doc("late", "How branches are fused: late (learned weighting) or exchange (CLS per layer).")
+    fusion: str = doc("late", "How branches are fused: late (one learned weighting), gated (the seed model's "
+                      "per-sample gate) or exchange (CLS tokens averaged after every block).")
     scene_classes: int = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
     partitionings: list[str] = doc(["coarse", "middle", "fine"], "Geo-cell heads, one per partitioning.")
     overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
@@ -185,7 +186,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "segment.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "segment.batch_size": (lambda v: v > 0, "> 0"),
     "model.seg_channels": (lambda v: v in (0, 3, 150), "0, 3 or 150"),
-    "model.fusion": (lambda v: v in ("late", "exchange"), "late or exchange"),
+    "model.fusion": (lambda v: v in ("late", "gated", "exchange"), "late, gated or exchange"),
     "model.scene_classes": (lambda v: v in (3, 16, 365), "3, 16 or 365"),
     "model.img_size": (lambda v: v > 0, "> 0"),
     "model.partitionings": (lambda v: len(v) > 0, "at least one partitioning"),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from geoloc_cli.errors import InputError
-from geoloc_cli.onnx_runtime import FINGERPRINT_KEY, fingerprint, onnx_paths, rgb_path, stamp_path
+from geoloc_cli.onnx_runtime import FINGERPRINT_KEY, fingerprint, onnx_paths, rgb_path, split_export, stamp_path
 from geoloc_cli.store import write_json_atomic
 
 OPSET = 17
@@ -51,7 +51,7 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
     heads = list(spec["heads"])
     image, seg_in = torch.zeros(1, 3, size, size), torch.zeros(1, channels, size, size)
     written: list[Path] = []
-    if channels and spec["fusion"] == "late":
+    if split_export(spec):
         # Two graphs: the RGB branch alone, then the seg branch + fusion + heads. predict loads them in
         # parallel and runs the RGB branch while the segmenter is still working on the photo.
         feature = torch.zeros(1, model.rgb.num_features)
@@ -141,7 +141,7 @@ class _Probabilities(nn.Module):
 
 
 class _RgbFeature(nn.Module):
-    """The RGB branch of a late-fusion GeoModel: image -> CLS feature."""
+    """The RGB branch of a late- or gated-fusion GeoModel: image -> CLS feature."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -152,15 +152,15 @@ class _RgbFeature(nn.Module):
 
 
 class _LateFusion(nn.Module):
-    """The rest of a late-fusion GeoModel (GeoModel.features + heads): (RGB feature, seg map) -> probabilities."""
+    """The rest of a late- or gated-fusion GeoModel (seg branch, GeoModel.fuse, heads): (RGB feature, seg map)
+    -> probabilities."""
 
     def __init__(self, model: nn.Module, heads: list[str]) -> None:
         super().__init__()
         self.model, self.heads = model, heads
 
     def forward(self, rgb_feature: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        w = torch.sigmoid(self.model.fuse_logit)
-        f = w * rgb_feature + (1 - w) * self.model.seg(seg)
+        f = self.model.fuse(rgb_feature, self.model.seg(seg))
         return tuple(torch.softmax(self.model.heads[h](f).float(), -1) for h in self.heads)
 
 

@@ -66,6 +66,16 @@ class CellSet:
         )
 
     @classmethod
+    def from_partitions(cls, tables: dict[str, pd.DataFrame]) -> CellSet:
+        """Cell tables of any number of partitionings, ordered coarse to fine by their number of cells, with
+        the hierarchy anchored on the finest."""
+        from geoloc_cli.partitioning import build_hierarchy
+
+        order = sorted(tables, key=lambda p: len(tables[p]))
+        hierarchy = build_hierarchy(tables, order)
+        return cls.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
+
+    @classmethod
     def from_tables(cls, tables: dict[str, pd.DataFrame], parents: dict[str, np.ndarray]) -> CellSet:
         """From cell tables (class_label order) and the hierarchy of the last (finest) table."""
         t = {n: df.sort_values("class_label") for n, df in tables.items()}

@@ -33,8 +33,14 @@ def onnx_paths(ckpt: Path, out: Path | None = None) -> tuple[Path, Path]:
 
 
 def rgb_path(net: Path) -> Path:
-    """The RGB-branch graph of a split export (late fusion with a seg branch): model.onnx -> model.rgb.onnx."""
+    """The RGB-branch graph of a split export: model.onnx -> model.rgb.onnx."""
     return net.with_suffix(".rgb.onnx")
+
+
+def split_export(spec: dict[str, Any]) -> bool:
+    """Whether a model is exported as two graphs (RGB branch; seg branch + fusion + heads): late or gated
+    fusion with a seg branch, whose branches meet only at their features."""
+    return bool(spec["seg_channels"]) and spec["fusion"] != "exchange"
 
 
 def stamp_path(net: Path) -> Path:
@@ -61,7 +67,7 @@ def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     """'ok' when every file predict needs exists and matches the checkpoint, else why not (one line)."""
     net, seg = onnx_paths(ckpt)
     spec = meta["spec"]
-    needed = [net, seg, *([rgb_path(net)] if spec["fusion"] == "late" else [])] if spec["seg_channels"] else [net]
+    needed = [net, seg, *([rgb_path(net)] if split_export(spec) else [])] if spec["seg_channels"] else [net]
     missing = [p.name for p in [*needed, stamp_path(net)] if not p.is_file()]
     if missing:
         return f"no ONNX export beside {ckpt} ({', '.join(missing)} missing; run `geoloc export {ckpt}`)"

@@ -210,13 +210,10 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _cells(cfg: Config, root: DataRoot):
     from geoloc_cli.inference import CellSet
-    from geoloc_cli.partitioning import build_hierarchy, load_partitions
+    from geoloc_cli.partitioning import load_partitions
 
     tables = load_partitions(root.partitions(cfg.partition.dataset))
-    # coarse to fine by number of cells: the hierarchy is anchored on the finest partitioning
-    order = sorted(cfg.model.partitionings, key=lambda p: len(tables[p]))
-    hierarchy = build_hierarchy(tables, order)
-    return CellSet.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
+    return CellSet.from_partitions({p: tables[p] for p in cfg.model.partitionings})
 
 
 def _device_spec(cfg: Config) -> str:
