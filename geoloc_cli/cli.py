@@ -340,8 +340,8 @@ def convert(
     done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)
     console.info(f"wrote {output}: {done['backbone']}, heads {done['heads']}")
     if kind == "geoestimation":
-        console.info("its published numbers use five crops and their maximum: geoloc evaluate ... --model "
-                     f"{output} --set evaluate.crops=five --set evaluate.crop_reduce=max")
+        console.info("its published numbers use five crops and their maximum: evaluate does the same for it "
+                     "(evaluate.crops=auto)")
 
 
 @app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")

@@ -140,8 +140,10 @@ class EvaluateConfig:
     datasets: list[str] = doc(["yfcc25600"], "Datasets to evaluate on.")
     thresholds_km: list[float] = doc([1, 25, 200, 750, 2500], "Accuracy thresholds in km.")
     batch_size: int = doc(64, "Images per inference batch.")
-    crops: str = doc("center", "Test-time crops: center, five (corners + centre) or ten (five + flips).")
-    crop_reduce: str = doc("mean", "How crop probabilities are combined: mean or max.")
+    crops: str = doc("auto", "Test-time crops: center, five (corners + centre) or ten (five + flips); auto = the "
+                     "protocol the checkpoint records (a converted published model's own), else center.")
+    crop_reduce: str = doc("auto", "How crop probabilities are combined: mean or max; auto = the checkpoint's "
+                           "protocol, else mean.")
 
 
 @dataclass
@@ -200,8 +202,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "predict.top_k": (lambda v: v > 0, "> 0"),
     "predict.batch_size": (lambda v: v > 0, "> 0"),
     "predict.backend": (lambda v: v in ("auto", "onnx", "torch"), "auto, onnx or torch"),
-    "evaluate.crops": (lambda v: v in ("center", "five", "ten"), "center, five or ten"),
-    "evaluate.crop_reduce": (lambda v: v in ("mean", "max"), "mean or max"),
+    "evaluate.crops": (lambda v: v in ("auto", "center", "five", "ten"), "auto, center, five or ten"),
+    "evaluate.crop_reduce": (lambda v: v in ("auto", "mean", "max"), "auto, mean or max"),
     "train.shuffle_window_shards": (lambda v: v > 0, "> 0"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
 }

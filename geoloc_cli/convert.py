@@ -18,7 +18,8 @@ the colour map's raw 0-255 scale folded into the seg branch's patch embedding (g
 255). predict, evaluate, export and ONNX predict then work on it. GeoEstimation's published numbers use
 its test protocol (its FiveCropImageDataset: Resize(256) + FiveCrop(224), the max over the crops'
 softmax, hierarchical prediction; public copies of its code show it, e.g. keyang1211/GeoEstimation,
-classification/dataset.py and train_base.py): `--set evaluate.crops=five --set evaluate.crop_reduce=max`.
+classification/dataset.py and train_base.py): the converted checkpoint records it, and evaluate follows
+it unless evaluate.crops / crop_reduce say otherwise.
 
 Files are read with torch.load(weights_only=True): no code in them runs. Objects a Lightning file
 pickles beside the weights (hyper-parameters, callback states) are read as plain stand-ins.
@@ -40,6 +41,9 @@ KINDS = ("seed-vit", "geoestimation")
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # The published partitionings (tau_min 50; tau_max 5000 / 2000 / 1000) and their files in resources/
 PUBLISHED = {"coarse": "cells_50_5000.csv.gz", "middle": "cells_50_2000.csv.gz", "fine": "cells_50_1000.csv.gz"}
+# the test protocol each original's published numbers use (evaluate.crops=auto follows it)
+PROTOCOLS = {"seed-vit": {"crops": "center", "crop_reduce": "mean"},
+             "geoestimation": {"crops": "five", "crop_reduce": "max"}}
 SEED_CROP_PCT = 224 / 320  # Resize(320) then CenterCrop(224)
 HF_LAYER_NORM_EPS = 1e-12  # transformers' ViT default; timm's ViTs use 1e-6
 
@@ -53,7 +57,8 @@ def convert(kind: str, src: Path, out: Path, segmenter: str = "", segmenter_size
     state = read_state_dict(Path(src))
     model, cells, preprocess = (_seed_vit if kind == "seed-vit" else _geoestimation)(state, Path(src))
     model.preprocess = {**model.preprocess, **preprocess}
-    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "converted_from": {"kind": kind, "file": Path(src).name}}
+    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "converted_from": {"kind": kind, "file": Path(src).name},
+                            "protocol": PROTOCOLS[kind]}
     seg_tensors = None
     if model.spec.seg_channels:
         from geoloc_cli.segmentation import Segmenter

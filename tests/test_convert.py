@@ -189,6 +189,13 @@ def test_geoestimation_converts_to_the_same_logits_and_hierarchy(geoestimation, 
     ours_probs = {k: torch.softmax(v.double(), 1).numpy() for k, v in ours.items()}
     assert (decode(ours_probs, CellSet.from_meta(meta["partitionings"]))["hierarchical"] == expected).all()
     assert meta["preprocess"]["crop_pct"] == pytest.approx(224 / 256)
+    from geoloc_cli.config import load_config
+    from geoloc_cli.stages.evaluate import with_protocol
+
+    protocol = with_protocol(load_config(None), meta).evaluate  # evaluate follows the published protocol ...
+    assert (protocol.crops, protocol.crop_reduce) == ("five", "max")
+    mine = with_protocol(load_config(None, ["evaluate.crops=ten"]), meta).evaluate  # ... unless told otherwise
+    assert (mine.crops, mine.crop_reduce) == ("ten", "max")
 
 
 def test_files_that_are_not_published_models_are_one_line_errors(tmp_path, geoestimation):

@@ -349,6 +349,7 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
         torch.cuda.set_device(device)
     limit_cpu_threads(loader_workers(cfg.runtime.num_workers, device), device=device)
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
+    cfg = with_protocol(cfg, meta)
     thresholds = cfg.evaluate.thresholds_km
     kinds = [*meta["partitionings"]["names"], "hierarchical"]
     out: dict[str, Any] = {}
@@ -371,9 +372,22 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
     return out
 
 
+def with_protocol(cfg: Config, meta: dict[str, Any]) -> Config:
+    """evaluate.crops / crop_reduce `auto`: the test protocol the checkpoint records (a converted published
+    model's own, e.g. GeoEstimation's five crops and their maximum), else a centre crop."""
+    import dataclasses
+
+    protocol = meta.get("protocol", {})
+    ev = cfg.evaluate
+    crops = protocol.get("crops", "center") if ev.crops == "auto" else ev.crops
+    reduce = protocol.get("crop_reduce", "mean") if ev.crop_reduce == "auto" else ev.crop_reduce
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, crops=crops, crop_reduce=reduce))
+
+
 def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thresholds: list[float],
                   cfg: Config) -> None:
-    crops = "" if cfg.evaluate.crops == "center" else f", {cfg.evaluate.crops} crops ({cfg.evaluate.crop_reduce})"
+    setups = {(r[d]["setup"]["crops"], r[d]["setup"]["crop_reduce"]) for r in per_model.values() for d in datasets}
+    crops = "" if setups == {("center", "mean")} else ", crops " + "; ".join(f"{c} ({m})" for c, m in sorted(setups))
     for dataset in datasets:
         _table(f"{dataset}: hierarchical prediction{crops}",
                {label: runs[dataset]["hierarchical"] for label, runs in per_model.items()}, thresholds, first="model")
