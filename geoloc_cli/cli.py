@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from geoloc_cli.errors import ConfigError, GeolocError
+from geoloc_cli.sources import PRESETS
 
 BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
 
@@ -30,16 +31,36 @@ app = typer.Typer(
 # Shared options (every command takes the config ones; device ones where a stage uses devices).
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config (default: ./geoloc.yaml if present, else built-in defaults)."),
+    typer.Option("--config", "-c", envvar="GEOLOC_CONFIG",
+                 help="YAML config (default: ./geoloc.yaml if present, else built-in defaults)."),
 ]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable)."),
 ]
-RootOpt = Annotated[Path | None, typer.Option("--root", help="Data root directory (config paths.root).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+RootOpt = Annotated[Path | None, typer.Option("--root", envvar="GEOLOC_ROOT",
+                                              help="Data root directory (config paths.root).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", envvar="GEOLOC_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from geoloc_cli import __version__
+
+        typer.echo(f"geoloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.
+
+    Environment: GEOLOC_CONFIG, GEOLOC_ROOT and GEOLOC_DEVICE stand for --config, --root and --device."""
 
 
 def _parse_gpus(text: str | None) -> list[int] | None:
@@ -89,8 +110,7 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def fetch(
     source: Annotated[
         str | None,
-        typer.Argument(help="Preset (demo, mp16, yfcc25600, im2gps, im2gps3k, yfcc4k, osv5m; sources in the "
-                            "README) or a folder of photos."),
+        typer.Argument(help=f"Preset (demo, {', '.join(PRESETS)}; sources in the README) or a folder of photos."),
     ] = None,
     urls: Annotated[Path | None, typer.Option(help="URL list: image_id,url rows without a header.")] = None,
     meta: Annotated[Path | None, typer.Option(help="Metadata CSV in *_places365.csv format.")] = None,

@@ -292,17 +292,30 @@ def _validate(cfg: Config) -> None:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """`a.b=c` -> {"a": {"b": c}} with c parsed as YAML (so 3 is an int, [0,1] a list, x a string)."""
+    """`a.b=c` -> {"a": {"b": c}}: c as given for a text field (a run named 0612 stays "0612", not YAML
+    1.1's octal 394), else parsed as YAML (so 3 is an int, [0,1] a list)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value")
     path, raw = text.split("=", 1)
+    if not all(path.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    if _field_type(path.strip()) is str:
+        return _nest(path.strip(), raw)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from None
-    if not all(path.strip().split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
     return _nest(path.strip(), value)
+
+
+def _field_type(path: str) -> Any:
+    """The declared type of a dotted key (None for an unknown key or one inside a mapping's values)."""
+    tp: Any = Config
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -80,8 +80,11 @@ def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "onnxruntime is not installed (pip install 'geoloc[predict]')"
+        return NO_ONNXRUNTIME
     return "ok"
+
+
+NO_ONNXRUNTIME = "onnxruntime is not installed (pip install 'geoloc[predict]')"
 
 
 class OnnxModel:

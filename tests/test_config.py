@@ -104,3 +104,26 @@ def test_every_command_has_help_with_example(cmd: str):
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert cfg.train.dataset == "demo" and cfg.partition.tau_min == 5
+
+
+def test_set_values_are_parsed_by_the_fields_type():
+    """A text field keeps the text as given (YAML 1.1 would read 0612 as octal 394 and 12:30 as 750);
+    other fields are parsed as YAML."""
+    cfg = load_config(None, ["train.run=0612", "segment.model=12:30", "train.lr=3e-4", "runtime.gpus=[0,1]",
+                             "partition.tau_max.fine=500", "model.overrides.depth=2", "runtime.num_workers=3"])
+    assert (cfg.train.run, cfg.segment.model) == ("0612", "12:30")
+    assert cfg.train.lr == 3e-4 and cfg.runtime.gpus == [0, 1] and cfg.runtime.num_workers == 3
+    assert cfg.partition.tau_max["fine"] == 500 and cfg.model.overrides == {"depth": 2}
+
+
+def test_version_and_environment_variables(tmp_path):
+    from geoloc_cli import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"geoloc {__version__}"
+    (tmp_path / "c.yaml").write_text("train: {run: from-env}\n")
+    env = {"GEOLOC_CONFIG": str(tmp_path / "c.yaml"), "GEOLOC_ROOT": str(tmp_path / "data"), "GEOLOC_DEVICE": "cpu"}
+    r = CliRunner().invoke(app, ["config"], env=env)
+    assert r.exit_code == 0 and "run: from-env" in r.output and f"root: {tmp_path / 'data'}" in r.output
+    r = CliRunner().invoke(app, ["config", "--root", "elsewhere"], env=env)  # an option beats its variable
+    assert "root: elsewhere" in r.output

@@ -122,6 +122,23 @@ def test_ddp_two_gloo_processes_match_one_process(world, fusion):
     assert len((root / "runs/two/metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_checkpoints_are_portable_files(world):
+    """Readable by others (0644 under the usual umask, like every other output) and free of this
+    machine's paths: a checkpoint is shared between machines and people."""
+    import os
+    import stat
+
+    from geoloc_cli.store import read_checkpoint_meta
+
+    _, root = world
+    ckpt = root / "runs/demo/model.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o666 & ~umask
+    meta = read_checkpoint_meta(ckpt)
+    assert "paths" not in meta["config"] and str(root) not in json.dumps(meta)
+
+
 def test_corrupt_resume_state_is_a_clear_error(world):
     cfg, root = world
     broken = root / "runs/broken"

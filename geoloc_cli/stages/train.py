@@ -497,7 +497,9 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
     """The self-contained inference checkpoint (weights + cells + hierarchy + segmenter + config)."""
     from geoloc_cli.model import save_inference_checkpoint
 
-    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": cfgmod.to_dict(cfg)}
+    # the config that made the model, without this machine's paths and devices (the file travels)
+    config = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ("paths", "runtime")}
+    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": config}
     seg_tensors = None
     if cfg.model.seg_channels:
         seg_tensors, meta["segmenter"] = _segmenter_state(cfg.segment.model, cfg.segment.input_size)
