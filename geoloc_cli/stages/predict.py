@@ -117,6 +117,11 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     from geoloc_cli.onnx_runtime import NO_ONNXRUNTIME, OnnxModel, export_status
     from geoloc_cli.store import read_checkpoint_meta as read_meta
 
+    if Path(ckpt).suffix == ".onnx" or Path(ckpt).is_dir():  # an export on its own: no checkpoint, no torch
+        if backend == "torch":
+            raise ConfigError(f"predict.backend=torch needs the checkpoint (.safetensors), not the export {ckpt}")
+        net = OnnxModel.of_export(ckpt)
+        return net, net.meta
     meta = read_meta(ckpt)
     status = export_status(ckpt, meta)
     if backend == "auto":
@@ -126,7 +131,7 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     if backend == "onnx":
         if status != "ok":
             raise InputError(f"predict.backend=onnx: {status}")
-        return OnnxModel(ckpt, meta), meta
+        return OnnxModel.of_checkpoint(ckpt, meta), meta
     if status == NO_ONNXRUNTIME and importlib.util.find_spec("torch") is None:
         raise GeolocError(f"{ckpt} has a current ONNX export, but {status}")  # not the whole training stack
     require("torch", "timm")  # no current ONNX export: the torch path needs the training stack
