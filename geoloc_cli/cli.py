@@ -21,7 +21,9 @@ BEST_HELP = "Inference checkpoint (default: the run's best, by validation accura
 
 app = typer.Typer(
     name="geoloc",
-    help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.",
+    help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict. "
+    "Environment: GEOLOC_CONFIG (the config file when -c is not given), GEOLOC_ROOT and GEOLOC_DEVICE (over the "
+    "config file, under --set and options).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -31,16 +33,17 @@ app = typer.Typer(
 # Shared options (every command takes the config ones; device ones where a stage uses devices).
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="GEOLOC_CONFIG",
-                 help="YAML config (default: ./geoloc.yaml if present, else built-in defaults)."),
+    typer.Option("--config", "-c",
+                 help="YAML config (default: $GEOLOC_CONFIG, else ./geoloc.yaml if present, else built-in defaults)."),
 ]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable)."),
 ]
-RootOpt = Annotated[Path | None, typer.Option("--root", envvar="GEOLOC_ROOT",
-                                              help="Data root directory (config paths.root).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", envvar="GEOLOC_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+RootOpt = Annotated[Path | None, typer.Option("--root", help="Data root directory (config paths.root).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+# Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
+ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
 
@@ -58,9 +61,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.
-
-    Environment: GEOLOC_CONFIG, GEOLOC_ROOT and GEOLOC_DEVICE stand for --config, --root and --device."""
+    """The options before the command."""
 
 
 def _parse_gpus(text: str | None) -> list[int] | None:
@@ -74,11 +75,16 @@ def _parse_gpus(text: str | None) -> list[int] | None:
 
 def _config(config: Path | None, sets: list[str] | None, root: Path | None, **options: Any):
     """Resolve the config tree; `options` are explicit command options keyed by dotted config key."""
+    import os
+
     from geoloc_cli.config import load_config
 
+    if config is None and os.environ.get("GEOLOC_CONFIG"):
+        config = Path(os.environ["GEOLOC_CONFIG"])
+    from_env = [f"{key}={os.environ[var]}" for var, key in ENV_KEYS.items() if os.environ.get(var)]
     if root is not None:
         options["paths.root"] = str(root)
-    return load_config(config, sets, options)
+    return load_config(config, [*from_env, *(sets or [])], options)
 
 
 def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -299,8 +299,8 @@ def parse_override(text: str) -> dict[str, Any]:
     path, raw = text.split("=", 1)
     if not all(path.strip().split(".")):
         raise ConfigError(f"--set {text!r}: empty key")
-    if _field_type(path.strip()) is str:
-        return _nest(path.strip(), raw)
+    if _field_type(path.strip()) is str and not raw.strip().startswith(("'", '"')):
+        return _nest(path.strip(), raw.strip())  # a quoted value ('' for empty) is parsed as YAML below
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:

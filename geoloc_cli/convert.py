@@ -255,7 +255,7 @@ _RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6":
 
 
 def _geoestimation(state: dict[str, torch.Tensor], path: Path):
-    from geoloc_cli.inference import CellSet
+    from geoloc_cli.inference import MULTICROP_PCT, CellSet
     from geoloc_cli.model import ModelSpec, build_model
 
     ours: dict[str, torch.Tensor] = {}
@@ -287,5 +287,5 @@ def _geoestimation(state: dict[str, torch.Tensor], path: Path):
     spec = ModelSpec("resnet50", 224, 0, "late", heads)
     model = build_model(spec)
     _load_into(model, ours, path)
-    preprocess = {**IMAGENET, "interpolation": "bilinear", "crop_pct": 224 / 256}  # Resize(256), crop 224
+    preprocess = {**IMAGENET, "interpolation": "bilinear", "crop_pct": MULTICROP_PCT}  # Resize(256), crop 224
     return model, CellSet.from_partitions(tables), preprocess

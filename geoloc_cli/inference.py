@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 HIER = "hierarchical"
 SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
+SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}  # scene head size -> *_places365.csv column
 SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
 MULTICROP_PCT = 0.875  # five/ten-crop side as a fraction of the shorter side (Resize(256) + FiveCrop(224))
 
@@ -254,9 +255,9 @@ def normalize(pixels: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
 
 
 def views(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],
-          crops: str = "center") -> tuple[np.ndarray, np.ndarray]:
-    """All test-time crops of one photo: (K, 3, S, S) float32 and (K, S, S) uint8."""
-    pairs = [view(img, seg, size, pre, box, flip)
+          crops: str = "center", raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """All test-time crops of one photo: (K, 3, S, S) float32 (`raw`: uint8) and (K, S, S) uint8."""
+    pairs = [view(img, seg, size, pre, box, flip, raw)
              for box, flip in crop_boxes(*img.size, crops, pre.get("crop_pct", 1.0))]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 

@@ -122,9 +122,18 @@ class GeoModel(nn.Module):
         operations as inference.normalize; float input is taken as normalised already."""
         if image.dtype != torch.uint8:
             return image
-        mean = torch.tensor(self.preprocess["mean"], device=image.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocess["std"], device=image.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(image.device)
         return (image.float() / 255.0 - mean) / std
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean/std as (1,3,1,1) tensors on `device`, made once: a host-to-device copy per forward would make
+        every step wait for the GPU."""
+        key = (device, tuple(self.preprocess["mean"]), tuple(self.preprocess["std"]))
+        if getattr(self, "_norm_key", None) != key:
+            self._norm = tuple(torch.tensor(self.preprocess[k], device=device).view(1, 3, 1, 1)
+                               for k in ("mean", "std"))
+            self._norm_key = key
+        return self._norm
 
     @staticmethod
     def _embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:

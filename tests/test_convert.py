@@ -198,6 +198,22 @@ def test_geoestimation_converts_to_the_same_logits_and_hierarchy(geoestimation, 
     assert (mine.crops, mine.crop_reduce) == ("ten", "max")
 
 
+def test_a_converted_geoestimation_model_evaluates_with_its_protocol(geoestimation, tmp_path):
+    """evaluate on a model without a scene head, with the recorded protocol (five crops, their maximum)."""
+    from worlds import build_world
+
+    _, _, path = geoestimation
+    out = tmp_path / "base_m.safetensors"
+    convert("geoestimation", path, out)
+    cfg, _ = build_world(tmp_path, (["fetch", "demo"],), fetch={"demo_size": 24}, runtime={"device": "cpu"},
+                         evaluate={"batch_size": 6})
+    r = CliRunner().invoke(app, ["evaluate", "demo_val", "-c", str(cfg), "--model", str(out), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)["demo_val"]
+    assert (result["setup"]["crops"], result["setup"]["crop_reduce"]) == ("five", "max")
+    assert result["hierarchical"]["n"] == 6 and "scene" not in result
+
+
 def test_files_that_are_not_published_models_are_one_line_errors(tmp_path, geoestimation):
     bad = tmp_path / "x.ckpt"
     bad.write_bytes(b"not a checkpoint")

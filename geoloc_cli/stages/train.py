@@ -31,9 +31,9 @@ from geoloc_cli import config as cfgmod
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.inference import SCENE_COLUMNS
 from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_text_atomic
 
-SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}
 # torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
 COMPILE_BACKEND = "inductor"
 
@@ -343,7 +343,8 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
     return torch.utils.data.DataLoader(
         ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
         collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
-        # 2 batches ahead per worker: with many workers more only fills /dev/shm (a 64 MB container's dies)
+        # 2 batches ahead per worker: more only fills /dev/shm (14 workers x 2 x ~26 MB uint8 batches of 128 at
+        # 224 px ~ 730 MB; a container's 64 MB default is far too small at any setting: give it --shm-size)
         persistent_workers=False, prefetch_factor=2 if workers else None,
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -499,6 +500,9 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
 
     # the config that made the model, without this machine's paths and devices (the file travels)
     config = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ("paths", "runtime")}
+    for section, key in (("model", "pretrained"), ("segment", "model")):  # local files: their names only
+        if Path(config[section][key]).exists():
+            config[section][key] = Path(config[section][key]).name
     meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": config}
     seg_tensors = None
     if cfg.model.seg_channels:
@@ -556,7 +560,11 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
     except RuntimeError as e:  # shapes or names differ: the model config changed since the run started
         raise ConfigError(f"{path} does not fit the configured model (model.* changed since the run started?): "
                           f"{' '.join(str(e).split())[:300]}") from None
-    opt.load_state_dict(blob["optimizer"])
+    try:
+        opt.load_state_dict(blob["optimizer"])
+    except ValueError as e:  # parameter groups of another size: a run started by an older geoloc, or model.*
+        raise ConfigError(f"{path}: its optimizer state does not fit the model ({e}); resume with the geoloc and "
+                          "model.* settings the run started with, or start a new run") from None
     sched.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
     if ema is not None:
