@@ -355,3 +355,17 @@ def test_same_named_files_of_two_places_never_share_a_download(tmp_path):
     remote = sources.with_split(sources.PRESETS["osv5m"], "train").archives[0].parts[0][0]
     assert stage._user_remotes(["https://mirror.example/osv"], remote.mirror_path)[0].url == \
         "https://mirror.example/osv/images/train/00.zip"
+
+
+def test_a_dataset_is_not_continued_from_another_kind_of_source(tmp_path):
+    """An archive's keys follow its own order, a URL list's the list's: shards of the two never mix."""
+    ids = ["a.jpg", "b.jpg"]
+    meta = write_meta(tmp_path / "m.csv", ids)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_bytes({i: JPEG for i in ids}))
+    cfg = make_cfg(tmp_path / "root")
+    assert stage.run(cfg, archive=archive, meta=meta, name="t")["t"]["ok"] == 2
+    urls = tmp_path / "t_urls.csv"
+    urls.write_text("".join(f"{i},http://127.0.0.1:9/{i}\n" for i in ids))
+    with pytest.raises(InputError, match="fetched from archive .* now from list"):
+        stage.run(cfg, urls=urls, meta=meta, name="t")

@@ -369,7 +369,7 @@ def import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, pa
     n_items = len(plan)
     if n_items == 0:
         raise InputError(f"{meta_csv}: no metadata rows to import")
-    _check_layout(root, name, Path(label), n_items, size)
+    _check_layout(root, name, Path(label), n_items, size, "archive")
     fetch, retry = plan_shards(root, name, n_items, size, (0, 1), retry_failed, retry_gone)
     wanted = set(fetch) | set(retry)  # a retried shard is read again from the archive
     remove_stale_temps(root.shards(name), dict.fromkeys(wanted, False))
@@ -652,8 +652,9 @@ def _has_retryable(part: Path, retry_gone: bool) -> bool:
     return any(st != OK and (retry_gone or st not in GONE) for st in status)
 
 
-def _check_layout(root: DataRoot, name: str, urls_csv: Path, n_items: int, shard_size: int) -> None:
-    """Refuse to mix shards cut differently: keys and shard numbers depend on the list and shard size."""
+def _check_layout(root: DataRoot, name: str, source: Path, n_items: int, shard_size: int, kind: str = "list") -> None:
+    """Refuse to mix shards cut differently: keys and shard numbers depend on the list (or the archive's
+    order: `kind`) and the shard size."""
     spec_path = root.dataset(name) / "fetch.json"
     spec = {"items": n_items, "shard_size": shard_size}
     if spec_path.is_file():
@@ -663,8 +664,11 @@ def _check_layout(root: DataRoot, name: str, urls_csv: Path, n_items: int, shard
                 f"{spec_path}: this dataset was fetched with {old.get('items')} items and shard_size "
                 f"{old.get('shard_size')}, now {n_items} and {shard_size}; use the same list and "
                 f"fetch.shard_size, or another --name")
+        if old.get("kind", "list") != kind:  # an archive orders its keys otherwise than a URL list
+            raise InputError(f"{spec_path}: this dataset was fetched from {old.get('kind', 'list')} "
+                             f"{old.get('urls')}, now from {kind} {source}: use the same source, or another --name")
         return
-    write_json_atomic(spec_path, {**spec, "urls": str(urls_csv)})
+    write_json_atomic(spec_path, {**spec, "urls": str(source), "kind": kind})
 
 
 def remove_stale_temps(folder: Path, shards: dict[int, bool]) -> None:
