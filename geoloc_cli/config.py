@@ -144,6 +144,8 @@ class EvaluateConfig:
                      "protocol the checkpoint records (a converted published model's own), else center.")
     crop_reduce: str = doc("auto", "How crop probabilities are combined: mean or max; auto = the checkpoint's "
                            "protocol, else mean.")
+    admin_metrics: bool = doc(True, "Also score the hierarchical prediction's country / region / sub-region / city "
+                              "as OSV-5M does (reverse_geocoder package: the `metrics` extra).")
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """Geolocation metrics and the hierarchical prediction, in numpy (no torch needed).
 
 Definitions follow the published work: great-circle distance by haversine with R = 6371 km; accuracy
-at t km is the fraction of images whose error is <= t km.
+at t km is the fraction of images whose error is <= t km. OSV-5M's (Astruc et al., CVPR 2024): the
+GeoScore, GeoGuessr's points per round, 5000 exp(-d / 1492.7 km) averaged over images; and accuracy of
+country / region / sub-region / city, where prediction and truth are reverse-geocoded with the
+`reverse_geocoder` package as OSV-5M's evaluation code does (GeoNames places of >= 1,000 people, the
+nearest in degrees), each level compared as the whole chain of names above it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import numpy as np
 from geoloc_cli.geo import haversine_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+GEOSCORE_KM = 1492.7  # OSV-5M's GeoScore scale
+ADMIN_LEVELS = ("country", "region", "sub-region", "city")
 
 
 def accuracy(dist_km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:
@@ -21,7 +27,39 @@ def accuracy(dist_km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -
     out = {f"acc_{_km(t)}km": float(np.mean(d <= t)) if len(d) else float("nan") for t in thresholds}
     out["median_km"] = float(np.median(d)) if len(d) else float("nan")
     out["mean_km"] = float(np.mean(d)) if len(d) else float("nan")
+    out["geoscore"] = float(np.mean(5000.0 * np.exp(-d / GEOSCORE_KM))) if len(d) else float("nan")
     out["n"] = int(len(d))
+    return out
+
+
+def admin_areas(lat: np.ndarray, lon: np.ndarray) -> list[tuple[str | None, ...]]:
+    """Per point, its (country, region, sub-region, city) as OSV-5M names them: each level the chain of
+    names down to it ("FR", "FR,Ile-de-France", ...), None where reverse_geocoder has no name for it
+    (and for the levels below a missing country or region)."""
+    import reverse_geocoder  # the `metrics` extra; imported here: it loads its table on first use (~2 s)
+
+    if not len(lat):
+        return []
+    places = reverse_geocoder.search(list(zip(np.asarray(lat, float), np.asarray(lon, float), strict=True)),
+                                     mode=1, verbose=False)
+    out = []
+    for p in places:
+        cc, region, sub, city = (p.get(k, "") for k in ("cc", "admin1", "admin2", "name"))
+        a = cc or None
+        b = f"{cc},{region}" if a and region else None
+        c = f"{cc},{region},{sub}" if b and sub else None
+        d = f"{cc},{region},{sub},{city}" if b and city else None
+        out.append((a, b, c, d))
+    return out
+
+
+def admin_accuracy(predicted: list[tuple[str | None, ...]], truth: list[tuple[str | None, ...]]) -> dict[str, float]:
+    """OSV-5M's country / region / sub-region / city accuracy: per level, over the images whose true
+    position has a name at that level, the share whose prediction has the same chain of names."""
+    out = {}
+    for i, level in enumerate(ADMIN_LEVELS):
+        known = [(p[i], t[i]) for p, t in zip(predicted, truth, strict=True) if t[i] is not None]
+        out[f"{level}_acc"] = float(np.mean([p == t for p, t in known])) if known else float("nan")
     return out
 
 

@@ -166,6 +166,8 @@ def test_test_time_crops(world):
         assert r.exit_code == 0, r.output
         res[crops] = json.loads(r.stdout)["demo_val"]
         assert res[crops]["setup"]["crops"] == crops and res[crops]["hierarchical"]["n"] == 16
+        assert 0 <= res[crops]["hierarchical"]["geoscore"] <= 5000
+        assert set(res[crops]["admin"]) == {"country_acc", "region_acc", "sub-region_acc", "city_acc"}
     assert (a.parent / "eval/demo_val-ten-max/metrics.json").is_file()
     assert (a.parent / "eval/demo_val-five-mean/predictions.csv").is_file()
 

@@ -81,3 +81,28 @@ def test_scene_accuracy_counts_only_known_labels():
     pred = pd.DataFrame({"scene_pred": [0, 1, 2, 2], "scene_true": [0, 2, -1, -1]})
     assert scene_accuracy(pred) == 0.5
     assert scene_accuracy(pred.assign(scene_true=-1)) is None
+
+
+def test_geoscore_is_osv5m_s_definition():
+    from geoloc_cli.metrics import accuracy
+
+    d = np.array([0.0, 1492.7, 20000.0])
+    expected = np.mean([5000.0, 5000.0 / np.e, 5000.0 * np.exp(-20000.0 / 1492.7)])
+    assert accuracy(d)["geoscore"] == pytest.approx(expected)
+    assert accuracy(np.zeros(3))["geoscore"] == 5000.0
+
+
+def test_admin_accuracy_compares_whole_chains_over_known_truths():
+    from geoloc_cli.metrics import admin_accuracy, admin_areas
+
+    paris, versailles, sydney = (48.8566, 2.3522), (48.8049, 2.1204), (-33.8688, 151.2093)
+    truth = admin_areas(np.array([paris[0], sydney[0]]), np.array([paris[1], sydney[1]]))
+    assert truth[0][0] == "FR" and truth[0][1].startswith("FR,") and truth[1][0] == "AU"
+    guess = admin_areas(np.array([versailles[0], paris[0]]), np.array([versailles[1], paris[1]]))
+    acc = admin_accuracy(guess, truth)
+    assert acc["country_acc"] == 0.5 and acc["region_acc"] == 0.5  # Versailles: France, Ile-de-France
+    assert acc["city_acc"] == 0.0  # ... but not Paris; Sydney guessed in Paris: nothing right
+    # a level the truth has no name for is left out of that level's share, as OSV-5M counts
+    none_below = [("FR", None, None, None)]
+    assert np.isnan(admin_accuracy([("FR", "FR,x", None, None)], none_below)["region_acc"])
+    assert admin_accuracy([("FR", "FR,x", None, None)], none_below)["country_acc"] == 1.0

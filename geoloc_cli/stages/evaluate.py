@@ -33,7 +33,7 @@ from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.inference import SCENE_COLUMNS, SCENES3
-from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, trivial_baseline
+from geoloc_cli.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
 from geoloc_cli.sources import PRESETS
 from geoloc_cli.store import (
     OK,
@@ -138,10 +138,10 @@ def _table(title: str, results: dict[str, dict[str, float]], thresholds: list[fl
            caption: str = "") -> None:
     """One row per entry of `results` (a prediction kind, a model, a scene, a file)."""
     cols = _cols(thresholds)
-    rows = [(name, *(f"{100 * m[c]:.1f}" for c in cols), _km(m["median_km"]), _km(m["mean_km"]), m["n"])
-            for name, m in results.items()]
-    console.table(f"{title} - accuracy % within", [first, *[f"{c[4:]}" for c in cols], "median km", "mean km", "n"],
-                  rows, caption=caption)
+    rows = [(name, *(f"{100 * m[c]:.1f}" for c in cols), _km(m["median_km"]), _km(m["mean_km"]),
+             f"{m['geoscore']:,.0f}", m["n"]) for name, m in results.items()]
+    console.table(f"{title} - accuracy % within", [first, *[f"{c[4:]}" for c in cols], "median km", "mean km",
+                                                   "GeoScore", "n"], rows, caption=caption)
 
 
 def _km(v: float) -> str:
@@ -261,6 +261,8 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
                                                   pred["lat"].to_numpy(), pred["lon"].to_numpy()), thresholds)
     if "scene_pred" in pred and (acc := scene_accuracy(pred)) is not None:
         results["scene"] = {"accuracy": acc}
+    if cfg.evaluate.admin_metrics and (admin := _admin(pred)) is not None:
+        results["admin"] = admin
     pred.insert(0, "img_id", rows["id"].to_numpy()[pred["index"].to_numpy()])
     if "S3_Label" in rows:
         pred["s3"] = pd.to_numeric(rows["S3_Label"], errors="coerce").to_numpy()[pred["index"].to_numpy()]
@@ -268,6 +270,21 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     results["setup"] = {"dataset": dataset, "crops": crops, "crop_reduce": cfg.evaluate.crop_reduce,
                         "thresholds_km": list(thresholds)}
     return results, pred
+
+
+def _admin(pred: pd.DataFrame) -> dict[str, float] | None:
+    """OSV-5M's country / region / sub-region / city accuracy of the hierarchical prediction (None, with a
+    warning, without the reverse_geocoder package)."""
+    from geoloc_cli.metrics import admin_accuracy, admin_areas
+
+    try:
+        truth = admin_areas(pred["lat"].to_numpy(), pred["lon"].to_numpy())
+    except ImportError:
+        console.warn("country/region/city accuracy needs the reverse_geocoder package: pip install "
+                     "'geoloc[metrics]' (or set evaluate.admin_metrics=false)")
+        return None
+    return admin_accuracy(admin_areas(pred["hierarchical_lat"].to_numpy(), pred["hierarchical_lon"].to_numpy()),
+                          truth)
 
 
 def by_scene(pred: pd.DataFrame, kinds: list[str], thresholds: list[float]) -> dict[str, dict[str, Any]]:
@@ -364,6 +381,10 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
         crops = "" if cfg.evaluate.crops == "center" else f" ({cfg.evaluate.crops} crops, {cfg.evaluate.crop_reduce})"
         _table(f"{dataset}: {ckpt}{crops}", {k: results[k] for k in [*kinds, BASELINE]}, thresholds,
                caption=f"written to {where}")
+        if "admin" in results:
+            console.table(f"{dataset}: hierarchical prediction in the right area (OSV-5M's definition) - %",
+                          ["country", "region", "sub-region", "city"],
+                          [tuple(f"{100 * results['admin'][f'{lv}_acc']:.1f}" for lv in ADMIN_LEVELS)])
         if "scene" in results:
             console.info(f"scene accuracy: {100 * results['scene']['accuracy']:.1f}%")
         if results.get("by_scene"):
