@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 site=$(mktemp -d /tmp/geoloc-site.XXXXXX)
 had_build=$([ -e build ] && echo 1 || echo 0)
-trap 'rm -rf "$site"; [ "$had_build" = 1 ] || rm -rf build' EXIT
+trap 'rm -rf "$site"; [ "$had_build" = 1 ] || rm -rf build' EXIT INT TERM
 case " $* " in *" --smoke "*) smoke=1 ;; *) smoke=0 ;; esac
 if [ "$smoke" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then  # (they are for the GPU machine's Python 3.12)
   $py -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
