@@ -2,7 +2,7 @@
 
 Only this module knows typer. Heavy libraries (torch, timm, transformers) are imported inside the
 commands that need them, so `geoloc --help` stays fast. Every GeolocError becomes one line on stderr
-and its exit code (ConfigError: 2), never a traceback.
+and its exit code (ConfigError: 2), never a traceback; so does an OSError (disk full, read-only, ...).
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
         except GeolocError as e:
             console.error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # the operating system refused a file operation no stage anticipated
+            from geoloc_cli.errors import os_error_message
+
+            console.error(os_error_message(e))
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.error("interrupted")
             raise typer.Exit(130) from None
