@@ -36,7 +36,8 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable)."),
 ]
-RootOpt = Annotated[Path | None, typer.Option("--root", help="Data root directory (config paths.root).")]
+# text, not Path: typer turns --root '' into Path(".") and the mistake would pass unseen
+RootOpt = Annotated[str | None, typer.Option("--root", help="Data root directory (config paths.root).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
@@ -51,12 +52,12 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         raise ConfigError(f"--gpus: expected comma-separated integers like 0,1, got {text!r}") from None
 
 
-def _config(config: Path | None, sets: list[str] | None, root: Path | None, **options: Any):
+def _config(config: Path | None, sets: list[str] | None, root: str | None, **options: Any):
     """Resolve the config tree; `options` are explicit command options keyed by dotted config key."""
     from geoloc_cli.config import load_config
 
     if root is not None:
-        options["paths.root"] = str(root)
+        options["paths.root"] = root
     return load_config(config, sets, options)
 
 

@@ -104,3 +104,29 @@ def test_every_command_has_help_with_example(cmd: str):
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert cfg.train.dataset == "demo" and cfg.partition.tau_min == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("train:\n  lr: 1\n  lr: 2\n", "key 'lr' appears twice (line 3)"),
+        ("train: {epochs: 1}\ntrain: {epochs: 2}\n", "key 'train' appears twice"),
+        (b"train:\n  run: caf\xe9\n", "not UTF-8 text"),
+    ],
+)
+def test_config_file_mistakes_are_one_line_errors(tmp_path: Path, content: str | bytes, message: str):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = CliRunner().invoke(app, ["config", "-c", str(f)])
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_config_directory_and_empty_values(tmp_path: Path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    for args, key in ((["--root", ""], "paths.root"), (["--set", "train.run="], "train.run"),
+                      (["--set", "paths.root=' '"], "paths.root")):
+        r = CliRunner().invoke(app, ["config", *args])
+        assert r.exit_code == 2 and f"{key}: '" in r.output and "empty" in r.output, r.output
