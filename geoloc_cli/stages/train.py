@@ -575,10 +575,22 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Drop records of epochs the resume state does not include (written before a kill, redone now)."""
+    """Drop records of epochs the resume state does not include (written before a kill, redone now),
+    and a last line cut short by a kill or a full disk (an append-only log's one possible damage)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    keep = [x for x in lines if x.strip() and json.loads(x)["epoch"] <= epochs_done]
-    if len(keep) != len(lines):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)["epoch"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i < len(lines) - 1:
+                raise InputError(f"{path}: line {i + 1} is not a metrics record; fix or delete the line") from None
+            console.warn(f"{path}: dropped a cut-off last line (an interrupted write)")
+    keep = [line for line, epoch in records if epoch <= epochs_done]
+    if len(keep) != len(lines) or not text.endswith("\n"):
         write_text_atomic(path, "".join(x + "\n" for x in keep))
