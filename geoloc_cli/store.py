@@ -343,7 +343,7 @@ class ShardWriter:
             raise storage_error(e, f"writing {self.path}") from None
         self._ctx.__exit__(None, None, None)
         write_json_atomic(shard_record(self.path),
-                          {"size": self.path.stat().st_size, "members": len(self._tar.getmembers()),
+                          {"size": self.path.stat().st_size, "members": len(self._tar.members),
                            "keys": self.keys})
 
     def abort(self) -> None:

@@ -1,9 +1,10 @@
 """`geoloc fetch`: presets, URL lists and photo folders -> tar shards + manifest.parquet + stats.json.
 
-Item i of a list has key `{i:09d}` and goes to shard i // shard_size. A shard is done when its tar and
-its manifest part (written after the tar) both exist, so a re-run skips it: that is how a killed run
-resumes. The list is streamed in shard-sized chunks and the metadata is held as numeric arrays, so
-memory stays flat in the length of the list. The download itself lives in geoloc_cli.download.
+Item i of a list has key `{i:09d}` and goes to shard i // shard_size. A shard is done when its tar is
+intact (store.check_shard) and its manifest part (written after the tar) exists, so a re-run skips it:
+that is how a killed run resumes; a damaged tar is fetched again. The list is streamed in shard-sized
+chunks and the metadata is held as numeric arrays, so memory stays flat in the length of the list.
+The download itself lives in geoloc_cli.download.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from geoloc_cli.store import (
     OK,
     DataRoot,
     atomic_path,
+    drop_damaged,
     read_table,
+    shard_done,
     shard_name,
     write_json_atomic,
     write_parquet_atomic,
@@ -628,7 +631,10 @@ def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: 
     fetch, retry = [], []
     for s in range(i, math.ceil(n_items / shard_size), n):
         tar, pq_part = _shard_paths(root, name, s)
-        if not (tar.is_file() and pq_part.is_file()):
+        damage = drop_damaged(tar, pq_part)
+        if damage:
+            console.warn(f"{tar} is damaged ({damage}): fetching it again")
+        if not (shard_done(tar) and pq_part.is_file()):
             fetch.append(s)
         elif retry_failed and _has_retryable(pq_part, retry_gone):
             retry.append(s)
@@ -828,7 +834,7 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
     with atomic_path(root.manifest(name)) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
         for s in range(n_shards):
             tar, part = _shard_paths(root, name, s)
-            if not (tar.is_file() and part.is_file()):
+            if not (part.is_file() and shard_done(tar)):
                 continue
             table = read_table(part)
             if table.schema != MANIFEST_SCHEMA:  # (only then: cast imports pyarrow.compute)
