@@ -76,6 +76,7 @@ def require(*modules: str, extra: str = "train") -> None:
         raise GeolocError(f"this needs {', '.join(missing)}, which is not installed: pip install 'geoloc[{extra}]'")
 
 
-def storage_error(e: OSError, action: str) -> StorageError:
-    """`e` as a StorageError whose message names `action` ("writing PATH") and the cause."""
+def storage_error(e: OSError, action: str | None = None) -> StorageError:
+    """`e` as a StorageError whose message names the cause and `action` ("writing PATH"; default: the
+    path the error carries)."""
     return e if isinstance(e, StorageError) else StorageError(os_error_message(e, action), e.errno)

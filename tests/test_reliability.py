@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from geoloc_cli import partitioning as part
+from geoloc_cli import store
+from geoloc_cli.cli import app
+from geoloc_cli.errors import InputError
 from geoloc_cli.store import ShardWriter, check_shard, drop_damaged, shard_record
 
 REPO = Path(__file__).parents[1]
@@ -59,3 +67,73 @@ def test_shard_record_and_check(tmp_path: Path):
     companion = tmp_path / "seg-000000.parquet"
     companion.write_bytes(b"x")
     assert drop_damaged(path, companion) and not path.exists() and not companion.exists()
+
+
+# -------------------------------------------------------------------------------- 3: generations
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from geoloc_cli import store
+
+folder, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+real, calls = os.replace, [0]
+
+def replace(src, dst):  # SIGKILL this process at its kill_at-th rename
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+
+os.replace = replace
+with store.generation(folder) as staged:
+    for name in ("a.csv", "b.parquet", "c.json"):
+        staged.path(name).write_text("new")
+    staged.remove("old-only.json")
+"""
+
+
+def test_a_kill_at_any_rename_leaves_the_old_set_or_the_new_one(tmp_path: Path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_RENAME)
+    outcomes = set()
+    for kill_at in range(1, 8):  # a file each (3 renames inside write_text_atomic's temps), the journal, the commit
+        folder = tmp_path / f"f{kill_at}"
+        folder.mkdir()
+        for name in ("a.csv", "b.parquet", "c.json", "old-only.json"):
+            (folder / name).write_text("old")
+        r = subprocess.run([sys.executable, str(script), str(folder), str(kill_at)], cwd=REPO, capture_output=True)
+        if r.returncode == 0:
+            continue  # fewer renames than kill_at: it finished
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        store.recover(folder)  # what the next `geoloc partition` does first, under its lock
+        state = {p.name: p.read_text() for p in folder.iterdir()}
+        assert state in ({"a.csv": "old", "b.parquet": "old", "c.json": "old", "old-only.json": "old"},
+                         {"a.csv": "new", "b.parquet": "new", "c.json": "new"}), (kill_at, state)
+        outcomes.add(state["a.csv"])
+    assert outcomes == {"old", "new"}  # both sides of the commit point were hit
+
+
+def test_readers_refuse_an_interrupted_commit_and_a_mixed_set(tmp_path: Path):
+    meta = tmp_path / "meta.csv"
+    rng = np.random.default_rng(0)
+    rows = [f"i{k},{lat:.4f},{lon:.4f}" for k, (lat, lon) in enumerate(rng.uniform(-60, 60, (400, 2)))]
+    meta.write_text("IMG_ID,LAT,LON\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "cells"
+    args = ["partition", "--input", str(meta), "--output", str(out), "--root", str(tmp_path / "r"), "-q",
+            "--set", "partition.tau_min=2", "--set", "partition.tau_max={coarse: 80, middle: 40, fine: 20}"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = (out / "labels.parquet").read_bytes()
+    assert part.load_labels(out).attrs["generation"] and part.load_hierarchy(out) is not None
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (out / "labels.parquet").write_bytes(first)  # the old labels beside the new tables: a mix
+    with pytest.raises(InputError, match="does not belong with partitions.json"):
+        part.load_labels(out)
+    (out / store.GENERATION_JOURNAL).write_text("{}")
+    with pytest.raises(InputError, match="interrupted"):
+        part.load_partitions(out)
+    (out / store.GENERATION_JOURNAL).unlink()
+    (out / ".hierarchy.json.x.tmp").write_text("left by a kill")
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert not list(out.glob(".*.tmp")) and part.load_labels(out).attrs["generation"]

@@ -9,6 +9,7 @@ The download itself lives in geoloc_cli.download.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console, download, http, sources
+from geoloc_cli import console, download, geo, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
@@ -40,6 +41,7 @@ from geoloc_cli.store import (
     DataRoot,
     atomic_path,
     drop_damaged,
+    locked,
     read_table,
     shard_done,
     shard_name,
@@ -356,6 +358,12 @@ def import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, pa
     """
     if part != (0, 1):
         raise ConfigError("--part splits URL lists; an archive is read as one stream")
+    with fetch_lock(root, name, part):
+        return _import_archive(cfg, root, name, kind, rule, paths, label, meta_csv, retry_failed, retry_gone)
+
+
+def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, paths: list[Path], label: str,
+                    meta_csv: Path, retry_failed: bool, retry_gone: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     size = cfg.fetch.shard_size
     plan, info = archive_plan(root, name, kind, rule, paths, label, meta_csv)
@@ -524,7 +532,32 @@ def _list_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def count_rows(path: Path) -> int:
-    return sum(b.num_rows for b in _list_batches(path))
+    """Rows of a URL list, whose ids must be unique: a second row with an id would silently get the
+    first one's position and classes (the metadata is looked up by id)."""
+    hashes = [_hash_ids(b.column(0).to_numpy(zero_copy_only=False)) for b in _list_batches(path)]
+    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    twice = np.unique(h[1:][h[1:] == h[:-1]])
+    if twice.size:
+        _duplicate_ids(path, twice)
+    return len(h)
+
+
+def _duplicate_ids(path: Path, hashes: np.ndarray, show: int = 3) -> None:
+    """Raise the error naming the first few ids listed twice (and their lines); `hashes` are candidates."""
+    lines: dict[str, list[int]] = {}
+    line = 1
+    for batch in _list_batches(path):
+        ids = batch.column(0).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(np.isin(_hash_ids(ids), hashes)):
+            lines.setdefault(ids[i], []).append(line + int(i))
+        line += batch.num_rows
+    repeated = sorted((where for where in lines.values() if len(where) > 1), key=lambda w: w[1])
+    if not repeated:  # only a 64-bit hash collision
+        return
+    inv = {w[0]: k for k, w in lines.items()}
+    named = "; ".join(f"{inv[w[0]]!r} on lines {', '.join(map(str, w))}" for w in repeated[:show])
+    more = f" (and {len(repeated) - show} more)" if len(repeated) > show else ""
+    raise InputError(f"{path}: image ids must be unique, {len(repeated)} appear more than once: {named}{more}")
 
 
 def flickr_sized(url: str, suffix: str) -> str:
@@ -569,6 +602,8 @@ def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
                     row = int(bad.argmax())
                     raise InputError(f"{path}: line {line + row}, column {col}: {chunk[col].iloc[row]!r} is not "
                                      "a number")
+                if col in geo.COORDINATE_LIMITS:  # missing is allowed: such rows are listed as no_gps
+                    geo.check_coordinates(values.to_numpy(), chunk[col], col, path, line, allow_missing=True)
                 chunk[col] = values
             line += len(chunk)
             yield chunk
@@ -711,6 +746,24 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
                retry_failed: bool = False, retry_gone: bool = False, part: tuple[int, int] = (0, 1),
                require_gps: bool = False) -> dict[str, Any]:
     """Fetch an `image_id,url` list into <root>/datasets/<name>/; return the stats (also in stats.json)."""
+    with fetch_lock(root, name, part):
+        return _fetch_list(cfg, root, name, urls_csv, meta_csv, retry_failed, retry_gone, part, require_gps)
+
+
+def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> contextlib.AbstractContextManager:
+    """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
+    once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
+    folder = root.dataset(name)
+    if part == (0, 1):
+        return locked(folder, "fetch")
+    stack = contextlib.ExitStack()
+    stack.enter_context(locked(folder, "fetch", shared=True))
+    stack.enter_context(locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"))
+    return stack
+
+
+def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Path | None, retry_failed: bool,
+                retry_gone: bool, part: tuple[int, int], require_gps: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     size = cfg.fetch.shard_size
     n_items = count_rows(urls_csv)

@@ -20,6 +20,7 @@ at once: a run removes stale temporary files left in `seg/` by a killed run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -53,6 +54,7 @@ from geoloc_cli.store import (
     ShardWriter,
     drop_damaged,
     iter_shard,
+    locked,
     read_shard,
     require_intact,
     seg_shard_for,
@@ -73,13 +75,17 @@ def run(cfg: Config, datasets: list[str] | None = None, preview: int = 0, import
     names = datasets or [n for n in (cfg.train.dataset, cfg.train.val_dataset) if n]
     if not names:
         raise ConfigError("train.dataset: no dataset to segment (name one: geoloc segment <dataset>)")
-    if import_from is not None:
-        import_maps(root, names, Path(import_from))
-    elif preview > 0:
+    if preview > 0:  # previews go to their own folder and change no seg shard
         for name in names:
             write_previews(cfg, root, name, preview)
-    else:
-        segment_datasets(cfg, root, names)
+        return
+    with contextlib.ExitStack() as locks:  # one writer per dataset's seg folder
+        for name in dict.fromkeys(names):
+            locks.enter_context(locked(root.seg(name), "segment"))
+        if import_from is not None:
+            import_maps(root, names, Path(import_from))
+        else:
+            segment_datasets(cfg, root, names)
 
 
 # ------------------------------------------------------------------------------------------ shard plan
@@ -330,7 +336,7 @@ def write_previews(cfg: Config, root: DataRoot, name: str, n: int) -> None:
     written = 0
     for shard in image_shards(root, name):
         seg_path = root.seg(name) / seg_shard_for(shard.name)
-        stored = read_shard(seg_path) if seg_path.is_file() else {}
+        stored = read_shard(seg_path) if shard_done(seg_path) else {}
         photos = _photos(shard, n - written)
         for key, photo in photos:
             if key in stored:

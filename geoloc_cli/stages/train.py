@@ -30,8 +30,8 @@ import pandas as pd
 from geoloc_cli import config as cfgmod
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
-from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_text_atomic
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, StorageError, storage_error
+from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
 
 SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}
 # torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
@@ -55,7 +55,7 @@ def _nproc(cfg: Config) -> int:
 
 def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     """Inputs and settings that cannot work, before any heavy work; `world` = processes in all."""
-    from geoloc_cli.partitioning import load_partitions
+    from geoloc_cli.partitioning import load_partitions, partitions_generation, read_partitions_json
 
     root = DataRoot(cfg.root)
     tables = load_partitions(root.partitions(cfg.partition.dataset))
@@ -64,6 +64,11 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         raise InputError(f"partitionings {missing} not built: run `geoloc partition --cells all`")
     name = cfg.train.dataset
     rows = read_parquet(root.index(name), f"training index of {name!r}", f"run `geoloc filter {name}`")
+    made_with = parquet_meta(root.index(name)).get("partitions")
+    now = partitions_generation(read_partitions_json(root.partitions(cfg.partition.dataset))[1])
+    if made_with is not None and made_with != now:  # its class columns would silently mean other cells
+        raise InputError(f"{root.index(name)} was made with other partitions (generation {made_with}, now {now}): "
+                         f"run `geoloc filter {name}` again")
     if cfg.model.seg_channels and not _has_seg(root, name, rows):
         raise InputError(f"model.seg_channels={cfg.model.seg_channels} but dataset {name!r} has no "
                          f"segmentation maps: run `geoloc segment {name}` or set model.seg_channels=0")
@@ -158,7 +163,15 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     check_devices(cfg.runtime.gpus, cfg.runtime.device, "train")
     if resume and not (plan.run_dir / "resume.pt").is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
-    if under_torchrun or world == 1:
+    # one writer per run: only the process that writes (global rank 0, or the launcher of its workers) locks
+    writes = os.environ.get("RANK", "0") == "0" and node_rank == 0
+    with locked(plan.run_dir, "train") if writes else contextlib.nullcontext():
+        return _launch(cfg, plan, resume, under_torchrun or world == 1, nnodes, node_rank, master_addr, master_port)
+
+
+def _launch(cfg: Config, plan: Plan, resume: bool, here: bool, nnodes: int, node_rank: int, master_addr: str,
+            master_port: int) -> list[dict[str, Any]]:
+    if here:
         return [train(cfg, resume)]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -177,6 +190,9 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     except ChildFailedError as e:  # a worker's own error (and traceback) is in the failure record
         rank, failure = min(e.failures.items())
         msg = failure.message.get("message", failure.message) if isinstance(failure.message, dict) else failure.message
+        kind, _, text = str(msg).partition(": ")
+        if kind in USER_ERRORS:  # the worker's own one-line message and exit code, as if it ran here
+            raise USER_ERRORS[kind](text) from None
         raise GeolocError(f"training process of rank {rank} failed (exit code {failure.exitcode}): {msg}") from None
     finally:
         if saved is None:
@@ -186,8 +202,16 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     return [results[r] for r in sorted(results)]
 
 
+# Errors a training worker reports by name (torch's failure record holds "<type>: <message>").
+USER_ERRORS: dict[str, type[GeolocError]] = {
+    c.__name__: c for c in (GeolocError, ConfigError, InputError, StorageError)}
+
+
 def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
-    return train(cfgmod.from_dict(cfg_dict), resume)
+    try:
+        return train(cfgmod.from_dict(cfg_dict), resume)
+    except OSError as e:  # disk full, read-only...: one line for the launcher, not a traceback
+        raise storage_error(e) from None
 
 
 # ------------------------------------------------------------------------------------------ training
