@@ -137,3 +137,88 @@ def test_readers_refuse_an_interrupted_commit_and_a_mixed_set(tmp_path: Path):
     (out / ".hierarchy.json.x.tmp").write_text("left by a kill")
     assert CliRunner().invoke(app, args).exit_code == 0
     assert not list(out.glob(".*.tmp")) and part.load_labels(out).attrs["generation"]
+
+
+# ------------------------------------------------------------------------------ 4: one writer per target
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from geoloc_cli import store
+
+with store.locked(Path(sys.argv[1]), sys.argv[2], shared=sys.argv[3] == "shared"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.worlds import build_world
+
+    return build_world(tmp_path_factory.mktemp("locks"))
+
+
+def _hold(tmp: Path, folder: Path, stage: str, shared: bool = False) -> subprocess.Popen:
+    script = tmp / "hold.py"
+    script.write_text(HOLD_LOCK)
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), stage, "shared" if shared else "x"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("cmd", "folder", "stage"),
+    [
+        (["fetch", "demo"], "datasets/demo", "fetch"),
+        (["partition", "--cells", "all"], "partitions/demo", "partition"),
+        (["filter"], "datasets/demo", "filter"),
+        (["segment", "demo"], "datasets/demo/seg", "segment"),
+        (["train"], "runs/demo", "train"),
+    ],
+)
+def test_a_second_writer_stops_at_once_naming_the_first(world, tmp_path: Path, cmd, folder, stage):
+    cfg, root = world
+    holder = _hold(tmp_path, root / folder, stage)
+    try:
+        r = CliRunner().invoke(app, [*cmd, "-c", str(cfg), "-q"])
+        assert r.exit_code == 1, r.output
+        assert f"is being written by another geoloc {stage} (pid {holder.pid}: " in r.output.replace("\n", "")
+        assert "Traceback" not in r.output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_writer_leaves_no_lock_that_blocks(world, tmp_path: Path):
+    cfg, root = world
+    holder = _hold(tmp_path, root / "datasets/demo", "filter")
+    assert CliRunner().invoke(app, ["filter", "-c", str(cfg), "-q"]).exit_code == 1
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    r = CliRunner().invoke(app, ["filter", "-c", str(cfg), "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_fetch_parts_share_a_dataset_but_not_a_part(world, tmp_path: Path):
+    cfg, root = world
+    holder = _hold(tmp_path, root / "datasets/demo", "fetch-part-0-of-2")
+    try:
+        urls = root / "meta" / "demo_urls.csv"
+        args = ["fetch", "--urls", str(urls), "--name", "demo", "-c", str(cfg), "-q"]
+        r = CliRunner().invoke(app, [*args, "--part", "0/2"])
+        assert r.exit_code == 1 and "fetch-part-0-of-2" in r.output
+        r = CliRunner().invoke(app, [*args, "--part", "1/2"])  # another part of the same dataset: fine
+        assert "being written" not in r.output
+    finally:
+        holder.kill()
+        holder.wait()
+    shared = _hold(tmp_path, root / "datasets/demo", "fetch", shared=True)  # a --part run is going on
+    try:
+        r = CliRunner().invoke(app, ["fetch", "--urls", str(urls), "--name", "demo", "-c", str(cfg), "-q"])
+        assert r.exit_code == 1 and "being written by another geoloc fetch" in r.output
+    finally:
+        shared.kill()
+        shared.wait()

@@ -155,6 +155,15 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     returns each local rank's summary (history, parameter checksum), in rank order."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank {node_rank} with --nnodes {nnodes}: need 0 <= node rank < nodes")
+    # one writer per run, checked first: only the process that writes (global rank 0, or the launcher of
+    # its workers) locks
+    writes = os.environ.get("RANK", "0") == "0" and node_rank == 0
+    with locked(DataRoot(cfg.root).run(cfg.train.run), "train") if writes else contextlib.nullcontext():
+        return _launch(cfg, resume, nnodes, node_rank, master_addr, master_port)
+
+
+def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr: str,
+            master_port: int) -> list[dict[str, Any]]:
     under_torchrun = "LOCAL_RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else _nproc(cfg) * nnodes
     plan = _check(cfg, world)
@@ -163,15 +172,7 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     check_devices(cfg.runtime.gpus, cfg.runtime.device, "train")
     if resume and not (plan.run_dir / "resume.pt").is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
-    # one writer per run: only the process that writes (global rank 0, or the launcher of its workers) locks
-    writes = os.environ.get("RANK", "0") == "0" and node_rank == 0
-    with locked(plan.run_dir, "train") if writes else contextlib.nullcontext():
-        return _launch(cfg, plan, resume, under_torchrun or world == 1, nnodes, node_rank, master_addr, master_port)
-
-
-def _launch(cfg: Config, plan: Plan, resume: bool, here: bool, nnodes: int, node_rank: int, master_addr: str,
-            master_port: int) -> list[dict[str, Any]]:
-    if here:
+    if under_torchrun or world == 1:
         return [train(cfg, resume)]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
