@@ -3,7 +3,9 @@ generations, one writer per target, input checks, exit codes, make clean."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 from geoloc_cli import partitioning as part
 from geoloc_cli import store
 from geoloc_cli.cli import app
-from geoloc_cli.errors import InputError
+from geoloc_cli.errors import InputError, StorageError
 from geoloc_cli.store import ShardWriter, check_shard, drop_damaged, shard_record
 
 REPO = Path(__file__).parents[1]
@@ -222,3 +224,96 @@ def test_fetch_parts_share_a_dataset_but_not_a_part(world, tmp_path: Path):
     finally:
         shared.kill()
         shared.wait()
+
+
+# ------------------------------------------------------------------------ 1: operating-system failures
+
+
+def _no_space_under(root: Path, monkeypatch: pytest.MonkeyPatch, err: int = errno.ENOSPC) -> None:
+    """Every rename into place under `root` fails as on a full (or read-only) disk; nothing else does."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).startswith(str(root)):
+            raise OSError(err, os.strerror(err), str(src))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [["partition", "--cells", "all"], ["filter"], ["segment"], ["train", "--set", "train.epochs=1"], ["evaluate"],
+     ["export"]],
+    ids=lambda c: c[0],
+)
+def test_a_full_disk_is_one_line_and_a_rerun_completes(world, cmd, monkeypatch: pytest.MonkeyPatch):
+    cfg, root = world
+    with monkeypatch.context() as m:
+        _no_space_under(root, m)
+        r = CliRunner().invoke(app, [*cmd, "-c", str(cfg), "-q"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("error: no space left on device while writing " + str(root)), r.output
+    assert "Traceback" not in r.output and len([x for x in lines if x.startswith("error")]) == 1
+    assert not [p for p in root.rglob(".*.tmp")], "temporary files are removed"
+    r = CliRunner().invoke(app, [*cmd, "-c", str(cfg), "-q"])  # the disk has room again
+    assert r.exit_code == 0, r.output
+
+
+def test_a_read_only_root_and_a_root_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    meta = tmp_path / "meta.csv"
+    meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\nc,5,6\n")
+    (tmp_path / "file").write_text("not a folder")
+    args = ["partition", "--input", str(meta), "--tau-min", "0", "--tau-max", "2"]
+    r = CliRunner().invoke(app, [*args, "--root", str(tmp_path / "file")])
+    assert r.exit_code == 1 and "a path component is a file, not a folder" in r.output, r.output
+    assert str(tmp_path / "file") in r.output.replace("\n", "") and "Traceback" not in r.output
+    out = tmp_path / "ro"
+    _no_space_under(out, monkeypatch, errno.EROFS)
+    r = CliRunner().invoke(app, [*args, "--output", str(out)])
+    assert r.exit_code == 1 and f"read-only file system while writing {out}" in r.output.replace("\n", "")
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_torch_save_failure_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def save(*_a, **_k):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . basic_ios::clear: iostream error")
+
+    with pytest.raises(StorageError, match=r"while writing .*resume\.pt") as err, \
+            store.atomic_path(tmp_path / "resume.pt") as tmp:
+        save(tmp)
+    assert "basic_ios" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+FETCH_WITH_SMALL_FILES = """
+import resource, sys
+from geoloc_cli.cli import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # files beyond 8 kB fail: EFBIG in the workers too
+sys.argv = ["geoloc", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_worker_write_failure_is_one_line_and_a_rerun_loses_nothing(tmp_path: Path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg", quality=95)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("IMG_ID,LAT,LON\n" + "".join(f"p{i}.jpg,{i},{i}\n" for i in range(6)))
+    script = tmp_path / "small.py"
+    script.write_text(FETCH_WITH_SMALL_FILES)
+    args = ["fetch", str(photos), "--meta", str(meta), "--name", "p", "--root", str(tmp_path / "r"), "-q",
+            "--set", "fetch.processes=1", "--set", "fetch.resize_shorter=0", "--set", "fetch.shard_size=3"]
+    r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert "file too large while writing" in r.stderr and "images-00000" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr
+    assert not list((tmp_path / "r").rglob(".*.tmp"))
+    r = subprocess.run([sys.executable, "-m", "geoloc_cli", *args], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r/datasets/p/stats.json").read_text())["ok"] == 6

@@ -40,7 +40,7 @@ from PIL import Image
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.dist import check_devices, loader_workers, resolve_device
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.segmentation import (
     Segmenter,
     colors_to_classes,
@@ -246,6 +246,8 @@ def _worker(rank: int, shares: list[list[Job]], settings: Settings, devices: lis
         segment_shards(shares[rank], settings, devices[rank], lambda n: queue.put(("done", n)))
     except GeolocError as e:
         queue.put(("error", (type(e).__name__, str(e))))
+    except OSError as e:  # disk full, too many open files...: a message, not a traceback
+        queue.put(("error", ("StorageError", str(storage_error(e)))))
 
 
 def segment_shards(jobs: list[Job], settings: Settings, device: str, report: Callable[[int], Any]) -> None:
