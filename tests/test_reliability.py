@@ -317,3 +317,55 @@ def test_a_worker_write_failure_is_one_line_and_a_rerun_loses_nothing(tmp_path: 
     r = subprocess.run([sys.executable, "-m", "geoloc_cli", *args], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r/datasets/p/stats.json").read_text())["ok"] == 6
+
+
+# --------------------------------------------------------------------------- 5, 6: inputs and exit codes
+
+
+def test_exit_code_policy(tmp_path: Path):
+    root = ["--root", str(tmp_path / "r"), "-q"]
+    photo = tmp_path / "photo.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(photo)
+    ok, gone = photo.resolve().as_uri(), (tmp_path / "gone.jpg").resolve().as_uri()
+    some = tmp_path / "some.csv"
+    some.write_text(f"a,{ok}\nb,{gone}\n")
+    none = tmp_path / "none.csv"
+    none.write_text(f"a,{gone}\nb,{gone}x\n")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["fetch", "--urls", str(some), "--name", "some", *root], 0),  # partly failed: done
+        (["fetch", "--urls", str(none), "--name", "none", *root], 1),  # every item failed
+        (["fetch", "nosuchpreset", *root], 2),  # an unknown preset is a usage error
+        (["fetch", "--part", "3/2", *root], 2),
+        (["predict", str(tmp_path / "empty"), *root], 1),  # a folder without photos
+    ]
+    for args, code in cases:
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == code, (args, r.output)
+        assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["fetch", "--urls", str(none), "--name", "none", *root])
+    assert r.exit_code == 1 and "every item failed" in r.output  # also when nothing was left to fetch
+
+
+def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path):
+    from geoloc_cli.stages import fetch
+
+    urls = tmp_path / "l.csv"
+    urls.write_text("".join(f"id{k % 5},file:///x{k}.jpg\n" for k in range(9)))
+    with pytest.raises(InputError, match=r"l.csv: image ids must be unique, 4 appear more than once: 'id0' on lines "
+                                         r"1, 6; 'id1' on lines 2, 7; 'id2' on lines 3, 8 \(and 1 more\)"):
+        fetch.count_rows(urls)
+    urls.write_text("a,file:///a.jpg\nb,file:///b.jpg\n")
+    assert fetch.count_rows(urls) == 2
+    meta = tmp_path / "m.csv"
+    for row, where, shown in (("b,95,3", "line 3, column LAT", "95.0"), ("b,1,200.5", "line 3, column LON", "200.5")):
+        meta.write_text(f"IMG_ID,LAT,LON\na,1,2\n{row}\n")
+        for read in (lambda p: list(fetch.read_meta_chunks(p)), part.read_points):  # every reader, one check
+            with pytest.raises(InputError) as err:
+                read(meta)
+            assert f"m.csv: {where}: {shown} is not a number in" in str(err.value), str(err.value)
+            assert "np.float64" not in str(err.value)
+    meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,,\n")  # a photo without a position is allowed in fetch's metadata
+    assert len(next(fetch.read_meta_chunks(meta))) == 2

@@ -97,7 +97,7 @@ def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Pat
     if folder.is_dir():
         n = name or folder.resolve().name
         return {n: import_folder(cfg, root, n, folder, meta, **kw)}
-    raise InputError(f"{source}: not a preset ({presets}) and not a folder")
+    raise ConfigError(f"{source}: not a preset ({presets}) and not a folder")
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -385,6 +385,7 @@ def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, p
         console.info(f"{name}: every shard is done")
     stats = finish(root, name, n_items, size, counts, time.monotonic() - t0, {"archive": info})
     summary_table(name, stats)
+    fail_if_nothing_stored(root, name, counts, stats)
     return stats
 
 
@@ -787,7 +788,16 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
         console.info(f"{name}: every shard of this part is done (use --retry-failed to retry failures)")
     stats = finish(root, name, n_items, size, counts, time.monotonic() - t0)
     summary_table(name, stats)
+    fail_if_nothing_stored(root, name, counts, stats)
     return stats
+
+
+def fail_if_nothing_stored(root: DataRoot, name: str, counts: Counter, stats: dict[str, Any]) -> None:
+    """The exit-code policy for fetch: failed items are rows (exit 0), but a run in which every item
+    failed, or a dataset without a single image, is a failure (exit 1)."""
+    if (counts and not counts[OK]) or (stats["rows"] and not stats["ok"]):
+        worst = ", ".join(f"{st} {n:,}" for st, n in list(stats["status"].items())[:3])
+        raise GeolocError(f"{name}: every item failed ({worst}); see {root.manifest(name)}")
 
 
 def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: int, processes: int,
