@@ -154,49 +154,36 @@ def _write(
     order: list[str],
     hierarchy: dict[str, np.ndarray] | None,
 ) -> dict:
-    with store.generation(out_dir) as staged:  # all files or none: a kill never leaves a mix
-        info = _write_files(staged, specs, tables, labels, num_images, img_ids, order, hierarchy)
+    """Write the files as one generation (all or none: a kill never leaves a mix), each stamped with its
+    id so readers can check they belong together."""
+    info: dict[str, dict] = {}
+    with store.generation(out_dir) as staged:
+        for name, (tmin, tmax) in specs.items():
+            file = part.cells_filename(tmin, tmax)
+            part.write_cells(tables[name], staged.path(file), num_images[name])
+            levels = geo.level_of(part.table_cell_ids(tables[name]))
+            kept = int((labels[name] >= 0).sum())
+            info[name] = {
+                "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),
+                "images_kept": kept, "images_dropped": len(img_ids) - kept,
+                "level_min": int(levels.min()) if levels.size else None,
+                "level_max": int(levels.max()) if levels.size else None, part.GENERATION: staged.id,
+            }
+        frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
+        store.write_parquet_atomic(frame, staged.path(part.LABELS_FILE), meta={part.GENERATION: staged.id})
+        if hierarchy is not None:
+            doc = part.hierarchy_to_json(hierarchy, order) | {part.GENERATION: staged.id}
+            store.write_json_atomic(staged.path(part.HIERARCHY_JSON), doc)
+        else:
+            staged.remove(part.HIERARCHY_JSON)  # a previous run's hierarchy would not match these tables
+        # Unsorted (store.write_json_atomic sorts keys): its order is the head order.
+        store.write_text_atomic(staged.path(part.PARTITIONS_JSON), json.dumps(info, indent=2) + "\n")
     return {
         "output": str(out_dir),
         "partitionings": info,
         "labels": str(out_dir / part.LABELS_FILE),
         "hierarchy": str(out_dir / part.HIERARCHY_JSON) if hierarchy is not None else None,
     }
-
-
-def _write_files(
-    staged: store.Staged,
-    specs: dict[str, tuple[int, int]],
-    tables: dict[str, pd.DataFrame],
-    labels: dict[str, np.ndarray],
-    num_images: dict[str, int],
-    img_ids: np.ndarray,
-    order: list[str],
-    hierarchy: dict[str, np.ndarray] | None,
-) -> dict[str, dict]:
-    """Write one generation's files (each stamped with its id, so readers can check they belong together)."""
-    info: dict[str, dict] = {}
-    for name, (tmin, tmax) in specs.items():
-        file = part.cells_filename(tmin, tmax)
-        part.write_cells(tables[name], staged.path(file), num_images[name])
-        levels = geo.level_of(part.table_cell_ids(tables[name]))
-        kept = int((labels[name] >= 0).sum())
-        info[name] = {
-            "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),
-            "images_kept": kept, "images_dropped": len(img_ids) - kept,
-            "level_min": int(levels.min()) if levels.size else None,
-            "level_max": int(levels.max()) if levels.size else None, part.GENERATION: staged.id,
-        }
-    frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
-    store.write_parquet_atomic(frame, staged.path(part.LABELS_FILE), meta={part.GENERATION: staged.id})
-    if hierarchy is not None:
-        doc = part.hierarchy_to_json(hierarchy, order) | {part.GENERATION: staged.id}
-        store.write_json_atomic(staged.path(part.HIERARCHY_JSON), doc)
-    else:
-        staged.remove(part.HIERARCHY_JSON)  # a previous run's hierarchy would not match these tables
-    # Unsorted (store.write_json_atomic sorts keys): its order is the head order.
-    store.write_text_atomic(staged.path(part.PARTITIONS_JSON), json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def _summary(result: dict) -> None:

@@ -6,7 +6,9 @@ elastic launcher, the engine behind torchrun; under torchrun it just trains. Onl
 writes. Outputs in runs/<run>/: config.yaml, metrics.jsonl, resume.pt (weights, optimizer, scheduler,
 scaler, EMA, step, every rank's RNG and running loss sums; written atomically every checkpoint_every
 steps and at each epoch end), last.safetensors and model.safetensors (best validation accuracy at
-2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0.
+2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0. Each
+epoch's metrics record, checkpoints and resume state are committed together (store.generation), and
+one process at a time writes a run (store.locked).
 
 `--resume` continues exactly: the sample order and augmentation are functions of (seed, epoch,
 index), so the same weights come out as from an uninterrupted run (tested with kill -9 on CPU).
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc_cli import config as cfgmod
-from geoloc_cli import console
+from geoloc_cli import console, store
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, GeolocError, InputError, StorageError, storage_error
 from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
@@ -300,6 +302,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                  steps_per_epoch)
         if info.main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
+            store.recover(plan.run_dir)  # completes an epoch's commit a kill cut short, removes temporaries
             write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
             _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
             extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
@@ -338,7 +341,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                     mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch end saves anyway
                     if state["step"] % cfg.train.checkpoint_every == 0 and mid_epoch:
-                        _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch, sums)
+                        _save_resume(info, plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, state, epoch,
+                                     sums)
             sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
             record = {"epoch": epoch + 1, "step": state["step"],
                       **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
@@ -349,11 +353,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             score = record.get("val_hierarchical_acc_2500km", -record.get("train_loss", 0.0))
             is_best = score > state["best"]
             state["best"] = max(score, state["best"])
-            # outputs first, resume state last: a kill in between redoes the epoch's tail on --resume
-            # (and _trim_metrics drops the record written twice) instead of losing the epoch's outputs
-            if info.main:
-                _write_epoch(plan.run_dir, record, eval_model, cells, cfg, is_best)
-            _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch + 1, {})
+            # the epoch's outputs and its resume state are one generation: a kill leaves the last epoch's
+            # set or this one's, never checkpoints of one epoch beside the resume state of another
+            with store.generation(plan.run_dir) if info.main else contextlib.nullcontext() as staged:
+                if info.main:
+                    _write_epoch(plan.run_dir, staged, record, eval_model, cells, cfg, is_best)
+                _save_resume(info, staged.path("resume.pt") if info.main else None, model, opt, sched, scaler,
+                             ema, state, epoch + 1, {})
         if info.main:
             _export_onnx(plan.run_dir / "model.safetensors")
         dist.barrier()
@@ -496,16 +502,18 @@ def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
     return out
 
 
-def _write_epoch(run_dir: Path, record: dict[str, Any], model, cells, cfg: Config, is_best: bool) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _write_epoch(run_dir: Path, staged: store.Staged, record: dict[str, Any], model, cells, cfg: Config,
+                 is_best: bool) -> None:
+    """The epoch's files into its generation: metrics.jsonl with this record appended, the checkpoints."""
+    log = run_dir / "metrics.jsonl"
+    write_text_atomic(staged.path(log.name), (log.read_text() if log.is_file() else "") + json.dumps(record) + "\n")
     shown = [(k, v) for k, v in record.items()
              if k in ("train_loss", "val_scene_acc", "images_per_s") or k.startswith("val_hierarchical")]
     console.table(f"epoch {record['epoch']}", ["metric", "value"],  # accuracies in percent, as evaluate shows them
                   [(k, f"{100 * v:.1f}%" if "_acc" in k else round(v, 4)) for k, v in shown])
-    export_checkpoint(run_dir / "last.safetensors", model, cells, cfg)
+    export_checkpoint(staged.path("last.safetensors"), model, cells, cfg)
     if is_best:
-        export_checkpoint(run_dir / "model.safetensors", model, cells, cfg)
+        export_checkpoint(staged.path("model.safetensors"), model, cells, cfg)
 
 
 def _export_onnx(ckpt: Path) -> None:
@@ -547,10 +555,10 @@ def _rng_state(device) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _save_resume(info, run_dir: Path, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
+def _save_resume(info, path: Path | None, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
                  epoch: int, sums: dict[str, float]) -> None:
     """Everything an exact continuation needs; every rank calls this (its RNG and running loss sums are
-    gathered), rank 0 writes."""
+    gathered), rank 0 writes it to `path`."""
     import torch
 
     from geoloc_cli import dist
@@ -561,7 +569,8 @@ def _save_resume(info, run_dir: Path, model, opt, sched, scaler, ema: Ema | None
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "step": state["step"], "epoch": epoch, "best": state["best"], "ranks": ranks}
-    with atomic_path(run_dir / "resume.pt") as tmp:
+    assert path is not None
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
