@@ -294,6 +294,14 @@ def recover(folder: Path) -> None:
         raise storage_error(e, f"committing files in {folder}") from None
 
 
+def remove_temps(folder: Path, *names: str) -> None:
+    """Delete the temporaries killed writers of `names` left in `folder` (call it holding the lock of
+    the only process that writes those files)."""
+    for name in names:
+        for stale in Path(folder).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def check_committed(folder: Path) -> None:
     """Refuse to read a folder whose last generation is half renamed into place."""
     if (Path(folder) / GENERATION_JOURNAL).is_file():

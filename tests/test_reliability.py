@@ -349,7 +349,7 @@ def test_exit_code_policy(tmp_path: Path):
     assert r.exit_code == 1 and "every item failed" in r.output  # also when nothing was left to fetch
 
 
-def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path):
+def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
     from geoloc_cli.stages import fetch
 
     urls = tmp_path / "l.csv"
@@ -369,3 +369,20 @@ def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path):
             assert "np.float64" not in str(err.value)
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,,\n")  # a photo without a position is allowed in fetch's metadata
     assert len(next(fetch.read_meta_chunks(meta))) == 2
+    meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\na,5,6\n")  # metadata: the documented rule, said aloud
+    capsys.readouterr()
+    assert fetch.MetaIndex(meta).lookup(np.array(["a"], dtype=object))["LAT"] == [1.0]
+    warning = capsys.readouterr().err
+    assert "1 IMG_ID rows repeat an earlier id (first on line 4); each id's first row is used" in warning
+
+
+def test_leftovers_of_killed_writers_go_at_the_next_start(world):
+    cfg, root = world
+    dataset = root / "datasets/demo"
+    index_tmp, manifest_tmp = dataset / ".index.parquet.k1ll.tmp", dataset / ".manifest.parquet.k1ll.tmp"
+    for tmp in (index_tmp, manifest_tmp):
+        tmp.write_bytes(b"half a file")
+    assert CliRunner().invoke(app, ["filter", "-c", str(cfg), "-q"]).exit_code == 0
+    assert not index_tmp.exists() and manifest_tmp.exists()  # filter removes only what it writes
+    assert CliRunner().invoke(app, ["fetch", "demo", "-c", str(cfg), "-q"]).exit_code == 0
+    assert not manifest_tmp.exists()

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from geoloc_cli import console, download, geo, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
 from geoloc_cli.store import (
     OK,
@@ -43,6 +43,7 @@ from geoloc_cli.store import (
     drop_damaged,
     locked,
     read_table,
+    remove_temps,
     shard_done,
     shard_name,
     write_json_atomic,
@@ -311,8 +312,10 @@ def download_resumable(url: str, dest: Path) -> Path:
             with open(part, "ab" if r.status_code == 206 else "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
                     f.write(chunk)
-    except (httpx.HTTPError, OSError) as e:
+    except httpx.HTTPError as e:
         raise Unavailable(f"{url} ({type(e).__name__}: {str(e)[:80]})") from None
+    except OSError as e:  # our disk, not the mirror: trying the next mirror would not help
+        raise storage_error(e, f"writing {part}") from None
     part.replace(dest)
     return dest
 
@@ -633,6 +636,11 @@ class MetaIndex:
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         self.order = np.argsort(h, kind="stable")
         self.sorted = h[self.order]
+        twice = self.sorted[1:] == self.sorted[:-1]
+        if twice.any():  # the rule: an id's first row is used (searchsorted finds the first of equal hashes)
+            first = int(self.order[1:][twice].min()) + 2
+            console.warn(f"{path}: {int(twice.sum()):,} IMG_ID rows repeat an earlier id (first on line {first}); "
+                         "each id's first row is used")
         self.columns = {c: pa.chunked_array(v, META_TYPES[c]).combine_chunks() for c, v in cols.items()}
 
     def lookup(self, ids: np.ndarray) -> dict[str, list]:
@@ -751,16 +759,19 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
         return _fetch_list(cfg, root, name, urls_csv, meta_csv, retry_failed, retry_gone, part, require_gps)
 
 
-def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[None]:
     """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
     once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
     folder = root.dataset(name)
-    if part == (0, 1):
-        return locked(folder, "fetch")
-    stack = contextlib.ExitStack()
-    stack.enter_context(locked(folder, "fetch", shared=True))
-    stack.enter_context(locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"))
-    return stack
+    if part != (0, 1):
+        with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
+            yield
+        return
+    with locked(folder, "fetch"):
+        # the only writer: a killed run's leftovers go (parts running together write these files too)
+        remove_temps(folder, "manifest.parquet", "stats.json", "fetch.json")
+        yield
 
 
 def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Path | None, retry_failed: bool,

@@ -14,9 +14,18 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.partitioning import GENERATION, load_labels
-from geoloc_cli.store import OK, DataRoot, locked, read_parquet, write_json_atomic, write_parquet_atomic
+from geoloc_cli.store import (
+    OK,
+    DataRoot,
+    locked,
+    read_parquet,
+    remove_temps,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 SCENES = {0: "indoor", 1: "natural", 2: "urban"}
+STATS_FILE = "filter.json"
 
 
 def _shorter_side(df: pd.DataFrame) -> pd.Series:
@@ -64,6 +73,7 @@ def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
 
 
 def _run(cfg: Config, root: DataRoot, name: str) -> dict[str, Any]:
+    remove_temps(root.dataset(name), root.index(name).name, STATS_FILE)  # a killed filter's leftovers
     manifest = read_parquet(root.manifest(name), f"manifest of dataset {name!r}", f"run `geoloc fetch {name}`")
     labels = load_labels(root.partitions(cfg.partition.dataset))
     made_with = labels.attrs.get(GENERATION)
@@ -74,6 +84,6 @@ def _run(cfg: Config, root: DataRoot, name: str) -> dict[str, Any]:
     # the partitions it was made with: training refuses the index once they are rebuilt
     write_parquet_atomic(index, root.index(name), meta={"partitions": made_with})
     stats = {"requested": len(manifest), "kept": len(index), "dropped": dict(drops)}
-    write_json_atomic(root.dataset(name) / "filter.json", stats)
+    write_json_atomic(root.dataset(name) / STATS_FILE, stats)
     console.table(f"filter {name}", ["rule", "dropped"], [*drops, ("kept", len(index))])
     return stats
