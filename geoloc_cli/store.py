@@ -267,17 +267,15 @@ def generation(folder: Path) -> Iterator[Staged]:
                    "rename": {tmp.name: name for name, tmp in staged.files.items()}}
         write_json_atomic(folder / GENERATION_JOURNAL, journal)
         committed = True
-        recover(folder)
+        _complete(folder)
     finally:
         if not committed:
             for tmp in staged.files.values():
                 tmp.unlink(missing_ok=True)
 
 
-def recover(folder: Path) -> None:
-    """At the start of a writer (holding the folder's lock): complete a generation whose commit was cut
-    short, then delete the temporary files killed runs left."""
-    folder = Path(folder)
+def _complete(folder: Path) -> None:
+    """Rename a committed generation's files into place (again, after a kill: renames are idempotent)."""
     journal = folder / GENERATION_JOURNAL
     try:
         if journal.is_file():
@@ -288,10 +286,17 @@ def recover(folder: Path) -> None:
             for name in plan["remove"]:
                 (folder / name).unlink(missing_ok=True)
             journal.unlink()
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
     except OSError as e:
         raise storage_error(e, f"committing files in {folder}") from None
+
+
+def recover(folder: Path) -> None:
+    """At the start of a writer (holding the folder's lock): complete a generation whose commit was cut
+    short, then delete the temporary files killed runs left."""
+    folder = Path(folder)
+    _complete(folder)
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def remove_temps(folder: Path, *names: str) -> None:
@@ -408,6 +413,16 @@ def check_shard(path: Path) -> str | None:
 
 def shard_done(path: Path) -> bool:
     return check_shard(path) is None
+
+
+def check_members(path: Path, members: int) -> None:
+    """For a reader that has listed a shard's members anyway: the count must be the one recorded."""
+    record = shard_record(path)
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no record: a shard from before records
+        want = json.loads(record.read_text())["members"]
+        if want != members:
+            raise InputError(f"shard {path} is damaged ({members} members, {want} when it was written): run the "
+                             "stage that made it again")
 
 
 def drop_damaged(path: Path, *companions: Path) -> str | None:

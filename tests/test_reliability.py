@@ -55,6 +55,13 @@ def test_shard_record_and_check(tmp_path: Path):
     record = json.loads(shard_record(path).read_text())
     assert record["members"] == 3 and record["keys"] == [f"{i:09d}" for i in range(3)]
     assert record["size"] == path.stat().st_size and check_shard(path) is None
+    from geoloc_cli.data import tar_offsets
+
+    assert len(tar_offsets(path)) == 3
+    shard_record(path).write_text(json.dumps(record | {"members": 4}))  # same size, other members
+    with pytest.raises(InputError, match="3 members, 4 when it was written"):
+        tar_offsets(path)
+    shard_record(path).write_text(json.dumps(record))
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     assert "when it was written" in check_shard(path)
