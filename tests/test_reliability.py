@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from geoloc_cli import partitioning as part
 from geoloc_cli import store
 from geoloc_cli.cli import app
+from geoloc_cli.config import load_config
 from geoloc_cli.errors import InputError, StorageError
 from geoloc_cli.store import ShardWriter, check_shard, drop_damaged, shard_record
 
@@ -393,3 +394,26 @@ def test_leftovers_of_killed_writers_go_at_the_next_start(world):
     assert not index_tmp.exists() and manifest_tmp.exists()  # filter removes only what it writes
     assert CliRunner().invoke(app, ["fetch", "demo", "-c", str(cfg), "-q"]).exit_code == 0
     assert not manifest_tmp.exists()
+
+
+def test_a_training_worker_error_comes_back_as_its_one_line(world, tmp_path: Path, monkeypatch):
+    import torch.distributed.launcher.api as launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from geoloc_cli.stages import train
+
+    error_file = tmp_path / "error.json"
+    message = f"no space left on device while writing {world[1]}/runs/demo/.resume.pt.x.tmp"
+    error_file.write_text(json.dumps({"message": {"message": f"StorageError: {message}",
+                                                  "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "0"}}}))
+
+    def launch(*_a, **_k):
+        def run(*_args):
+            raise ChildFailedError("geoloc", {1: ProcessFailure(1, 123, 1, str(error_file))})
+        return run
+
+    monkeypatch.setattr(launcher, "elastic_launch", launch)
+    cfg = load_config(world[0], ["runtime.nproc=2", "train.run=workers", "model.seg_channels=0", "train.val_dataset="])
+    with pytest.raises(StorageError) as err:
+        train.launch(cfg)
+    assert str(err.value) == message
