@@ -60,7 +60,9 @@ _CAUSES = {
 def os_error_message(e: OSError, action: str | None = None) -> str:
     """One line naming the cause, the operation and the path: "no space left on device while writing
     runs/x/resume.pt". `action` ("writing PATH") wins over the path the error itself carries."""
-    cause = _CAUSES.get(e.errno or 0) or (e.strerror or str(e) or type(e).__name__).lower()
+    # a re-raised worker error (torch's DataLoader) carries a traceback: its last line says what happened
+    text = e.strerror.lower() if e.strerror else (str(e).strip() or type(e).__name__).splitlines()[-1]
+    cause = _CAUSES.get(e.errno or 0) or text
     if action is None:
         verb = "writing" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "accessing"
         action = f"{verb} {e.filename}" if e.filename is not None else None

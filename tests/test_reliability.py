@@ -417,3 +417,20 @@ def test_a_training_worker_error_comes_back_as_its_one_line(world, tmp_path: Pat
     with pytest.raises(StorageError) as err:
         train.launch(cfg)
     assert str(err.value) == message
+
+
+def test_os_error_messages_are_one_line_with_cause_operation_and_path():
+    from geoloc_cli.errors import os_error_message, storage_error
+
+    assert os_error_message(OSError(errno.ENOSPC, "No space left on device", "/d/seg-000004.tar")) == \
+        "no space left on device while writing /d/seg-000004.tar"
+    denied = OSError(errno.EACCES, "Permission denied", "/d/x")
+    assert os_error_message(denied) == "permission denied while accessing /d/x"
+    assert os_error_message(OSError(errno.EMFILE, "Too many open files"), "reading /d/a.tar").startswith(
+        "too many open files (raise `ulimit -n`) while reading /d/a.tar")
+    wrapped = "Caught OSError in DataLoader worker process 0.\nOriginal Traceback:\nOSError: [Errno 5] I/O error\n"
+    assert os_error_message(OSError(wrapped)) == "OSError: [Errno 5] I/O error"
+    err = storage_error(OSError(errno.EROFS, "Read-only file system", "/tmp/x.tmp"), "writing /d/x")
+    assert isinstance(err, OSError) and err.errno == errno.EROFS
+    assert str(err) == "read-only file system while writing /d/x"
+    assert storage_error(err) is err
