@@ -52,4 +52,4 @@ lint: install
 # Only what `make demo` and `make gpu-smoke` made: geoloc-data itself is the default root for real data.
 clean:
 	rm -rf geoloc-data/demo geoloc-data/gpu-smoke .pytest_cache
-	-rmdir geoloc-data 2>/dev/null
+	rmdir geoloc-data 2>/dev/null || true
