@@ -792,8 +792,12 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
         console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards; fetching {what} "
                      f"shard(s) ({total:,} items) with {min(cfg.fetch.processes, len(wanted))} process(es)")
         jobs = iter_jobs(cfg, root, name, urls_csv, meta, wanted, retry_gone, require_gps)
-        counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
-                          f"fetch {name}")
+        try:
+            counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
+                              f"fetch {name}")
+        except BaseException:  # workers stopped in the middle of a shard leave its temporaries
+            remove_stale_temps(root.shards(name), wanted)
+            raise
     else:
         counts = Counter()
         console.info(f"{name}: every shard of this part is done (use --retry-failed to retry failures)")
