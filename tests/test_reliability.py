@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+from worlds import build_world
 
 from geoloc_cli import partitioning as part
 from geoloc_cli import store
@@ -165,8 +166,6 @@ with store.locked(Path(sys.argv[1]), sys.argv[2], shared=sys.argv[3] == "shared"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.worlds import build_world
-
     return build_world(tmp_path_factory.mktemp("locks"))
 
 
@@ -249,7 +248,7 @@ def _no_space_under(root: Path, monkeypatch: pytest.MonkeyPatch, err: int = errn
     monkeypatch.setattr(os, "replace", replace)
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # in pipeline order: each stage runs on what the ones before it left in the world
     "cmd",
     [["partition", "--cells", "all"], ["filter"], ["segment"], ["train", "--set", "train.epochs=1"], ["evaluate"],
      ["export"]],
