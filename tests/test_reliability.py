@@ -433,3 +433,60 @@ def test_os_error_messages_are_one_line_with_cause_operation_and_path():
     assert isinstance(err, OSError) and err.errno == errno.EROFS
     assert str(err) == "read-only file system while writing /d/x"
     assert storage_error(err) is err
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 64 kB file system (tmpfs), where the machine lets the tests mount one (root, no sandbox)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_really_full_disk_in_fetch_workers(small_disk: Path, tmp_path: Path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg", quality=95)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("IMG_ID,LAT,LON\n" + "".join(f"p{i}.jpg,{i},{i}\n" for i in range(6)))
+    args = ["fetch", str(photos), "--meta", str(meta), "--name", "p", "--root", str(small_disk / "r"), "-q",
+            "--set", "fetch.processes=1", "--set", "fetch.resize_shorter=0", "--set", "fetch.shard_size=2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert "error: no space left on device while writing " + str(small_disk / "r") in r.output.replace("\n", "")
+    assert "Traceback" not in r.output and not list(small_disk.rglob(".*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # room again
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((small_disk / "r/datasets/p/stats.json").read_text())["ok"] == 6
+
+
+def test_a_read_only_folder_for_real(tmp_path: Path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        probe = out / "probe"
+        try:
+            probe.write_text("x")
+            probe.unlink()
+            pytest.skip("this user (root?) can write into a 0o555 folder")
+        except PermissionError:
+            pass
+        meta = tmp_path / "meta.csv"
+        meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\nc,5,6\n")
+        r = CliRunner().invoke(app, ["partition", "--input", str(meta), "--tau-min", "0", "--tau-max", "2",
+                                     "--output", str(out / "cells")])
+        assert r.exit_code == 1 and "permission denied while locking" in r.output and "Traceback" not in r.output
+    finally:
+        out.chmod(0o755)
