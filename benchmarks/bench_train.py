@@ -80,7 +80,7 @@ def data_rate(cfg: Config, epochs: int = 2) -> float:
     """Images/s out of the training DataLoader alone (epochs after the first, which starts workers)."""
     from geoloc_cli import dist
 
-    dist.limit_cpu_threads(cfg.runtime.num_workers)  # as the train stage does
+    dist.limit_cpu_threads(dist.loader_workers(cfg.runtime.num_workers, "cpu"))  # as the train stage does
     rates = []
     for epoch in range(epochs + 1):
         loader = train_loader(cfg, epoch)

@@ -314,6 +314,7 @@ def main() -> int:
     print(f"\n{len(check.steps)} steps, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
           f"report in {args.out}/gpu_check.md")
     print((args.out / "gpu_check.md").read_text())
+    check.log.close()
     return 1 if failed else 0
 
 

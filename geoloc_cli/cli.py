@@ -15,12 +15,15 @@ from typing import Annotated, Any
 import typer
 
 from geoloc_cli.errors import ConfigError, GeolocError
+from geoloc_cli.sources import PRESETS
 
 BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
 
 app = typer.Typer(
     name="geoloc",
-    help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict.",
+    help="Photo geolocation research: fetch MP-16, build S2 geo-cells, segment, train a ViT, evaluate, predict. "
+    "Environment: GEOLOC_CONFIG (the config file when -c is not given), GEOLOC_ROOT and GEOLOC_DEVICE (over the "
+    "config file, under --set and options).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -30,7 +33,8 @@ app = typer.Typer(
 # Shared options (every command takes the config ones; device ones where a stage uses devices).
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config (default: ./geoloc.yaml if present, else built-in defaults)."),
+    typer.Option("--config", "-c",
+                 help="YAML config (default: $GEOLOC_CONFIG, else ./geoloc.yaml if present, else built-in defaults)."),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -39,8 +43,26 @@ SetOpt = Annotated[
 # text, not Path: typer turns --root '' into Path(".") and the mistake would pass unseen
 RootOpt = Annotated[str | None, typer.Option("--root", help="Data root directory (config paths.root).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+# Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
+ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from geoloc_cli import __version__
+
+        typer.echo(f"geoloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """The options before the command."""
 
 
 def _parse_gpus(text: str | None) -> list[int] | None:
@@ -54,11 +76,16 @@ def _parse_gpus(text: str | None) -> list[int] | None:
 
 def _config(config: Path | None, sets: list[str] | None, root: str | None, **options: Any):
     """Resolve the config tree; `options` are explicit command options keyed by dotted config key."""
+    import os
+
     from geoloc_cli.config import load_config
 
+    if config is None and os.environ.get("GEOLOC_CONFIG"):
+        config = Path(os.environ["GEOLOC_CONFIG"])
+    from_env = [f"{key}={os.environ[var]}" for var, key in ENV_KEYS.items() if os.environ.get(var)]
     if root is not None:
         options["paths.root"] = root
-    return load_config(config, sets, options)
+    return load_config(config, [*from_env, *(sets or [])], options)
 
 
 def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,8 +122,7 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def fetch(
     source: Annotated[
         str | None,
-        typer.Argument(help="Preset (demo, mp16, yfcc25600, im2gps, im2gps3k, yfcc4k, osv5m; sources in the "
-                            "README) or a folder of photos."),
+        typer.Argument(help=f"Preset (demo, {', '.join(PRESETS)}; sources in the README) or a folder of photos."),
     ] = None,
     urls: Annotated[Path | None, typer.Option(help="URL list: image_id,url rows without a header.")] = None,
     meta: Annotated[Path | None, typer.Option(help="Metadata CSV in *_places365.csv format.")] = None,
@@ -317,6 +343,37 @@ def export(
 
     for path in export_onnx(ckpt or DataRoot(cfg.root).model(cfg.train.run), output):
         console.info(f"wrote {path}")
+
+
+@app.command(
+    "convert",
+    epilog="Examples:  geoloc convert seed-vit Saved_RGB_ViT.tar -o seed.safetensors  |  "
+    "geoloc convert geoestimation epoch=014-val_loss=18.4833.ckpt -o base_m.safetensors",
+)
+@_handled
+def convert(
+    kind: Annotated[str, typer.Argument(help="seed-vit (the original ViT + segmentation model) or geoestimation "
+                                        "(GeoEstimation's ResNet-50 base(M,f*)).")],
+    checkpoint: Annotated[Path, typer.Argument(help="The published checkpoint file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The inference checkpoint to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
+    from geoloc_cli import console
+    from geoloc_cli.errors import require
+
+    cfg = _config(config, set_, root)
+    require("torch", "timm")
+    from geoloc_cli.convert import convert as run_convert
+
+    done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)
+    console.info(f"wrote {output}: {done['backbone']}, heads {done['heads']}")
+    if kind == "geoestimation":
+        console.info("its published numbers use five crops and their maximum: evaluate does the same for it "
+                     "(evaluate.crops=auto)")
 
 
 @app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")

@@ -102,7 +102,8 @@ class ModelConfig:
     )
     img_size: int = doc(224, "Input resolution of both branches.")
     seg_channels: int = doc(3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
-    fusion: str = doc("late", "How branches are fused: late (learned weighting) or exchange (CLS per layer).")
+    fusion: str = doc("late", "How branches are fused: late (one learned weighting), gated (the seed model's "
+                      "per-sample gate) or exchange (CLS tokens averaged after every block).")
     scene_classes: int = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
     partitionings: list[str] = doc(["coarse", "middle", "fine"], "Geo-cell heads, one per partitioning.")
     overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
@@ -139,8 +140,10 @@ class EvaluateConfig:
     datasets: list[str] = doc(["yfcc25600"], "Datasets to evaluate on.")
     thresholds_km: list[float] = doc([1, 25, 200, 750, 2500], "Accuracy thresholds in km.")
     batch_size: int = doc(64, "Images per inference batch.")
-    crops: str = doc("center", "Test-time crops: center, five (corners + centre) or ten (five + flips).")
-    crop_reduce: str = doc("mean", "How crop probabilities are combined: mean or max.")
+    crops: str = doc("auto", "Test-time crops: center, five (corners + centre) or ten (five + flips); auto = the "
+                     "protocol the checkpoint records (a converted published model's own), else center.")
+    crop_reduce: str = doc("auto", "How crop probabilities are combined: mean or max; auto = the checkpoint's "
+                           "protocol, else mean.")
 
 
 @dataclass
@@ -189,7 +192,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "segment.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "segment.batch_size": (lambda v: v > 0, "> 0"),
     "model.seg_channels": (lambda v: v in (0, 3, 150), "0, 3 or 150"),
-    "model.fusion": (lambda v: v in ("late", "exchange"), "late or exchange"),
+    "model.fusion": (lambda v: v in ("late", "gated", "exchange"), "late, gated or exchange"),
     "model.scene_classes": (lambda v: v in (3, 16, 365), "3, 16 or 365"),
     "model.img_size": (lambda v: v > 0, "> 0"),
     "model.partitionings": (lambda v: len(v) > 0, "at least one partitioning"),
@@ -203,8 +206,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "predict.top_k": (lambda v: v > 0, "> 0"),
     "predict.batch_size": (lambda v: v > 0, "> 0"),
     "predict.backend": (lambda v: v in ("auto", "onnx", "torch"), "auto, onnx or torch"),
-    "evaluate.crops": (lambda v: v in ("center", "five", "ten"), "center, five or ten"),
-    "evaluate.crop_reduce": (lambda v: v in ("mean", "max"), "mean or max"),
+    "evaluate.crops": (lambda v: v in ("auto", "center", "five", "ten"), "auto, center, five or ten"),
+    "evaluate.crop_reduce": (lambda v: v in ("auto", "mean", "max"), "auto, mean or max"),
     "train.shuffle_window_shards": (lambda v: v > 0, "> 0"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
 }
@@ -293,16 +296,19 @@ def _validate(cfg: Config) -> None:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """`a.b=c` -> {"a": {"b": c}} with c parsed as YAML (so 3 is an int, [0,1] a list, x a string)."""
+    """`a.b=c` -> {"a": {"b": c}}: c as given for a text field (a run named 0612 stays "0612", not YAML
+    1.1's octal 394), else parsed as YAML (so 3 is an int, [0,1] a list)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value")
     path, raw = text.split("=", 1)
+    if not all(path.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    if _field_type(path.strip()) is str and not raw.strip().startswith(("'", '"')):
+        return _nest(path.strip(), raw.strip())  # a quoted value ('' for empty) is parsed as YAML below
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from None
-    if not all(path.strip().split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
     return _nest(path.strip(), value)
 
 
@@ -317,6 +323,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.YAMLError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _field_type(path: str) -> Any:
+    """The declared type of a dotted key (None for an unknown key or one inside a mapping's values)."""
+    tp: Any = Config
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -540,8 +540,9 @@ def archive_members(kind: str, paths: list[Path]) -> Iterator[Member]:
 
 
 def archive_shard(job: dict[str, Any], opts: Options) -> Counter:
-    """One shard of an archive import: job["data"][i] is the member's bytes (None: no image for that row).
-    Same checks, resizing, statuses and writing as a downloaded shard."""
+    """One shard of an archive import: job["data"][i] is the member's bytes (None: no image for that row;
+    an int: the size of a member too large to read). Same checks, resizing, statuses and writing as a
+    downloaded shard."""
     tar_path, part_path = Path(job["tar"]), Path(job["part"])
     rows = [_row(job, i, tar_path.name) for i in range(len(job["keys"]))]
     images: dict[str, tuple[bytes, bytes]] = {}
@@ -551,10 +552,10 @@ def archive_shard(job: dict[str, Any], opts: Options) -> Counter:
     return Counter(r["status"] for r in rows)
 
 
-def _from_bytes(data: bytes | None, opts: Options) -> Any:
+def _from_bytes(data: bytes | int | None, opts: Options) -> Any:
     if data is None:
         return ItemFailure("missing", "no image for this id in the archive")
-    if len(data) > opts.max_bytes:
+    if isinstance(data, int) or len(data) > opts.max_bytes:
         return ItemFailure("too_large", f"member larger than {opts.max_bytes} bytes")
     try:
         return process_image(data, opts), len(data)

@@ -19,6 +19,7 @@ This module imports torch at the top: only `geoloc export` and training import i
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -29,7 +30,16 @@ import torch
 from torch import nn
 
 from geoloc_cli.errors import InputError
-from geoloc_cli.onnx_runtime import FINGERPRINT_KEY, fingerprint, onnx_paths, rgb_path, stamp_path
+from geoloc_cli.onnx_runtime import (
+    FINGERPRINT_KEY,
+    META_KEY,
+    export_description,
+    fingerprint,
+    onnx_paths,
+    rgb_path,
+    split_export,
+    stamp_path,
+)
 from geoloc_cli.store import write_json_atomic
 
 OPSET = 17
@@ -51,19 +61,22 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
     heads = list(spec["heads"])
     image, seg_in = torch.zeros(1, 3, size, size), torch.zeros(1, channels, size, size)
     written: list[Path] = []
-    if channels and spec["fusion"] == "late":
+    # the network's file describes itself (preprocessing, cells, hierarchy, palette), as model.onnx.json does
+    description = export_description(meta)
+    described = {**stamp, META_KEY: json.dumps(description)}
+    if split_export(spec):
         # Two graphs: the RGB branch alone, then the seg branch + fusion + heads. predict loads them in
         # parallel and runs the RGB branch while the segmenter is still working on the photo.
         feature = torch.zeros(1, model.rgb.num_features)
         written += _export(_LateFusion(model, heads), (feature, seg_in), ["rgb_feature", "seg"], heads, net_path,
-                           stamp)
+                           described)
         written += _export(_RgbFeature(model), (image,), ["image"], ["rgb_feature"], rgb_path(net_path), stamp)
     else:
         for stale in (rgb_path(net_path), rgb_path(net_path).with_name(rgb_path(net_path).name + ".data")):
             stale.unlink(missing_ok=True)  # from an earlier export of another architecture
         inputs = (image, seg_in) if channels else (image,)
         written += _export(_Probabilities(model, heads), inputs, ["image", "seg"][: len(inputs)], heads, net_path,
-                           stamp)
+                           described)
     if channels:
         from geoloc_cli.segmentation import Segmenter
 
@@ -74,7 +87,7 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
         written += _export(_ClassMap(seg.model), (torch.zeros(1, 3, s, s),), ["pixel_values"], ["class_map"],
                            seg_path, stamp)
     write_json_atomic(stamp_path(net_path), {**stamp, "checkpoint": ckpt_path.name,
-                                             "files": [p.name for p in written]})
+                                             "files": [p.name for p in written], META_KEY: description})
     return [*written, stamp_path(net_path)]
 
 
@@ -141,7 +154,7 @@ class _Probabilities(nn.Module):
 
 
 class _RgbFeature(nn.Module):
-    """The RGB branch of a late-fusion GeoModel: image -> CLS feature."""
+    """The RGB branch of a late- or gated-fusion GeoModel: image -> CLS feature."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -152,15 +165,15 @@ class _RgbFeature(nn.Module):
 
 
 class _LateFusion(nn.Module):
-    """The rest of a late-fusion GeoModel (GeoModel.features + heads): (RGB feature, seg map) -> probabilities."""
+    """The rest of a late- or gated-fusion GeoModel (seg branch, GeoModel.fuse, heads): (RGB feature, seg map)
+    -> probabilities."""
 
     def __init__(self, model: nn.Module, heads: list[str]) -> None:
         super().__init__()
         self.model, self.heads = model, heads
 
     def forward(self, rgb_feature: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        w = torch.sigmoid(self.model.fuse_logit)
-        f = w * rgb_feature + (1 - w) * self.model.seg(seg)
+        f = self.model.fuse(rgb_feature, self.model.seg(seg))
         return tuple(torch.softmax(self.model.heads[h](f).float(), -1) for h in self.heads)
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 HIER = "hierarchical"
 SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
+SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}  # scene head size -> *_places365.csv column
 SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
 MULTICROP_PCT = 0.875  # five/ten-crop side as a fraction of the shorter side (Resize(256) + FiveCrop(224))
 
@@ -64,6 +65,16 @@ class CellSet:
             count={n: np.asarray(c["count"], dtype=np.int64) for n, c in cells.items()},
             parents={n: np.asarray(p, dtype=np.int64) for n, p in meta["parents"].items()},
         )
+
+    @classmethod
+    def from_partitions(cls, tables: dict[str, pd.DataFrame]) -> CellSet:
+        """Cell tables of any number of partitionings, ordered coarse to fine by their number of cells, with
+        the hierarchy anchored on the finest."""
+        from geoloc_cli.partitioning import build_hierarchy
+
+        order = sorted(tables, key=lambda p: len(tables[p]))
+        hierarchy = build_hierarchy(tables, order)
+        return cls.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
 
     @classmethod
     def from_tables(cls, tables: dict[str, pd.DataFrame], parents: dict[str, np.ndarray]) -> CellSet:
@@ -244,9 +255,9 @@ def normalize(pixels: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
 
 
 def views(img: Image.Image, seg: Image.Image | None, size: int, pre: dict[str, Any],
-          crops: str = "center") -> tuple[np.ndarray, np.ndarray]:
-    """All test-time crops of one photo: (K, 3, S, S) float32 and (K, S, S) uint8."""
-    pairs = [view(img, seg, size, pre, box, flip)
+          crops: str = "center", raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """All test-time crops of one photo: (K, 3, S, S) float32 (`raw`: uint8) and (K, S, S) uint8."""
+    pairs = [view(img, seg, size, pre, box, flip, raw)
              for box, flip in crop_boxes(*img.size, crops, pre.get("crop_pct", 1.0))]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 

@@ -31,12 +31,24 @@ class ModelSpec:
     backbone: str
     img_size: int
     seg_channels: int  # 0 = RGB only
-    fusion: str  # late | exchange
+    fusion: str  # late | gated | exchange
     heads: dict[str, int]  # head name -> classes, partitionings first, then "scene"
     overrides: dict[str, Any] = field(default_factory=dict)
+    # LayerNorm epsilon of both branches when it differs from the timm architecture's own (0 = keep it):
+    # Hugging Face ViTs use 1e-12 where timm uses 1e-6, so converted checkpoints give the same numbers.
+    layer_norm_eps: float = 0.0
 
 
 def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
+    branch = _create_branch(spec, in_chans, pretrained)
+    if spec.layer_norm_eps:
+        for m in branch.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = spec.layer_norm_eps
+    return branch
+
+
+def _create_branch(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
     import timm
 
     if not spec.backbone.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(spec.backbone):
@@ -52,9 +64,19 @@ def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
 
 
 def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
+    kwargs: dict[str, Any] = dict(num_classes=0, img_size=spec.img_size, in_chans=in_chans, **spec.overrides)
+    try:
+        return _create_sized(spec, kwargs, pretrained)
+    except TypeError as e:  # CNNs (ResNet, ConvNeXt) take any resolution and no img_size argument
+        if "img_size" not in str(e) or "img_size" in spec.overrides:
+            raise
+        del kwargs["img_size"]
+        return _create_sized(spec, kwargs, pretrained)
+
+
+def _create_sized(spec: ModelSpec, kwargs: dict[str, Any], pretrained: str) -> nn.Module:
     import timm
 
-    kwargs: dict[str, Any] = dict(num_classes=0, img_size=spec.img_size, in_chans=in_chans, **spec.overrides)
     if pretrained in ("none", ""):
         return timm.create_model(spec.backbone, pretrained=False, **kwargs)
     if pretrained != "auto":
@@ -81,21 +103,37 @@ class GeoModel(nn.Module):
         self.rgb = _create_vit(spec, 3, pretrained)
         self.seg = _create_vit(spec, spec.seg_channels, pretrained) if spec.seg_channels else None
         dim = self.rgb.num_features
-        # Late fusion: a learned weighting of the two CLS features (sigmoid keeps it a convex mix). Only
-        # then: a parameter no forward uses would stall DDP's gradient reduction at the second step.
-        self.fuse_logit = nn.Parameter(torch.zeros(())) if self.seg is not None and spec.fusion == "late" else None
+        # Fusion parameters exist only for the fusion that uses them: a parameter no forward uses would
+        # stall DDP's gradient reduction at the second step.
+        with_seg = self.seg is not None
+        # late: a learned weighting of the two CLS features (sigmoid keeps it a convex mix)
+        self.fuse_logit = nn.Parameter(torch.zeros(())) if with_seg and spec.fusion == "late" else None
+        # gated: the seed model's per-sample gate, shared by both branches; it scores each branch's feature
+        # and the unnormalised scores weight them (Linear -> LeakyReLU -> Dropout(0.2) -> Linear)
+        self.gate = nn.Sequential(nn.Linear(dim, 8), nn.LeakyReLU(), nn.Dropout(0.2), nn.Linear(8, 1)) \
+            if with_seg and spec.fusion == "gated" else None
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in spec.heads.items()})
-        pre = self.data_config()
-        self.pixel_mean, self.pixel_std = tuple(pre["mean"]), tuple(pre["std"])
+        # the photo's preprocessing (mean/std, size, crop): the backbone's own data config, or what a
+        # checkpoint recorded (load_inference_checkpoint sets it)
+        self.preprocess = self._timm_data_config()
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 photos (the training loader's) -> normalised floats, on their device, with the same
         operations as inference.normalize; float input is taken as normalised already."""
         if image.dtype != torch.uint8:
             return image
-        mean = torch.tensor(self.pixel_mean, device=image.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.pixel_std, device=image.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(image.device)
         return (image.float() / 255.0 - mean) / std
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean/std as (1,3,1,1) tensors on `device`, made once: a host-to-device copy per forward would make
+        every step wait for the GPU."""
+        key = (device, tuple(self.preprocess["mean"]), tuple(self.preprocess["std"]))
+        if getattr(self, "_norm_key", None) != key:
+            self._norm = tuple(torch.tensor(self.preprocess[k], device=device).view(1, 3, 1, 1)
+                               for k in ("mean", "std"))
+            self._norm_key = key
+        return self._norm
 
     @staticmethod
     def _embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +148,8 @@ class GeoModel(nn.Module):
         if self.seg is None:
             return self.rgb(image)
         assert seg is not None, "this model has a segmentation branch: pass the segmentation map"
-        if self.spec.fusion == "late":
-            w = torch.sigmoid(self.fuse_logit)
-            return w * self.rgb(image) + (1 - w) * self.seg(seg)
+        if self.spec.fusion != "exchange":
+            return self.fuse(self.rgb(image), self.seg(seg))
         # exchange: after every block both branches continue with the mean of their CLS tokens
         # (TransLocator-style); the patch tokens stay separate.
         xr, xs = self._embed(self.rgb, image), self._embed(self.seg, seg)
@@ -121,6 +158,13 @@ class GeoModel(nn.Module):
             cls = 0.5 * (xr[:, :1] + xs[:, :1])
             xr, xs = torch.cat([cls, xr[:, 1:]], 1), torch.cat([cls, xs[:, 1:]], 1)
         return 0.5 * (self._pool(self.rgb, xr) + self._pool(self.seg, xs))
+
+    def fuse(self, f_rgb: torch.Tensor, f_seg: torch.Tensor) -> torch.Tensor:
+        """Late or gated fusion of the two branches' features (the ONNX export calls this too)."""
+        if self.gate is not None:
+            return self.gate(f_rgb) * f_rgb + self.gate(f_seg) * f_seg
+        w = torch.sigmoid(self.fuse_logit)
+        return w * f_rgb + (1 - w) * f_seg
 
     def forward(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         f = self.features(image, seg)
@@ -134,7 +178,11 @@ class GeoModel(nn.Module):
         return state
 
     def data_config(self) -> dict[str, Any]:
-        """Preprocessing derived from the backbone's own data config (mean/std/interpolation/crop)."""
+        """The photo's preprocessing (mean/std/interpolation/crop): the backbone's own data config unless a
+        checkpoint recorded another (a converted published model keeps its original preprocessing)."""
+        return dict(self.preprocess)
+
+    def _timm_data_config(self) -> dict[str, Any]:
         import timm
 
         cfg = timm.data.resolve_data_config({"input_size": (3, self.spec.img_size, self.spec.img_size)},
@@ -198,5 +246,6 @@ def load_inference_checkpoint(path: Path, device: str = "cpu",
     except RuntimeError as e:
         raise InputError(f"{path}: weights do not match the model described in its metadata: "
                          f"{' '.join(str(e).split())[:300]}") from None
+    model.preprocess = dict(meta["preprocess"])  # normalisation as recorded, e.g. a converted model's own
     seg = {k[len("segmenter."):]: v for k, v in tensors.items() if k.startswith("segmenter.")}
     return model.to(device).eval(), meta, seg

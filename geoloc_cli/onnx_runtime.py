@@ -33,8 +33,14 @@ def onnx_paths(ckpt: Path, out: Path | None = None) -> tuple[Path, Path]:
 
 
 def rgb_path(net: Path) -> Path:
-    """The RGB-branch graph of a split export (late fusion with a seg branch): model.onnx -> model.rgb.onnx."""
+    """The RGB-branch graph of a split export: model.onnx -> model.rgb.onnx."""
     return net.with_suffix(".rgb.onnx")
+
+
+def split_export(spec: dict[str, Any]) -> bool:
+    """Whether a model is exported as two graphs (RGB branch; seg branch + fusion + heads): late or gated
+    fusion with a seg branch, whose branches meet only at their features."""
+    return bool(spec["seg_channels"]) and spec["fusion"] != "exchange"
 
 
 def stamp_path(net: Path) -> Path:
@@ -61,7 +67,7 @@ def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     """'ok' when every file predict needs exists and matches the checkpoint, else why not (one line)."""
     net, seg = onnx_paths(ckpt)
     spec = meta["spec"]
-    needed = [net, seg, *([rgb_path(net)] if spec["fusion"] == "late" else [])] if spec["seg_channels"] else [net]
+    needed = [net, seg, *([rgb_path(net)] if split_export(spec) else [])] if spec["seg_channels"] else [net]
     missing = [p.name for p in [*needed, stamp_path(net)] if not p.is_file()]
     if missing:
         return f"no ONNX export beside {ckpt} ({', '.join(missing)} missing; run `geoloc export {ckpt}`)"
@@ -74,8 +80,43 @@ def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "onnxruntime is not installed (pip install 'geoloc[predict]')"
+        return NO_ONNXRUNTIME
     return "ok"
+
+
+NO_ONNXRUNTIME = "onnxruntime is not installed (pip install 'geoloc[predict]')"
+
+
+META_KEY = "geoloc"  # the export's description in model.onnx's metadata and in model.onnx.json
+
+
+def export_description(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a user of the ONNX files needs besides them, from the checkpoint's metadata: the spec, the
+    photo's preprocessing, the cells (centres and the hierarchy), the segmenter's preprocessing and the
+    palette that turns its class map into the network's seg input."""
+    from geoloc_cli.segmentation import load_palette
+
+    out = {"spec": meta["spec"], "preprocess": meta["preprocess"], "partitionings": meta["partitionings"],
+           "protocol": meta.get("protocol", {}), "hierarchical": HIERARCHICAL_RULE}
+    if meta["spec"]["seg_channels"]:
+        out["segmenter"] = {"preprocess": meta["segmenter"]["preprocess"], "palette": load_palette().tolist()}
+    return out
+
+
+HIERARCHICAL_RULE = ("p(c) = p_finest(c) * prod over coarser partitionings of p_coarser(parents[coarser][c]) "
+                     "(a -1 parent contributes 1); the prediction is the finest cell c with the largest p(c), "
+                     "placed at cells[finest].lat/lon[c]")
+
+
+def read_export(path: Path) -> tuple[Path, dict[str, Any], str]:
+    """(network file, description, fingerprint) of an export given as its .onnx file or its folder."""
+    net = Path(path) / "model.onnx" if Path(path).is_dir() else Path(path)
+    try:
+        stamp = json.loads(stamp_path(net).read_text())
+        return net, stamp[META_KEY], stamp[FINGERPRINT_KEY]
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"{path}: not a geoloc ONNX export ({stamp_path(net).name} beside it is missing or "
+                         "predates self-describing exports: run `geoloc export CKPT` again)") from None
 
 
 class OnnxModel:
@@ -83,7 +124,15 @@ class OnnxModel:
 
     name = "onnx"
 
-    def __init__(self, ckpt: Path, meta: dict[str, Any], threads: int | None = None) -> None:
+    @classmethod
+    def of_checkpoint(cls, ckpt: Path, meta: dict[str, Any]) -> OnnxModel:
+        return cls(onnx_paths(ckpt)[0], meta, fingerprint(ckpt))
+
+    @classmethod
+    def of_export(cls, path: Path) -> OnnxModel:
+        return cls(*read_export(path))
+
+    def __init__(self, net_path: Path, meta: dict[str, Any], expected: str, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.meta, self.spec = meta, meta["spec"]
@@ -95,8 +144,7 @@ class OnnxModel:
         # Weights in page-aligned .data files are mapped, not copied; pre-packing them would copy them
         # again (seconds for a ViT-B, more than it saves on a few photos).
         opts.add_session_config_entry("session.disable_prepacking", "1")
-        net_path, seg_path = onnx_paths(ckpt)
-        expected = fingerprint(ckpt)
+        seg_path = net_path.with_suffix(".seg.onnx")
         # Loading the network (hundreds of MB) is the slowest step of a cold start: it runs in threads
         # (onnxruntime releases the GIL) while the segmenter loads and runs on the first photos; a split
         # export loads its two halves in parallel and runs the RGB half as soon as it is there.

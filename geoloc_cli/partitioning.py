@@ -254,8 +254,11 @@ def _bad(path: Path, line: int, column: str, value: object, why: str) -> InputEr
 
 def _preamble(path: Path) -> tuple[int, dict[str, str]]:
     """Number of `key: value` lines before the CSV header (the published files have two)."""
+    import gzip
+
     meta: dict[str, str] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    opener = gzip.open if path.suffix == ".gz" else open  # the packaged published tables are gzipped
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
         for line in f:
             text = line.strip()
             if "," in text or ":" not in text:
@@ -277,7 +280,7 @@ def read_cells(path: Path) -> pd.DataFrame:
     try:
         skip, meta = _preamble(path)
         raw = pd.read_csv(path, skiprows=skip, dtype=str, keep_default_na=False)
-    except UnicodeDecodeError as e:
+    except (UnicodeDecodeError, OSError) as e:  # OSError: a .gz that is not gzip
         raise InputError(f"{path}: not a text file ({e})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(f"{path}: not a readable cell table: {str(e).strip()}") from None

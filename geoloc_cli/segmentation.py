@@ -215,15 +215,21 @@ class Segmenter:
         return Segmenter(model, pre, device, precision, name)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Weights (CPU tensors, safetensors-ready) and JSON-able metadata to rebuild this segmenter."""
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        """Weights (CPU tensors, safetensors-ready) and JSON-able metadata to rebuild this segmenter.
+
+        The weights carry the names of the model's Hugging Face files, which every transformers release
+        reads (5.x renamed SegFormer's modules but still saves and loads those names): a checkpoint made
+        under 5.x loads under 4.x and the reverse."""
+        import transformers
+
         meta = {
             "format": STATE_FORMAT,
             "name": self.name,
             "config": self.model.config.to_dict(),
             "preprocess": self.preprocess.to_dict(),
+            "transformers": transformers.__version__,
         }
-        return tensors, meta
+        return _hub_named_weights(self.model), meta
 
     @staticmethod
     def from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str = "cpu",
@@ -236,7 +242,10 @@ class Segmenter:
         config_dict = dict(meta["config"])
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModelForSemanticSegmentation.from_config(config)
-        model.load_state_dict(tensors, strict=True)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError:  # names of the Hugging Face files (or of another transformers): it maps them
+            model = _from_hub_named_weights(config, tensors, meta.get("transformers", "an unknown version"))
         pre = Preprocess.from_dict(meta["preprocess"])
         return Segmenter(model, pre, device, precision, meta.get("name", ""))
 
@@ -274,6 +283,41 @@ class Segmenter:
             batch = np.stack([self.prepare(im) for im in images[i : i + batch_size]])
             maps.extend(self.predict(batch))
         return maps
+
+
+def _hub_named_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights under the names `save_pretrained` writes (those of its Hugging Face files)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="geoloc-seg-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _from_hub_named_weights(config: Any, tensors: dict[str, torch.Tensor], made_with: str) -> Any:
+    """Load weights through transformers' own loader, which maps the names of Hugging Face files (and of
+    older releases) onto its modules; any weight left unmapped is an error, never a random init."""
+    import tempfile
+
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSemanticSegmentation
+
+    with tempfile.TemporaryDirectory(prefix="geoloc-seg-") as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model, info = AutoModelForSemanticSegmentation.from_pretrained(tmp, output_loading_info=True)
+    bad = [*info.get("missing_keys", []), *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
+    if bad:
+        raise InputError(f"the embedded segmenter was saved with transformers {made_with}, whose weight names "
+                         f"transformers {transformers.__version__} cannot map ({bad[0]}): use transformers "
+                         f"{made_with.split('.')[0]}.x, or export the checkpoint again with this one")
+    return model
 
 
 def _random_segformer(shape: dict[str, Any]) -> Any:

@@ -48,6 +48,11 @@ class Remote:
         return (self.hf_path or self.url).rsplit("/", 1)[-1]
 
     @property
+    def mirror_path(self) -> str:
+        """Where a user's mirror (fetch.mirrors) holds this file: its path in its Hub repository, else its name."""
+        return self.hf_path or self.file_name
+
+    @property
     def host(self) -> str:
         """Short name of the host, for the README table."""
         if self.hf_repo:
@@ -206,7 +211,7 @@ def with_split(p: Preset, split: str | None = None) -> Preset:
     if split not in p.splits:
         raise ValueError(f"{p.name}: unknown split {split!r} (known: {', '.join(p.splits)})")
     meta = MetaFile(f"{dataset_name(p, split)}_places365.csv",
-                    tuple(_resolve(r, split) for r in p.meta.mirrors), p.meta.columns)
+                    tuple(_resolve(r, split) for r in p.meta.mirrors), p.meta.columns, p.meta.gone)
     archives = tuple(Archive(a.kind, a.parts or _split_zips(p.name, split), a.rule, a.size) for a in p.archives)
     return replace(p, meta=meta, archives=archives)
 

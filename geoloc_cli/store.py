@@ -102,11 +102,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; final files get the usual permissions
     except OSError as e:
         raise storage_error(e, f"writing {path}") from None
     try:
         yield Path(tmp)
+        # mkstemp creates 0600 (and writers such as safetensors recreate the file 0600 too): final files
+        # get the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as e:
         raise storage_error(e, f"writing {path}") from None

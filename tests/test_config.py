@@ -130,3 +130,29 @@ def test_config_directory_and_empty_values(tmp_path: Path):
                       (["--set", "paths.root=' '"], "paths.root")):
         r = CliRunner().invoke(app, ["config", *args])
         assert r.exit_code == 2 and f"{key}: '" in r.output and "empty" in r.output, r.output
+
+
+def test_set_values_are_parsed_by_the_fields_type():
+    """A text field keeps the text as given (YAML 1.1 would read 0612 as octal 394 and 12:30 as 750);
+    other fields are parsed as YAML."""
+    cfg = load_config(None, ["train.run=0612", "segment.model=12:30", "train.lr=3e-4", "runtime.gpus=[0,1]",
+                             "partition.tau_max.fine=500", "model.overrides.depth=2", "runtime.num_workers=3"])
+    assert (cfg.train.run, cfg.segment.model) == ("0612", "12:30")
+    quoted = load_config(None, ["train.val_dataset=''", 'train.run="my run"', "fetch.size_suffix= _b "])
+    assert (quoted.train.val_dataset, quoted.train.run, quoted.fetch.size_suffix) == ("", "my run", "_b")
+    assert cfg.train.lr == 3e-4 and cfg.runtime.gpus == [0, 1] and cfg.runtime.num_workers == 3
+    assert cfg.partition.tau_max["fine"] == 500 and cfg.model.overrides == {"depth": 2}
+
+
+def test_version_and_environment_variables(tmp_path):
+    from geoloc_cli import __version__
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"geoloc {__version__}"
+    (tmp_path / "c.yaml").write_text("paths: {root: from-file}\ntrain: {run: from-env}\nruntime: {device: cuda}\n")
+    env = {"GEOLOC_CONFIG": str(tmp_path / "c.yaml"), "GEOLOC_ROOT": str(tmp_path / "data"), "GEOLOC_DEVICE": "cpu"}
+    r = CliRunner().invoke(app, ["config"], env=env)  # the variables beat the file ...
+    assert r.exit_code == 0 and "run: from-env" in r.output and f"root: {tmp_path / 'data'}" in r.output
+    assert "device: cpu" in r.output
+    for args in (["--root", "elsewhere"], ["--set", "paths.root=elsewhere"]):  # ... and lose to the command line
+        assert "root: elsewhere" in CliRunner().invoke(app, ["config", *args], env=env).output

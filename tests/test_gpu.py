@@ -85,7 +85,9 @@ def test_the_loader_pins_memory_and_ships_uint8(world, monkeypatch):
     monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
     train.launch(load_config(world[0], ["train.run=spy", "train.epochs=1", "train.val_dataset="]))
     assert seen and all(s["pin"] == CUDA for s in seen)
-    assert seen[0]["first"]["image"].dtype == torch.uint8
+    first = seen[0]["first"]
+    assert first["image"].dtype == torch.uint8
+    assert first["image"].is_pinned() == CUDA and all(t.is_pinned() == CUDA for t in first["targets"].values())
 
 
 def test_resume_on_cuda_continues_the_uninterrupted_run(world, reference, monkeypatch):

@@ -25,7 +25,8 @@ def spec(seg_channels: int = 3, fusion: str = "late") -> ModelSpec:
                      {"coarse": 5, "fine": 9, "scene": 3}, dict(TINY))
 
 
-@pytest.mark.parametrize(("seg_channels", "fusion"), [(0, "late"), (3, "late"), (150, "exchange"), (3, "exchange")])
+@pytest.mark.parametrize(("seg_channels", "fusion"),
+                         [(0, "late"), (3, "late"), (150, "exchange"), (3, "exchange"), (3, "gated")])
 def test_forward_shapes_and_gradients(seg_channels: int, fusion: str):
     torch.manual_seed(0)
     model = build_model(spec(seg_channels, fusion))
@@ -39,13 +40,24 @@ def test_forward_shapes_and_gradients(seg_channels: int, fusion: str):
         assert model.seg.patch_embed.proj.weight.grad.abs().sum() > 0, "the seg branch must influence the output"
 
 
-@pytest.mark.parametrize("fusion", ["late", "exchange"])
+@pytest.mark.parametrize("fusion", ["late", "exchange", "gated"])
 def test_every_parameter_gets_a_gradient(fusion: str):
     """DDP waits for a gradient of every parameter: one that no forward uses stalls the second step."""
     model = build_model(spec(3, fusion))
     seg = seg_to_input(torch.randint(0, 150, (2, 32, 32), dtype=torch.uint8), 3)
     sum(v.sum() for v in model(torch.randn(2, 3, 32, 32), seg).values()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_gated_fusion_weights_each_sample_by_its_own_gate():
+    """The seed model's fusion: w(f) = gate(f) per branch and sample, fused = w(f_rgb) f_rgb + w(f_seg) f_seg."""
+    model = build_model(spec(3, "gated")).eval()
+    f_rgb, f_seg = torch.randn(4, 32), torch.randn(4, 32)
+    g = model.gate
+    w_rgb = g[3](g[1](g[0](f_rgb)))  # Linear -> LeakyReLU -> (Dropout: off in eval) -> Linear
+    w_seg = g[3](g[1](g[0](f_seg)))
+    assert torch.allclose(model.fuse(f_rgb, f_seg), w_rgb * f_rgb + w_seg * f_seg)
+    assert w_rgb.shape == (4, 1) and not torch.allclose(w_rgb, w_rgb[:1].expand(4, 1)), "one weight per sample"
 
 
 def test_an_exchange_checkpoint_of_an_older_geoloc_still_loads(tmp_path):

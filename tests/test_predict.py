@@ -101,7 +101,7 @@ def test_onnx_export_gives_the_torch_top_k(ckpt, photos):
 
     meta = read_meta(ckpt)
     images = [Image.open(p).convert("RGB") for p in photos]
-    onnx_model, torch_model = OnnxModel(ckpt, meta), TorchModel(ckpt, meta, "cpu")
+    onnx_model, torch_model = OnnxModel.of_checkpoint(ckpt, meta), TorchModel(ckpt, meta, "cpu")
     maps_onnx = onnx_model.class_maps(images)
     maps_torch = torch_model.segmenter(images)
     assert all((a == b).mean() > 0.99 for a, b in zip(maps_onnx, maps_torch, strict=True))
@@ -127,7 +127,8 @@ def test_single_graph_exports_match_torch(tmp_path, photos, seg_channels, fusion
     assert "model.rgb.onnx" not in [p.name for p in export_onnx(path)]
     meta = read_meta(path)
     images = [Image.open(p).convert("RGB") for p in photos]
-    p_onnx, p_torch = OnnxModel(path, meta).probabilities(images), TorchModel(path, meta, "cpu").probabilities(images)
+    p_onnx = OnnxModel.of_checkpoint(path, meta).probabilities(images)
+    p_torch = TorchModel(path, meta, "cpu").probabilities(images)
     for head in p_torch:
         np.testing.assert_allclose(p_onnx[head], p_torch[head], atol=1e-4)
         assert (p_onnx[head].argmax(-1) == p_torch[head].argmax(-1)).all()
@@ -319,3 +320,32 @@ def test_exif_parsing_rejects_garbage():
 
     assert dms((10, 30, 36)) == pytest.approx(10.51)
     assert math.isclose(dms((0, 0, 0)), 0.0)
+
+
+def test_an_export_is_self_describing(tmp_path, photos):
+    """predict takes the .onnx (or its folder) alone, and the README's plain-onnxruntime example finds the
+    same top cell as geoloc."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from geoloc_cli.export import export_onnx
+
+    ckpt = tiny_checkpoint(tmp_path / "run" / "model.safetensors")
+    export_onnx(ckpt)
+    alone = tmp_path / "alone"  # the export without its checkpoint
+    shutil.copytree(tmp_path / "run", alone, ignore=shutil.ignore_patterns("*.safetensors"))
+    tops = []
+    for model in (ckpt, alone / "model.onnx", alone):
+        r = CliRunner().invoke(app, ["predict", str(photos[0]), "--model", str(model), "--json", "-q"])
+        assert r.exit_code == 0, r.output
+        tops.append(json.loads(r.stdout)[0]["top"][0]["cell"])
+    assert tops[0] == tops[1] == tops[2]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- onnx-example -->\n```python\n(.*?)```", readme, re.S)[1]
+    shutil.copy(photos[0], alone / "photo.jpg")
+    r = subprocess.run([sys.executable, "-c", code], cwd=alone, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == tops[0]

@@ -154,6 +154,27 @@ def test_state_round_trip_through_safetensors(tmp_path: Path):
         seg.Segmenter.from_state(tensors, {**meta, "format": "other/9"})
 
 
+def test_embedded_weights_use_the_names_every_transformers_release_reads(tmp_path: Path):
+    """transformers 5 renamed SegFormer's modules (encoder.block -> stages.blocks, ...) but writes and reads
+    the names of the Hugging Face files: the embedded weights use those, so a checkpoint made under 5.x loads
+    under 4.x and the reverse (checked once by hand with 4.40.2 and 5.24). Files from before this change,
+    with this release's own names, still load."""
+    original = seg.Segmenter.from_name("tiny-random", input_size=INPUT)
+    tensors, meta = original.state()
+    original.model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert set(tensors) == set(load_file(tmp_path / "model.safetensors")), "the names save_pretrained writes"
+    own = {k: v.clone() for k, v in original.model.state_dict().items()}
+    for weights in (tensors, own):
+        restored = seg.Segmenter.from_state(weights, meta)
+        for x, y in zip(original(_photos()), restored(_photos()), strict=True):
+            np.testing.assert_array_equal(x, y)
+    broken = {k.replace("decode_head", "decoder"): v for k, v in tensors.items()}
+    with pytest.raises(InputError, match="cannot map"):
+        seg.Segmenter.from_state(broken, meta)
+
+
 def test_unloadable_model_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="segment.model"):
         seg.Segmenter.from_name(str(tmp_path / "no-such-model"))

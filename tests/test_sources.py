@@ -308,3 +308,50 @@ def test_archive_import_killed_and_resumed_loses_and_duplicates_nothing(tmp_path
     assert (m.status[:n] == "ok").all() and m.status.iloc[n] == "missing"
     assert sorted(stored(root, "k")) == [f"{k:09d}" for k in range(n)]
     assert not list(shards.glob(".*tmp"))
+
+
+# ------------------------------------------------------------------------------------ review fixes
+
+
+def test_a_preset_refuses_a_list_of_your_own_and_via_needs_a_preset(tmp_path):
+    cfg = make_cfg(tmp_path / "root")
+    with pytest.raises(ConfigError, match="is a preset"):
+        stage.run(cfg, source="im2gps", urls=tmp_path / "x.csv")
+    with pytest.raises(ConfigError, match="is a preset"):
+        stage.run(cfg, source="im2gps", meta=tmp_path / "x.csv")
+    with pytest.raises(ConfigError, match="--via"):
+        stage.run(cfg, source=str(tmp_path), via="archive")
+
+
+def test_members_over_max_bytes_are_too_large_without_being_read(tmp_path, monkeypatch):
+    from geoloc_cli import download
+
+    ids = ["small.jpg", "huge.jpg"]
+    meta = write_meta(tmp_path / "m.csv", ids)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_bytes({"small.jpg": JPEG, "huge.jpg": b"\xff" * 50_000}))
+    read: list[str] = []
+    members = download.archive_members
+
+    def spy(kind, paths):
+        for m in members(kind, paths):
+            yield download.Member(m.name, m.size, lambda m=m: read.append(m.name) or m.read())
+
+    monkeypatch.setattr(download, "archive_members", spy)
+    out = stage.run(make_cfg(tmp_path / "root", "fetch.max_bytes=40000"), archive=archive, meta=meta,
+                    name="t")["t"]
+    assert out["status"] == {"ok": 1, "too_large": 1} and read == ["small.jpg"]
+
+
+def test_same_named_files_of_two_places_never_share_a_download(tmp_path):
+    """OSV-5M's images/test/00.zip and images/train/00.zip: separate downloads, and a user's mirror holds
+    each under its path in the repository."""
+    with LoopbackServer() as srv:
+        srv.files["a/00.zip"], srv.files["b/00.zip"] = b"test split", b"train split"
+        root = DataRoot(tmp_path / "root")
+        a = stage._get(Remote(url=srv.url("file/a/00.zip")), root)
+        b = stage._get(Remote(url=srv.url("file/b/00.zip")), root)
+        assert a != b and (a.read_bytes(), b.read_bytes()) == (b"test split", b"train split")
+    remote = sources.with_split(sources.PRESETS["osv5m"], "train").archives[0].parts[0][0]
+    assert stage._user_remotes(["https://mirror.example/osv"], remote.mirror_path)[0].url == \
+        "https://mirror.example/osv/images/train/00.zip"

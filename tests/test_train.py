@@ -168,6 +168,22 @@ def test_resume_with_another_batch_size_is_refused(world, reference):
         train.launch(cfg, resume=True)
 
 
+def test_resume_state_with_another_optimizer_layout_is_a_config_error(world, reference, tmp_path):
+    """An older geoloc's exchange-fusion runs kept an unused parameter: their optimizer state has one more
+    than the model now; resuming them is a one-line error, not a ValueError traceback."""
+    import shutil
+
+    cfg_path, root = world
+    run = root / "runs/older"
+    shutil.copytree(root / "runs/ref", run)
+    blob = _state(run)
+    group = blob["optimizer"]["param_groups"][0]
+    group["params"].append(max(group["params"]) + 1)
+    torch.save(blob, run / "resume.pt")
+    with pytest.raises(ConfigError, match="optimizer state does not fit the model"):
+        train.launch(load_config(cfg_path, ["train.run=older", "train.epochs=4"]), resume=True)
+
+
 def test_trim_metrics_drops_epochs_not_in_the_resume_state(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in (1, 2, 3)))

@@ -32,8 +32,8 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
-from geoloc_cli.inference import SCENES3
-from geoloc_cli.metrics import accuracy, trivial_baseline
+from geoloc_cli.inference import SCENE_COLUMNS, SCENES3
+from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, trivial_baseline
 from geoloc_cli.sources import PRESETS
 from geoloc_cli.store import (
     OK,
@@ -88,7 +88,7 @@ def metrics_from_predictions(path: Path, thresholds: list[float]) -> dict[str, A
     out: dict[str, Any] = accuracy(d, thresholds)
     if stated is not None:
         values, digits = stated
-        recomputed = accuracy(d, [1, 25, 200, 750, 2500])  # the block's thresholds, whatever the config's
+        recomputed = accuracy(d, THRESHOLDS_KM)  # the block's (the published) thresholds, whatever the config's
         out["stated"] = values
         out["recomputed"] = {k: recomputed[k] for k in SUMMARY_KEYS}
         out["stated_differs"] = [k for k, v in values.items()
@@ -201,7 +201,7 @@ def _crop_dataset(base: type) -> type:
             if self.seg_dir is not None and r["seg_len"] > 0:
                 seg_path = os.path.join(self.seg_dir, seg_shard_for(r["shard"]))
                 seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
-            x, s = views(img, seg, self.size, self.pre, self.crops)
+            x, s = views(img, seg, self.size, self.pre, self.crops, raw=True)  # uint8: the model normalises
             return {"image": torch.from_numpy(x), "seg": torch.from_numpy(s), "index": i,
                     "targets": {h: int(t[i]) for h, t in self.targets.items()},
                     "lat": float(r["lat"]), "lon": float(r["lon"])}
@@ -236,11 +236,11 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     if seg_dir is not None and not seg_dir.is_dir():
         raise InputError(f"the model needs segmentation maps: run `geoloc segment {dataset}`")
     rows = locate(rows, root.shards(dataset), seg_dir)
-    scene_col = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}[spec["heads"]["scene"]]
+    # a scene target only for a model with a scene head (a converted GeoEstimation model has none)
+    targets = {"scene": SCENE_COLUMNS[spec["heads"]["scene"]]} if "scene" in spec["heads"] else {}
     crops = cfg.evaluate.crops
     cls = GeoDataset if crops == "center" else _crop_dataset(GeoDataset)
-    ds = cls(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"], {"scene": scene_col},
-             train=False)
+    ds = cls(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"], targets, train=False)
     if crops != "center":
         ds.crops = crops
     workers = loader_workers(cfg.runtime.num_workers, device)
@@ -331,7 +331,7 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
     per_model = {label: evaluate_model(cfg, ckpt, names, quiet_tables=as_json or len(ckpts) > 1)
                  for label, ckpt in zip(labels(ckpts), ckpts, strict=True)}
     if len(ckpts) > 1 and not as_json:
-        _side_by_side(per_model, names, thresholds, cfg)
+        _side_by_side(per_model, names, thresholds)
     out = per_model[next(iter(per_model))] if len(ckpts) == 1 else per_model
     if as_json:
         console.print_json(out)
@@ -349,6 +349,7 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
         torch.cuda.set_device(device)
     limit_cpu_threads(loader_workers(cfg.runtime.num_workers, device), device=device)
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
+    cfg = with_protocol(cfg, meta)
     thresholds = cfg.evaluate.thresholds_km
     kinds = [*meta["partitionings"]["names"], "hierarchical"]
     out: dict[str, Any] = {}
@@ -371,9 +372,21 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
     return out
 
 
-def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thresholds: list[float],
-                  cfg: Config) -> None:
-    crops = "" if cfg.evaluate.crops == "center" else f", {cfg.evaluate.crops} crops ({cfg.evaluate.crop_reduce})"
+def with_protocol(cfg: Config, meta: dict[str, Any]) -> Config:
+    """evaluate.crops / crop_reduce `auto`: the test protocol the checkpoint records (a converted published
+    model's own, e.g. GeoEstimation's five crops and their maximum), else a centre crop."""
+    import dataclasses
+
+    protocol = meta.get("protocol", {})
+    ev = cfg.evaluate
+    crops = protocol.get("crops", "center") if ev.crops == "auto" else ev.crops
+    reduce = protocol.get("crop_reduce", "mean") if ev.crop_reduce == "auto" else ev.crop_reduce
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(ev, crops=crops, crop_reduce=reduce))
+
+
+def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thresholds: list[float]) -> None:
+    setups = {(r[d]["setup"]["crops"], r[d]["setup"]["crop_reduce"]) for r in per_model.values() for d in datasets}
+    crops = "" if setups == {("center", "mean")} else ", crops " + "; ".join(f"{c} ({m})" for c, m in sorted(setups))
     for dataset in datasets:
         _table(f"{dataset}: hierarchical prediction{crops}",
                {label: runs[dataset]["hierarchical"] for label, runs in per_model.items()}, thresholds, first="model")

@@ -74,7 +74,12 @@ def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Pat
     if via not in (None, "archive", "urls"):
         raise ConfigError(f"--via: expected archive or urls, got {via!r}")
     if source in sources.PRESETS:
+        if urls is not None or meta is not None:
+            raise ConfigError(f"{source} is a preset: its list and metadata come from the registry; for your own "
+                              "give --urls/--meta with --name and no preset")
         return fetch_preset(cfg, root, source, name, split, archive, via, **kw)
+    if via is not None:
+        raise ConfigError("--via chooses between a preset's archive and its URL list: give a preset")
     if split is not None:
         raise ConfigError(f"--split is for presets with splits ({source or 'no preset'} given)")
     if urls is not None or archive is not None:
@@ -157,8 +162,9 @@ def fetch_preset(cfg: Any, root: DataRoot, preset: str, name: str | None, split:
                      f"import images you have with `geoloc fetch {preset} --archive FILE`")
 
 
-def _user_remotes(mirrors: list[str], file_name: str) -> list[sources.Remote]:
-    return [sources.Remote(url=f"{base.rstrip('/')}/{file_name}") for base in mirrors]
+def _user_remotes(mirrors: list[str], file_path: str) -> list[sources.Remote]:
+    """A user's mirrors of a file: <base>/<its path in its repository> (e.g. images/test/00.zip)."""
+    return [sources.Remote(url=f"{base.rstrip('/')}/{file_path}") for base in mirrors]
 
 
 def ensure_file(root: DataRoot, mf: sources.MetaFile, mirrors: list[str]) -> Path:
@@ -186,7 +192,8 @@ def ensure_file(root: DataRoot, mf: sources.MetaFile, mirrors: list[str]) -> Pat
         except Unavailable as e:
             tried.append(e)
     gated = [e for e in tried if isinstance(e, Gated)]
-    raise InputError(
+    # Unavailable, not a final error: for a URL list the caller adds it to the other sources it tried
+    raise (Gated if gated else Unavailable)(
         f"metadata file {mf.name} is missing: not in {dest.parent} and no mirror delivered it "
         f"(tried: {'; '.join(map(str, tried))}); put the file at {dest} or set fetch.mirrors to a copy"
         + (f". {gated[0]}" if gated else ""))
@@ -196,7 +203,10 @@ def _get(r: sources.Remote, root: DataRoot) -> Path:
     """The file a remote names, on disk: the Hub's cache, or <root>/downloads/ for a URL."""
     if r.hf_repo:
         return hf_file(r)
-    return download_resumable(r.url, root.path / "downloads" / urllib.parse.urlsplit(r.url).path.rsplit("/", 1)[-1])
+    parts = urllib.parse.urlsplit(r.url)
+    # the whole host and path: files of one name from two places (OSV-5M's images/test/00.zip and
+    # images/train/00.zip, or a mirror's copy) never share a download or a partial one
+    return download_resumable(r.url, root.path / "downloads" / parts.netloc / parts.path.lstrip("/"))
 
 
 def _materialize(src: Path, r: sources.Remote, dest: Path, columns: dict[str, str]) -> None:
@@ -241,7 +251,7 @@ def obtain_part(root: DataRoot, part: tuple[sources.Remote, ...], mirrors: list[
     reused: the Hub's cache, or <root>/downloads/)."""
     file_name = part[0].file_name
     tried: list[Unavailable] = []
-    for r in [*_user_remotes(mirrors, file_name), *part]:
+    for r in [*_user_remotes(mirrors, part[0].mirror_path), *part]:
         console.info(f"getting {file_name} from {r.describe()}")
         try:
             path = _get(r, root)
@@ -382,7 +392,8 @@ def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, p
         total = sum(min(size, n_items - s * size) for s in wanted)
         console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards from {label}; "
                      f"importing {len(wanted)} shard(s) ({total:,} items)")
-        jobs = archive_jobs(root, name, kind, paths, plan, MetaIndex(meta_csv), wanted, size, label)
+        jobs = archive_jobs(root, name, kind, paths, plan, MetaIndex(meta_csv), wanted, size, label,
+                            cfg.fetch.max_bytes)
         counts = run_archive_jobs(Options.from_config(cfg.fetch), jobs, total, cfg.fetch.processes, f"import {name}")
     else:
         console.info(f"{name}: every shard is done")
@@ -435,9 +446,10 @@ def archive_plan(root: DataRoot, name: str, kind: str, rule: str, paths: list[Pa
 
 
 def archive_jobs(root: DataRoot, name: str, kind: str, paths: list[Path], plan: Any, meta: MetaIndex,
-                 wanted: set[int], size: int, label: str) -> Iterator[dict[str, Any]]:
+                 wanted: set[int], size: int, label: str, max_bytes: int) -> Iterator[dict[str, Any]]:
     """Read the archive once, in order, and yield one job per wanted shard with its members' bytes.
-    Members of other shards are not read (a plain tar seeks over them)."""
+    Members of other shards are not read (a plain tar seeks over them), nor are members over max_bytes
+    (their size stands in for them: status too_large, as for a download)."""
     ids, members = plan["id"].tolist(), plan["member"].tolist()
     n_matched = sum(1 for m in members if m)
     last = max((s for s in wanted if s * size < n_matched), default=-1)
@@ -449,7 +461,7 @@ def archive_jobs(root: DataRoot, name: str, kind: str, paths: list[Path], plan: 
                 continue  # unmatched or a duplicate
             s = pos // size
             if s in wanted:
-                buf.append(m.read())
+                buf.append(m.size if m.size > max_bytes else m.read())
             pos += 1
             if pos == min((s + 1) * size, n_matched):
                 if s in wanted:

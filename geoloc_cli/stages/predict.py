@@ -21,7 +21,7 @@ import numpy as np
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, InputError, require
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, require
 from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps, to_rgb
 from geoloc_cli.store import DataRoot
 
@@ -116,9 +116,16 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     """(model with .probabilities(images), checkpoint metadata) for the chosen backend.
 
     auto: ONNX Runtime when a current export sits beside the checkpoint and no GPU was asked for."""
-    from geoloc_cli.onnx_runtime import OnnxModel, export_status
+    import importlib.util
+
+    from geoloc_cli.onnx_runtime import NO_ONNXRUNTIME, OnnxModel, export_status
     from geoloc_cli.store import read_checkpoint_meta as read_meta
 
+    if Path(ckpt).suffix == ".onnx" or Path(ckpt).is_dir():  # an export on its own: no checkpoint, no torch
+        if backend == "torch":
+            raise ConfigError(f"predict.backend=torch needs the checkpoint (.safetensors), not the export {ckpt}")
+        net = OnnxModel.of_export(ckpt)
+        return net, net.meta
     meta = read_meta(ckpt)
     status = export_status(ckpt, meta)
     if backend == "auto":
@@ -128,7 +135,9 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     if backend == "onnx":
         if status != "ok":
             raise InputError(f"predict.backend=onnx: {status}")
-        return OnnxModel(ckpt, meta), meta
+        return OnnxModel.of_checkpoint(ckpt, meta), meta
+    if status == NO_ONNXRUNTIME and importlib.util.find_spec("torch") is None:
+        raise GeolocError(f"{ckpt} has a current ONNX export, but {status}")  # not the whole training stack
     require("torch", "timm")  # no current ONNX export: the torch path needs the training stack
     from geoloc_cli.dist import resolve_device
 

@@ -33,9 +33,9 @@ from geoloc_cli import config as cfgmod
 from geoloc_cli import console, store
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, GeolocError, InputError, StorageError, storage_error
+from geoloc_cli.inference import SCENE_COLUMNS
 from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
 
-SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}
 # torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
 COMPILE_BACKEND = "inductor"
 
@@ -237,13 +237,10 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _cells(cfg: Config, root: DataRoot):
     from geoloc_cli.inference import CellSet
-    from geoloc_cli.partitioning import build_hierarchy, load_partitions
+    from geoloc_cli.partitioning import load_partitions
 
     tables = load_partitions(root.partitions(cfg.partition.dataset))
-    # coarse to fine by number of cells: the hierarchy is anchored on the finest partitioning
-    order = sorted(cfg.model.partitionings, key=lambda p: len(tables[p]))
-    hierarchy = build_hierarchy(tables, order)
-    return CellSet.from_tables({p: tables[p] for p in order}, {p: hierarchy[p] for p in order[:-1]})
+    return CellSet.from_partitions({p: tables[p] for p in cfg.model.partitionings})
 
 
 def _device_spec(cfg: Config) -> str:
@@ -377,7 +374,8 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
     return torch.utils.data.DataLoader(
         ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
         collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
-        # 2 batches ahead per worker: with many workers more only fills /dev/shm (a 64 MB container's dies)
+        # 2 batches ahead per worker: more only fills /dev/shm (14 workers x 2 x ~26 MB uint8 batches of 128 at
+        # 224 px ~ 730 MB; a container's 64 MB default is far too small at any setting: give it --shm-size)
         persistent_workers=False, prefetch_factor=2 if workers else None,
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -533,7 +531,12 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
     """The self-contained inference checkpoint (weights + cells + hierarchy + segmenter + config)."""
     from geoloc_cli.model import save_inference_checkpoint
 
-    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": cfgmod.to_dict(cfg)}
+    # the config that made the model, without this machine's paths and devices (the file travels)
+    config = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ("paths", "runtime")}
+    for section, key in (("model", "pretrained"), ("segment", "model")):  # local files: their names only
+        if Path(config[section][key]).exists():
+            config[section][key] = Path(config[section][key]).name
+    meta: dict[str, Any] = {"partitionings": cells.to_meta(), "config": config}
     seg_tensors = None
     if cfg.model.seg_channels:
         seg_tensors, meta["segmenter"] = _segmenter_state(cfg.segment.model, cfg.segment.input_size)
@@ -591,7 +594,11 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
     except RuntimeError as e:  # shapes or names differ: the model config changed since the run started
         raise ConfigError(f"{path} does not fit the configured model (model.* changed since the run started?): "
                           f"{' '.join(str(e).split())[:300]}") from None
-    opt.load_state_dict(blob["optimizer"])
+    try:
+        opt.load_state_dict(blob["optimizer"])
+    except ValueError as e:  # parameter groups of another size: a run started by an older geoloc, or model.*
+        raise ConfigError(f"{path}: its optimizer state does not fit the model ({e}); resume with the geoloc and "
+                          "model.* settings the run started with, or start a new run") from None
     sched.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
     if ema is not None:
