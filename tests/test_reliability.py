@@ -302,20 +302,25 @@ main()
 """
 
 
-def test_a_worker_write_failure_is_one_line_and_a_rerun_loses_nothing(tmp_path: Path):
+def _photo_import(tmp_path: Path, root: Path, shard_size: int) -> list[str]:
+    """`geoloc fetch` arguments importing 6 incompressible 96 px photos (with positions) into `root`."""
+    from PIL import Image
+
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
-    from PIL import Image
-
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg", quality=95)
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg", quality=95)
     meta = tmp_path / "meta.csv"
     meta.write_text("IMG_ID,LAT,LON\n" + "".join(f"p{i}.jpg,{i},{i}\n" for i in range(6)))
+    return ["fetch", str(photos), "--meta", str(meta), "--name", "p", "--root", str(root), "-q", "--set",
+            "fetch.processes=1", "--set", "fetch.resize_shorter=0", "--set", f"fetch.shard_size={shard_size}"]
+
+
+def test_a_worker_write_failure_is_one_line_and_a_rerun_loses_nothing(tmp_path: Path):
     script = tmp_path / "small.py"
     script.write_text(FETCH_WITH_SMALL_FILES)
-    args = ["fetch", str(photos), "--meta", str(meta), "--name", "p", "--root", str(tmp_path / "r"), "-q",
-            "--set", "fetch.processes=1", "--set", "fetch.resize_shorter=0", "--set", "fetch.shard_size=3"]
+    args = _photo_import(tmp_path, tmp_path / "r", 3)
     r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     assert "file too large while writing" in r.stderr and "images-00000" in r.stderr, r.stderr
@@ -450,17 +455,7 @@ def small_disk(tmp_path: Path):
 
 
 def test_a_really_full_disk_in_fetch_workers(small_disk: Path, tmp_path: Path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    from PIL import Image
-
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg", quality=95)
-    meta = tmp_path / "meta.csv"
-    meta.write_text("IMG_ID,LAT,LON\n" + "".join(f"p{i}.jpg,{i},{i}\n" for i in range(6)))
-    args = ["fetch", str(photos), "--meta", str(meta), "--name", "p", "--root", str(small_disk / "r"), "-q",
-            "--set", "fetch.processes=1", "--set", "fetch.resize_shorter=0", "--set", "fetch.shard_size=2"]
+    args = _photo_import(tmp_path, small_disk / "r", 2)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1, r.output
     assert "error: no space left on device while writing " + str(small_disk / "r") in r.output.replace("\n", "")
