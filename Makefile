@@ -49,5 +49,7 @@ gpu-smoke: install
 lint: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks
 
+# Only what `make demo` and `make gpu-smoke` made: geoloc-data itself is the default root for real data.
 clean:
-	rm -rf geoloc-data .pytest_cache
+	rm -rf geoloc-data/demo geoloc-data/gpu-smoke .pytest_cache
+	rmdir geoloc-data 2>/dev/null || true

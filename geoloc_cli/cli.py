@@ -2,7 +2,7 @@
 
 Only this module knows typer. Heavy libraries (torch, timm, transformers) are imported inside the
 commands that need them, so `geoloc --help` stays fast. Every GeolocError becomes one line on stderr
-and its exit code (ConfigError: 2), never a traceback.
+and its exit code (ConfigError: 2), never a traceback; so does an OSError (disk full, read-only, ...).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=3e-4 (repeatable)."),
 ]
-RootOpt = Annotated[Path | None, typer.Option("--root", help="Data root directory (config paths.root).")]
+# text, not Path: typer turns --root '' into Path(".") and the mistake would pass unseen
+RootOpt = Annotated[str | None, typer.Option("--root", help="Data root directory (config paths.root).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 # Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
 ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
@@ -73,7 +74,7 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         raise ConfigError(f"--gpus: expected comma-separated integers like 0,1, got {text!r}") from None
 
 
-def _config(config: Path | None, sets: list[str] | None, root: Path | None, **options: Any):
+def _config(config: Path | None, sets: list[str] | None, root: str | None, **options: Any):
     """Resolve the config tree; `options` are explicit command options keyed by dotted config key."""
     import os
 
@@ -83,7 +84,7 @@ def _config(config: Path | None, sets: list[str] | None, root: Path | None, **op
         config = Path(os.environ["GEOLOC_CONFIG"])
     from_env = [f"{key}={os.environ[var]}" for var, key in ENV_KEYS.items() if os.environ.get(var)]
     if root is not None:
-        options["paths.root"] = str(root)
+        options["paths.root"] = root
     return load_config(config, [*from_env, *(sets or [])], options)
 
 
@@ -100,6 +101,11 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
         except GeolocError as e:
             console.error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # the operating system refused a file operation no stage anticipated
+            from geoloc_cli.errors import os_error_message
+
+            console.error(os_error_message(e))
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.error("interrupted")
             raise typer.Exit(130) from None

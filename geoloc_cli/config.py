@@ -176,6 +176,10 @@ class Config:
 
 # Value checks beyond types: key -> (predicate, what is allowed).
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "paths.root": (lambda v: bool(v.strip()), "a folder; empty is not allowed"),
+    "train.run": (lambda v: bool(v.strip()), "a run name; empty is not allowed"),
+    "train.dataset": (lambda v: bool(v.strip()), "a dataset name; empty is not allowed"),
+    "partition.dataset": (lambda v: bool(v.strip()), "a dataset name; empty is not allowed"),
     "runtime.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
     "runtime.num_workers": (lambda v: v == "auto" or isinstance(v, int) and v >= 0, "auto or >= 0"),
     "fetch.shard_size": (lambda v: v > 0, "> 0"),
@@ -310,6 +314,19 @@ def parse_override(text: str) -> dict[str, Any]:
     return _nest(path.strip(), value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _field_type(path: str) -> Any:
     """The declared type of a dotted key (None for an unknown key or one inside a mapping's values)."""
     tp: Any = Config
@@ -321,12 +338,18 @@ def _field_type(path: str) -> Any:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - safe
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data

@@ -30,20 +30,24 @@ from PIL import Image
 
 from geoloc_cli.errors import InputError
 from geoloc_cli.inference import crop_boxes, view
-from geoloc_cli.store import seg_shard_for
+from geoloc_cli.store import check_members, require_intact, seg_shard_for
 
 
 def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """{key: {ext: (data offset, size)}} for one tar shard (reads headers only)."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
+    require_intact(path)  # a shard cut short would silently lose samples or change the numbers
+    members = 0
     try:
         with tarfile.open(path, "r") as tar:
             for m in tar:
                 if m.isfile():
                     key, _, ext = m.name.rpartition("/")[2].partition(".")
                     out.setdefault(key, {})[ext] = (m.offset_data, m.size)
+                    members += 1
     except (tarfile.TarError, OSError) as e:
         raise InputError(f"cannot read shard {path}: {e}") from None
+    check_members(path, members)
     return out
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geoloc_cli import http
+from geoloc_cli.errors import GeolocError, storage_error
 from geoloc_cli.photo import ORIENTATION, to_rgb
 from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
 
@@ -571,7 +572,8 @@ def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
     """Entry point of a worker process: run shard jobs from `jobs` until a None arrives.
 
     Events sent: ("items", Counter of statuses) every ~0.2 s, ("shard", shard_index, Counter) per
-    finished shard, ("error", shard_index, traceback) if writing a shard failed.
+    finished shard, ("error", shard_index, message) if writing a shard failed: one line for a user or
+    operating-system error (disk full), else the traceback of a bug.
     """
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own guard at the configured size
@@ -627,6 +629,8 @@ async def _worker(opts: Options, jobs: Any, events: Any, parent_pid: int) -> Non
                 events.put(("items", Counter(pending)))
                 pending.clear()
             events.put(("shard", job["shard"], counts))
+        except (GeolocError, OSError) as e:  # disk full, read-only...: the one line the user needs
+            events.put(("error", job["shard"], str(storage_error(e) if isinstance(e, OSError) else e)))
         except Exception:
             events.put(("error", job["shard"], traceback.format_exc()))
 

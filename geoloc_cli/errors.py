@@ -4,6 +4,8 @@ Use these for things the user can fix (bad config, missing file, malformed input
 invariants of our own code, which should crash loudly with a traceback.
 """
 
+import errno
+
 
 class GeolocError(Exception):
     """Something the user can fix. The message is shown as-is, without a traceback."""
@@ -23,6 +25,50 @@ class InputError(GeolocError):
     exit_code = 1
 
 
+class StorageError(GeolocError, OSError):
+    """The operating system refused a file operation (disk full, read-only, permission, too many open
+    files). Also an OSError, so code that handles OSError around a write keeps doing so."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code  # str() stays the message alone (OSError(code, text) would prefix "[Errno n]")
+
+
+class LockedError(GeolocError):
+    """Another process is writing the same target (it holds the target's lock)."""
+
+    exit_code = 1
+
+
+# The causes a user can act on, in words; any other errno falls back to its strerror.
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EMFILE: "too many open files (raise `ulimit -n`)",
+    errno.ENFILE: "too many open files in the system",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def os_error_message(e: OSError, action: str | None = None) -> str:
+    """One line naming the cause, the operation and the path: "no space left on device while writing
+    runs/x/resume.pt". `action` ("writing PATH") wins over the path the error itself carries."""
+    # a re-raised worker error (torch's DataLoader) carries a traceback: its last line says what happened
+    text = e.strerror.lower() if e.strerror else (str(e).strip() or type(e).__name__).splitlines()[-1]
+    cause = _CAUSES.get(e.errno or 0) or text
+    if action is None:
+        verb = "writing" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "accessing"
+        action = f"{verb} {e.filename}" if e.filename is not None else None
+    return f"{cause} while {action}" if action else cause
+
+
 def require(*modules: str, extra: str = "train") -> None:
     """Fail with an install hint when an optional dependency (e.g. torch on a predict-only install) is missing."""
     import importlib.util
@@ -30,3 +76,9 @@ def require(*modules: str, extra: str = "train") -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise GeolocError(f"this needs {', '.join(missing)}, which is not installed: pip install 'geoloc[{extra}]'")
+
+
+def storage_error(e: OSError, action: str | None = None) -> StorageError:
+    """`e` as a StorageError whose message names the cause and `action` ("writing PATH"; default: the
+    path the error carries)."""
+    return e if isinstance(e, StorageError) else StorageError(os_error_message(e, action), e.errno)

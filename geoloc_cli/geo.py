@@ -18,8 +18,11 @@ import math
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+
+from geoloc_cli.errors import InputError
 
 MAX_LEVEL = 30
 MAX_SIZE = 1 << MAX_LEVEL
@@ -331,3 +334,26 @@ def haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.
     dlon = np.radians(np.asarray(lon2, dtype=np.float64) - np.asarray(lon1, dtype=np.float64))
     a = np.sin(dlat / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlon / 2) ** 2
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks shared by every reader of positions (fetch --meta, partition)
+
+COORDINATE_LIMITS = {"LAT": 90.0, "LON": 180.0}
+
+
+def check_coordinates(values: np.ndarray, raw: Any, column: str, path: Any, first_line: int,
+                      allow_missing: bool = False) -> None:
+    """Refuse a latitude beyond +-90 or a longitude beyond +-180 (or a missing one unless allowed) with
+    the file, the 1-based line and the column; `raw` holds the cells as read, for the message."""
+    limit = COORDINATE_LIMITS[column]
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.abs(values) > limit
+    if not allow_missing:
+        bad |= np.isnan(values)
+    if bad.any():
+        row = int(np.argmax(bad))
+        cell = raw.iloc[row] if hasattr(raw, "iloc") else raw[row]
+        shown = repr(cell) if isinstance(cell, str) else repr(float(cell))  # 91.0, never np.float64(91.0)
+        raise InputError(f"{path}: line {first_line + row}, column {column}: {shown} is not a number in "
+                         f"[-{limit:g}, {limit:g}]")

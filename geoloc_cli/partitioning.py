@@ -35,6 +35,7 @@ CELL_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mean", "long
 PARTITIONS_JSON = "partitions.json"
 LABELS_FILE = "labels.parquet"
 HIERARCHY_JSON = "hierarchy.json"
+GENERATION = "generation"  # the id of the `geoloc partition` run that wrote a file, in each of its files
 DEFAULT_ORDER = ("coarse", "middle", "fine")
 
 
@@ -390,8 +391,8 @@ def read_points(path: Path, id_col: str = "IMG_ID", lat_col: str = "LAT", lon_co
         raise InputError(f"{path}: not a readable CSV: {str(e).strip()}") from None
     if df.empty:
         raise InputError(f"{path}: no rows")
-    lat = _coordinates(df, lat_col, 90.0, path)
-    lon = _coordinates(df, lon_col, 180.0, path)
+    lat = _coordinates(df, lat_col, "LAT", path)
+    lon = _coordinates(df, lon_col, "LON", path)
     ids = df[id_col].to_numpy(dtype=object)
     empty = df[id_col].str.len().fillna(0).to_numpy() == 0
     if empty.any():
@@ -399,12 +400,9 @@ def read_points(path: Path, id_col: str = "IMG_ID", lat_col: str = "LAT", lon_co
     return Points(ids, lat, lon)
 
 
-def _coordinates(df: pd.DataFrame, column: str, limit: float, path: Path) -> np.ndarray:
+def _coordinates(df: pd.DataFrame, column: str, kind: str, path: Path) -> np.ndarray:
     values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~(np.abs(values) <= limit)  # also catches NaN (empty or non-numeric)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise _bad(path, row + 2, column, df[column].iloc[row], f"is not a number in [-{limit:g}, {limit:g}]")
+    geo.check_coordinates(values, df[column], kind, path, 2)  # NaN (empty or non-numeric) too
     return values
 
 
@@ -446,6 +444,7 @@ def _partitions_dir(path: Path, dataset: str) -> Path:
 def read_partitions_json(path: Path, dataset: str = "mp16") -> tuple[Path, dict[str, dict]]:
     """(directory, {name: {file, tau_min, tau_max, num_cells, ...}}) in the order it was written."""
     directory = _partitions_dir(path, dataset)
+    store.check_committed(directory)
     file = directory / PARTITIONS_JSON
     try:
         info = json.loads(file.read_text())
@@ -456,19 +455,48 @@ def read_partitions_json(path: Path, dataset: str = "mp16") -> tuple[Path, dict[
     return directory, info
 
 
+def partitions_generation(info: dict[str, dict]) -> str | None:
+    """The generation partitions.json names (None: written before geoloc kept generations)."""
+    found = {entry.get(GENERATION) for entry in info.values()}
+    return found.pop() if len(found) == 1 else None
+
+
+def _same_generation(directory: Path, file: str, have: str | None, want: str | None) -> None:
+    if want is not None and have != want:
+        raise InputError(f"{directory / file} (generation {have}) does not belong with {PARTITIONS_JSON} (generation "
+                         f"{want}): an interrupted or concurrent `geoloc partition`? run it again")
+
+
 def load_partitions(root_or_dir: Path, dataset: str = "mp16") -> dict[str, pd.DataFrame]:
-    """Cell tables by name (partitions.json order) from a partitions directory or a data root."""
+    """Cell tables by name (partitions.json order) from a partitions directory or a data root; each
+    table must have the size partitions.json recorded for it."""
     directory, info = read_partitions_json(root_or_dir, dataset)
-    return {name: read_cells(directory / entry["file"]) for name, entry in info.items()}
+    tables = {name: read_cells(directory / entry["file"]) for name, entry in info.items()}
+    for name, entry in info.items():
+        if entry.get("num_cells", len(tables[name])) != len(tables[name]):
+            raise InputError(f"{directory / entry['file']} has {len(tables[name])} cells, {PARTITIONS_JSON} says "
+                             f"{entry['num_cells']}: run `geoloc partition` again")
+    return tables
+
+
+def load_labels(root_or_dir: Path, dataset: str = "mp16") -> pd.DataFrame:
+    """labels.parquet, checked to be of the same generation as partitions.json (in `.attrs["generation"]`)."""
+    directory, info = read_partitions_json(root_or_dir, dataset)
+    path = directory / LABELS_FILE
+    labels = store.read_parquet(path, "partition labels", "run `geoloc partition --cells all`")
+    labels.attrs[GENERATION] = partitions_generation(info)
+    _same_generation(directory, LABELS_FILE, store.parquet_meta(path).get(GENERATION), labels.attrs[GENERATION])
+    return labels
 
 
 def load_hierarchy(root_or_dir: Path, dataset: str = "mp16") -> dict[str, np.ndarray] | None:
     """The hierarchy written by `geoloc partition` ({name: parent class per fine cell}), or None."""
-    directory = _partitions_dir(root_or_dir, dataset)
+    directory, info = read_partitions_json(root_or_dir, dataset)
     file = directory / HIERARCHY_JSON
     if not file.is_file():
         return None
     data = json.loads(file.read_text())
+    _same_generation(directory, HIERARCHY_JSON, data.get(GENERATION), partitions_generation(info))
     return {name: np.asarray(data["classes"][name], dtype=np.int64) for name in data["order"]}
 
 

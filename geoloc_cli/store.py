@@ -9,19 +9,28 @@ Layout (see DESIGN.md):
   <root>/datasets/<name>/index.parquet          training index written by `geoloc filter`
   <root>/partitions/<name>/cells_<tmin>_<tmax>.csv, labels.parquet
   <root>/runs/<run>/                            config.yaml, checkpoints, metrics.jsonl, eval/
+  <shard>.tar.json                              what a shard held when written (size, members, keys)
+  <folder>/.<stage>.lock                        the lock of the process writing that folder
 
 Every file is written to a temporary name in the same directory and renamed into place, so a killed
-process never leaves a half-written file under the final name.
+process never leaves a half-written file under the final name; an operating-system failure on the way
+(disk full, read-only, permission) is a StorageError naming the file. Files that belong together
+(partition's tables, labels and hierarchy) are committed as one generation (`generation`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
+import secrets
+import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pandas costs ~0.4 s to import; the torch-free predict path needs none of it
     import pandas as pd
 
-from geoloc_cli.errors import InputError
+from geoloc_cli.errors import InputError, LockedError, StorageError, storage_error
 
 OK = "ok"  # manifest status of a successfully stored item
 CHECKPOINT_FORMAT = 1  # version of the inference checkpoint's metadata (model.save_inference_checkpoint)
@@ -89,18 +98,41 @@ def seg_shard_for(image_shard: str) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise storage_error(e, f"writing {path}") from None
     try:
         yield Path(tmp)
         # mkstemp creates 0600 (and writers such as safetensors recreate the file 0600 too): final files
         # get the usual permissions
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        raise storage_error(e, f"writing {path}") from None
+    except RuntimeError as e:  # torch.save reports a failed write as "basic_ios::clear: iostream error"
+        if not _is_stream_write_failure(e):
+            raise
+        raise StorageError(f"{_write_failure_cause(path.parent)} while writing {path}", errno.EIO) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _is_stream_write_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return "basic_ios::clear" in text or "PytorchStreamWriter failed" in text or "file write failed" in text
+
+
+def _write_failure_cause(folder: Path) -> str:
+    """What most likely stopped a write whose error carries no errno (torch's C++ streams say nothing)."""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return "no space left on device"
+    return "the write failed (disk full or failing?)"
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -116,9 +148,18 @@ def write_json_atomic(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+def write_parquet_atomic(df: pd.DataFrame, path: Path, meta: dict[str, Any] | None = None) -> None:
+    """`meta` (JSON) goes into the file's schema metadata; `parquet_meta` reads it back."""
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+        if meta is None:
+            df.to_parquet(tmp, index=False)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geoloc": json.dumps(meta)})
+        pq.write_table(table, tmp)
 
 
 def read_parquet(path: Path, what: str, hint: str = "") -> pd.DataFrame:
@@ -138,6 +179,147 @@ def read_table(path: Path, columns: list[str] | None = None) -> Any:
     return pq.ParquetFile(path).read(columns=columns)
 
 
+def parquet_meta(path: Path) -> dict[str, Any]:
+    """The geoloc metadata a parquet file was written with (`write_parquet_atomic(meta=...)`), or {}."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(b"geoloc")
+    return json.loads(raw) if raw else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per target
+
+
+def _holder(lock: Path) -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = lock.read_text().strip()
+        if text:
+            return text
+    return "pid unknown"
+
+
+@contextlib.contextmanager
+def locked(folder: Path, stage: str, shared: bool = False) -> Iterator[None]:
+    """Hold `<folder>/.<stage>.lock` (flock) while the block runs; a second holder stops at once with a
+    LockedError naming the first (pid and command). The kernel drops the lock when its process dies, so
+    a killed run never blocks the next one. `shared` lets several holders in (fetch's --part runs) while
+    still keeping an exclusive holder out."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f".{stage}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except OSError as e:
+        raise storage_error(e, f"locking {folder}") from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{folder} is being written by another geoloc {stage} ({_holder(path)}); wait for it "
+                              "to finish or stop it") from None
+        me = f"pid {os.getpid()}: {' '.join(sys.argv)}"
+        with contextlib.suppress(OSError):  # only informs a second process's message
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------------
+# Generations: files that belong together, committed together
+
+
+GENERATION_JOURNAL = ".commit.json"
+
+
+class Staged:
+    """The files of one generation, written under temporary names until the generation commits."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+        self.files: dict[str, Path] = {}
+        self.removed: list[str] = []
+
+    def path(self, name: str) -> Path:
+        """Where to write file `name` of this generation (renamed to `folder/name` on commit)."""
+        self.files[name] = self.folder / f".{name}.{self.id}.tmp"
+        return self.files[name]
+
+    def remove(self, name: str) -> None:
+        """`folder/name` does not belong to this generation: it goes when the generation commits."""
+        self.removed.append(name)
+
+
+@contextlib.contextmanager
+def generation(folder: Path) -> Iterator[Staged]:
+    """Write a set of files as one generation: the block writes each to `staged.path(name)`; then a
+    journal naming them all is written atomically (the commit point) and the files are renamed into
+    place. A kill before the journal leaves the old set (and temporaries `recover` removes); a kill
+    after it leaves a journal that `recover` completes. Readers refuse a folder with a journal."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = Staged(folder)
+    committed = False
+    try:
+        yield staged
+        journal = {"generation": staged.id, "remove": staged.removed,
+                   "rename": {tmp.name: name for name, tmp in staged.files.items()}}
+        write_json_atomic(folder / GENERATION_JOURNAL, journal)
+        committed = True
+        _complete(folder)
+    finally:
+        if not committed:
+            for tmp in staged.files.values():
+                tmp.unlink(missing_ok=True)
+
+
+def _complete(folder: Path) -> None:
+    """Rename a committed generation's files into place (again, after a kill: renames are idempotent)."""
+    journal = folder / GENERATION_JOURNAL
+    try:
+        if journal.is_file():
+            plan = json.loads(journal.read_text())
+            for tmp, name in plan["rename"].items():
+                if (folder / tmp).is_file():
+                    os.replace(folder / tmp, folder / name)
+            for name in plan["remove"]:
+                (folder / name).unlink(missing_ok=True)
+            journal.unlink()
+    except OSError as e:
+        raise storage_error(e, f"committing files in {folder}") from None
+
+
+def recover(folder: Path) -> None:
+    """At the start of a writer (holding the folder's lock): complete a generation whose commit was cut
+    short, then delete the temporary files killed runs left."""
+    folder = Path(folder)
+    _complete(folder)
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def remove_temps(folder: Path, *names: str) -> None:
+    """Delete the temporaries killed writers of `names` left in `folder` (call it holding the lock of
+    the only process that writes those files)."""
+    for name in names:
+        for stale in Path(folder).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def check_committed(folder: Path) -> None:
+    """Refuse to read a folder whose last generation is half renamed into place."""
+    if (Path(folder) / GENERATION_JOURNAL).is_file():
+        raise InputError(f"{folder}: a write of its files was interrupted; run the command that made them "
+                         "again (it completes the interrupted write first)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tar shards
+
+
 class ShardWriter:
     """Write one tar shard: members are added in memory order and the tar appears atomically on close."""
 
@@ -145,24 +327,43 @@ class ShardWriter:
         self.path = Path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
-        self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 - closed in close()/abort()
+        try:
+            self._tar = tarfile.open(self._tmp, "w")  # noqa: SIM115 - closed in close()/abort()
+        except OSError as e:
+            self._ctx.__exit__(type(e), e, None)
+            raise storage_error(e, f"writing {self.path}") from None
         self.count = 0
+        self.keys: list[str] = []
 
     def add(self, key: str, files: dict[str, bytes]) -> None:
         """Add one sample: files maps extension ('jpg', 'json', 'png') to bytes."""
-        for ext, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0  # deterministic shards
-            self._tar.addfile(info, io.BytesIO(data))
+        try:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0  # deterministic shards
+                self._tar.addfile(info, io.BytesIO(data))
+        except OSError as e:
+            self.abort()
+            raise storage_error(e, f"writing {self.path}") from None
         self.count += 1
+        self.keys.append(key)
 
     def close(self) -> None:
-        self._tar.close()
+        """Finish the tar, rename it into place, then record what it holds (see `check_shard`)."""
+        try:
+            self._tar.close()
+        except OSError as e:
+            self.abort()
+            raise storage_error(e, f"writing {self.path}") from None
         self._ctx.__exit__(None, None, None)
+        write_json_atomic(shard_record(self.path),
+                          {"size": self.path.stat().st_size, "members": len(self._tar.members),
+                           "keys": self.keys})
 
     def abort(self) -> None:
-        self._tar.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close too; the temporary goes anyway
+            self._tar.close()
         with contextlib.suppress(Exception):
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
@@ -174,6 +375,77 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def shard_record(path: Path) -> Path:
+    """images-000001.tar -> images-000001.tar.json: size, member count and keys as written."""
+    return Path(path).with_name(Path(path).name + ".json")
+
+
+END_OF_ARCHIVE = 1024  # a tar ends with two zero blocks (Python pads the last record with zeros too)
+
+
+def check_shard(path: Path) -> str | None:
+    """Why the shard at `path` cannot be trusted, or None when it is intact. Cheap (a stat and two small
+    reads): the size must be what was recorded when it was written and the archive must end with its
+    end-of-archive blocks; a shard from before records were kept gets the second check only.
+
+    This is the one "shard done" rule: every stage that skips a written shard, and every reader of
+    shards, goes through it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size < END_OF_ARCHIVE or size % 512:
+            return f"{size} bytes, not a whole tar archive"
+        record = shard_record(path)
+        if record.is_file():
+            want = json.loads(record.read_text()).get("size")
+            if want != size:
+                return f"{size} bytes, {want} when it was written"
+        with open(path, "rb") as f:
+            f.seek(size - END_OF_ARCHIVE)
+            if f.read(END_OF_ARCHIVE).strip(b"\0"):
+                return "no end-of-archive marker (cut short)"
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    return None
+
+
+def shard_done(path: Path) -> bool:
+    return check_shard(path) is None
+
+
+def check_members(path: Path, members: int) -> None:
+    """For a reader that has listed a shard's members anyway: the count must be the one recorded."""
+    record = shard_record(path)
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no record: a shard from before records
+        want = json.loads(record.read_text())["members"]
+        if want != members:
+            raise InputError(f"shard {path} is damaged ({members} members, {want} when it was written): run the "
+                             "stage that made it again")
+
+
+def drop_damaged(path: Path, *companions: Path) -> str | None:
+    """When the shard exists but is damaged: delete it, its record and `companions` (so the stage makes
+    them again) and return why; None otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    why = check_shard(path)
+    if why is not None:
+        for p in (path, shard_record(path), *companions):
+            Path(p).unlink(missing_ok=True)
+    return why
+
+
+def require_intact(path: Path) -> None:
+    """For readers of shards (train, evaluate): a damaged shard is an error, never silently used."""
+    why = check_shard(path)
+    if why is not None and why != "missing":
+        stage = "segment" if Path(path).name.startswith("seg-") else "fetch"
+        raise InputError(f"shard {path} is damaged ({why}): run `geoloc {stage}` again to redo it")
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -106,6 +106,32 @@ def test_demo_config_is_valid():
     assert cfg.train.dataset == "demo" and cfg.partition.tau_min == 5
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("train:\n  lr: 1\n  lr: 2\n", "key 'lr' appears twice (line 3)"),
+        ("train: {epochs: 1}\ntrain: {epochs: 2}\n", "key 'train' appears twice"),
+        (b"train:\n  run: caf\xe9\n", "not UTF-8 text"),
+    ],
+)
+def test_config_file_mistakes_are_one_line_errors(tmp_path: Path, content: str | bytes, message: str):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = CliRunner().invoke(app, ["config", "-c", str(f)])
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_config_directory_and_empty_values(tmp_path: Path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    for args, key in ((["--root", ""], "paths.root"), (["--set", "train.run="], "train.run"),
+                      (["--set", "paths.root=' '"], "paths.root")):
+        r = CliRunner().invoke(app, ["config", *args])
+        assert r.exit_code == 2 and f"{key}: '" in r.output and "empty" in r.output, r.output
+
+
 def test_set_values_are_parsed_by_the_fields_type():
     """A text field keeps the text as given (YAML 1.1 would read 0612 as octal 394 and 12:30 as 750);
     other fields are parsed as YAML."""

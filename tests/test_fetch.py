@@ -264,8 +264,8 @@ def test_resume_skips_done_shards(server, tmp_path):
     cfg = make_cfg(root)
     stage.fetch_list(cfg, DataRoot(root), "r", urls)
     shards = DataRoot(root).shards("r")
-    first = {p.name: p.stat().st_mtime_ns for p in shards.glob("images-*")}
-    assert len(first) == 6  # 3 shards of 4, 4, 2 items: tar + part each
+    first = {p.name: p.stat().st_mtime_ns for p in shards.glob("images-*") if p.suffix != ".json"}
+    assert len(first) == 6  # 3 shards of 4, 4, 2 items: tar + part each (+ the tar's record, a .json)
     (shards / "images-000001.parquet").unlink()  # as if killed between the tar and its part
     hits = dict(server.hits)
     stage.fetch_list(cfg, DataRoot(root), "r", urls)
@@ -339,7 +339,7 @@ def test_kill_and_resume(server, tmp_path):
     assert len(m) == n and m["key"].is_unique and (m.status == "ok").all()
     assert sorted(stored(root, "k")) == [f"{k:09d}" for k in range(n)]
     assert sorted(p.name for p in shards.iterdir()) == sorted(
-        [f"images-{s:06d}.{ext}" for s in range(n // 4) for ext in ("tar", "parquet")])
+        [f"images-{s:06d}.{ext}" for s in range(n // 4) for ext in ("tar", "tar.json", "parquet")])
 
 
 def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
@@ -500,3 +500,19 @@ def test_https_end_to_end_with_verified_certificates(tmp_path, monkeypatch):
         http.ssl_context.cache_clear()
     assert out["tls"]["status"] == {"ok": 7, "http_404": 1}
     assert len(stored(tmp_path / "root", "tls")) == 7
+
+
+def test_damaged_shard_is_fetched_again_with_a_warning(server, tmp_path, capsys):
+    root = tmp_path / "root"
+    urls = write_list(tmp_path / "l.csv", [(f"d{k}", server.url(f"img/dmg{k}.jpg")) for k in range(8)])
+    cfg = make_cfg(root)
+    stage.fetch_list(cfg, DataRoot(root), "d", urls)
+    tar = DataRoot(root).shards("d") / "images-000001.tar"
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[: len(whole) // 2])
+    hits = dict(server.hits)
+    capsys.readouterr()
+    stats = stage.fetch_list(cfg, DataRoot(root), "d", urls)
+    assert "images-000001.tar is damaged" in capsys.readouterr().err
+    assert all(server.hits[f"/img/dmg{k}.jpg"] == hits[f"/img/dmg{k}.jpg"] + 1 for k in (4, 5, 6, 7))
+    assert tar.stat().st_size == len(whole) and stats["ok"] == 8 and len(stored(root, "d")) == 8

@@ -381,3 +381,22 @@ def test_gpus_that_cannot_be_used_fail_before_any_work(world: DataRoot):
     with pytest.raises(ConfigError, match="conflicts with runtime.device=cpu"):
         stage.run(_cfg(world.path, "runtime.gpus=[0]"), datasets=["demo"])
     assert not list(world.seg("demo").glob("seg-*.tar"))
+
+
+def test_damaged_seg_shard_is_redone_and_never_used(world: DataRoot, capsys):
+    from geoloc_cli.data import locate
+
+    cfg = _cfg(world.path)
+    stage.run(cfg, datasets=["demo"])
+    shard = world.seg("demo") / "seg-000001.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # a disk that filled up, a copy cut short
+    rows = pd.DataFrame({"key": ["000000005"], "shard": ["images-000001.tar"]})
+    with pytest.raises(InputError, match=r"seg-000001.tar is damaged .*geoloc segment"):
+        locate(rows, world.shards("demo"), world.seg("demo"))  # train and evaluate read through this
+    capsys.readouterr()
+    stage.run(cfg, datasets=["demo"])
+    out = capsys.readouterr()
+    assert "seg-000001.tar is damaged" in out.err and "making it again" in out.err
+    assert shard.read_bytes() == whole
+    assert locate(rows, world.shards("demo"), world.seg("demo")).seg_len.iloc[0] > 0

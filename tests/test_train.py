@@ -191,6 +191,17 @@ def test_trim_metrics_drops_epochs_not_in_the_resume_state(tmp_path):
     assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1, 2]
 
 
+def test_trim_metrics_drops_a_cut_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in (1, 2))
+    path.write_text(whole + '{"epoch": 3, "train_lo')  # a kill or a full disk in the middle of an append
+    train._trim_metrics(path, 3)
+    assert path.read_text() == whole
+    path.write_text(whole + "garbage\n" + whole)  # damage inside the log is not silently dropped
+    with pytest.raises(InputError, match="line 3 is not a metrics record"):
+        train._trim_metrics(path, 3)
+
+
 ONE_EPOCH = ["train.epochs=1", "train.val_dataset=", "train.ema_decay=0"]
 
 

@@ -1,13 +1,15 @@
 """`geoloc fetch`: presets, URL lists and photo folders -> tar shards + manifest.parquet + stats.json.
 
-Item i of a list has key `{i:09d}` and goes to shard i // shard_size. A shard is done when its tar and
-its manifest part (written after the tar) both exist, so a re-run skips it: that is how a killed run
-resumes. The list is streamed in shard-sized chunks and the metadata is held as numeric arrays, so
-memory stays flat in the length of the list. The download itself lives in geoloc_cli.download.
+Item i of a list has key `{i:09d}` and goes to shard i // shard_size. A shard is done when its tar is
+intact (store.check_shard) and its manifest part (written after the tar) exists, so a re-run skips it:
+that is how a killed run resumes; a damaged tar is fetched again. The list is streamed in shard-sized
+chunks and the metadata is held as numeric arrays, so memory stays flat in the length of the list.
+The download itself lives in geoloc_cli.download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,15 +32,19 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console, download, http, sources
+from geoloc_cli import console, download, geo, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
-from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
 from geoloc_cli.store import (
     OK,
     DataRoot,
     atomic_path,
+    drop_damaged,
+    locked,
     read_table,
+    remove_temps,
+    shard_done,
     shard_name,
     write_json_atomic,
     write_parquet_atomic,
@@ -97,7 +103,7 @@ def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Pat
     if folder.is_dir():
         n = name or folder.resolve().name
         return {n: import_folder(cfg, root, n, folder, meta, **kw)}
-    raise InputError(f"{source}: not a preset ({presets}) and not a folder")
+    raise ConfigError(f"{source}: not a preset ({presets}) and not a folder")
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -316,8 +322,10 @@ def download_resumable(url: str, dest: Path) -> Path:
             with open(part, "ab" if r.status_code == 206 else "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
                     f.write(chunk)
-    except (httpx.HTTPError, OSError) as e:
+    except httpx.HTTPError as e:
         raise Unavailable(f"{url} ({type(e).__name__}: {str(e)[:80]})") from None
+    except OSError as e:  # our disk, not the mirror: trying the next mirror would not help
+        raise storage_error(e, f"writing {part}") from None
     part.replace(dest)
     return dest
 
@@ -363,6 +371,12 @@ def import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, pa
     """
     if part != (0, 1):
         raise ConfigError("--part splits URL lists; an archive is read as one stream")
+    with fetch_lock(root, name, part):
+        return _import_archive(cfg, root, name, kind, rule, paths, label, meta_csv, retry_failed, retry_gone)
+
+
+def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, paths: list[Path], label: str,
+                    meta_csv: Path, retry_failed: bool, retry_gone: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     size = cfg.fetch.shard_size
     plan, info = archive_plan(root, name, kind, rule, paths, label, meta_csv)
@@ -385,6 +399,7 @@ def import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, pa
         console.info(f"{name}: every shard is done")
     stats = finish(root, name, n_items, size, counts, time.monotonic() - t0, {"archive": info})
     summary_table(name, stats)
+    fail_if_nothing_stored(root, name, counts, stats)
     return stats
 
 
@@ -533,7 +548,32 @@ def _list_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def count_rows(path: Path) -> int:
-    return sum(b.num_rows for b in _list_batches(path))
+    """Rows of a URL list, whose ids must be unique: a second row with an id would silently get the
+    first one's position and classes (the metadata is looked up by id)."""
+    hashes = [_hash_ids(b.column(0).to_numpy(zero_copy_only=False)) for b in _list_batches(path)]
+    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    twice = np.unique(h[1:][h[1:] == h[:-1]])
+    if twice.size:
+        _duplicate_ids(path, twice)
+    return len(h)
+
+
+def _duplicate_ids(path: Path, hashes: np.ndarray, show: int = 3) -> None:
+    """Raise the error naming the first few ids listed twice (and their lines); `hashes` are candidates."""
+    lines: dict[str, list[int]] = {}
+    line = 1
+    for batch in _list_batches(path):
+        ids = batch.column(0).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(np.isin(_hash_ids(ids), hashes)):
+            lines.setdefault(ids[i], []).append(line + int(i))
+        line += batch.num_rows
+    repeated = sorted((where for where in lines.values() if len(where) > 1), key=lambda w: w[1])
+    if not repeated:  # only a 64-bit hash collision
+        return
+    inv = {w[0]: k for k, w in lines.items()}
+    named = "; ".join(f"{inv[w[0]]!r} on lines {', '.join(map(str, w))}" for w in repeated[:show])
+    more = f" (and {len(repeated) - show} more)" if len(repeated) > show else ""
+    raise InputError(f"{path}: image ids must be unique, {len(repeated)} appear more than once: {named}{more}")
 
 
 def flickr_sized(url: str, suffix: str) -> str:
@@ -578,6 +618,8 @@ def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
                     row = int(bad.argmax())
                     raise InputError(f"{path}: line {line + row}, column {col}: {chunk[col].iloc[row]!r} is not "
                                      "a number")
+                if col in geo.COORDINATE_LIMITS:  # missing is allowed: such rows are listed as no_gps
+                    geo.check_coordinates(values.to_numpy(), chunk[col], col, path, line, allow_missing=True)
                 chunk[col] = values
             line += len(chunk)
             yield chunk
@@ -606,6 +648,11 @@ class MetaIndex:
         h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
         self.order = np.argsort(h, kind="stable")
         self.sorted = h[self.order]
+        twice = self.sorted[1:] == self.sorted[:-1]
+        if twice.any():  # the rule: an id's first row is used (searchsorted finds the first of equal hashes)
+            first = int(self.order[1:][twice].min()) + 2
+            console.warn(f"{path}: {int(twice.sum()):,} IMG_ID rows repeat an earlier id (first on line {first}); "
+                         "each id's first row is used")
         self.columns = {c: pa.chunked_array(v, META_TYPES[c]).combine_chunks() for c, v in cols.items()}
 
     def lookup(self, ids: np.ndarray) -> dict[str, list]:
@@ -640,7 +687,10 @@ def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: 
     fetch, retry = [], []
     for s in range(i, math.ceil(n_items / shard_size), n):
         tar, pq_part = _shard_paths(root, name, s)
-        if not (tar.is_file() and pq_part.is_file()):
+        damage = drop_damaged(tar, pq_part)
+        if damage:
+            console.warn(f"{tar} is damaged ({damage}): fetching it again")
+        if not (shard_done(tar) and pq_part.is_file()):
             fetch.append(s)
         elif retry_failed and _has_retryable(pq_part, retry_gone):
             retry.append(s)
@@ -721,6 +771,27 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
                retry_failed: bool = False, retry_gone: bool = False, part: tuple[int, int] = (0, 1),
                require_gps: bool = False) -> dict[str, Any]:
     """Fetch an `image_id,url` list into <root>/datasets/<name>/; return the stats (also in stats.json)."""
+    with fetch_lock(root, name, part):
+        return _fetch_list(cfg, root, name, urls_csv, meta_csv, retry_failed, retry_gone, part, require_gps)
+
+
+@contextlib.contextmanager
+def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[None]:
+    """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
+    once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
+    folder = root.dataset(name)
+    if part != (0, 1):
+        with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
+            yield
+        return
+    with locked(folder, "fetch"):
+        # the only writer: a killed run's leftovers go (parts running together write these files too)
+        remove_temps(folder, "manifest.parquet", "stats.json", "fetch.json")
+        yield
+
+
+def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Path | None, retry_failed: bool,
+                retry_gone: bool, part: tuple[int, int], require_gps: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     size = cfg.fetch.shard_size
     n_items = count_rows(urls_csv)
@@ -737,14 +808,27 @@ def fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Pa
         console.info(f"{name}: {n_items:,} items in {math.ceil(n_items / size):,} shards; fetching {what} "
                      f"shard(s) ({total:,} items) with {min(cfg.fetch.processes, len(wanted))} process(es)")
         jobs = iter_jobs(cfg, root, name, urls_csv, meta, wanted, retry_gone, require_gps)
-        counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
-                          f"fetch {name}")
+        try:
+            counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
+                              f"fetch {name}")
+        except BaseException:  # workers stopped in the middle of a shard leave its temporaries
+            remove_stale_temps(root.shards(name), wanted)
+            raise
     else:
         counts = Counter()
         console.info(f"{name}: every shard of this part is done (use --retry-failed to retry failures)")
     stats = finish(root, name, n_items, size, counts, time.monotonic() - t0)
     summary_table(name, stats)
+    fail_if_nothing_stored(root, name, counts, stats)
     return stats
+
+
+def fail_if_nothing_stored(root: DataRoot, name: str, counts: Counter, stats: dict[str, Any]) -> None:
+    """The exit-code policy for fetch: failed items are rows (exit 0), but a run in which every item
+    failed, or a dataset without a single image, is a failure (exit 1)."""
+    if (counts and not counts[OK]) or (stats["rows"] and not stats["ok"]):
+        worst = ", ".join(f"{st} {n:,}" for st, n in list(stats["status"].items())[:3])
+        raise GeolocError(f"{name}: every item failed ({worst}); see {root.manifest(name)}")
 
 
 def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: int, processes: int,
@@ -783,6 +867,8 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
                         bar.advance(sum(ev[1].values()), ok=counts[OK], failed=sum(counts.values()) - counts[OK])
                     elif ev[0] == "shard":
                         done += 1
+                    elif "\n" not in ev[2]:  # a worker's one-line user or OS error, as if it happened here
+                        raise GeolocError(ev[2])
                     else:
                         raise InputError(f"writing shard {ev[1]} failed:\n{ev[2]}")
                 if feed_error:
@@ -844,7 +930,7 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
     with atomic_path(root.manifest(name)) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
         for s in range(n_shards):
             tar, part = _shard_paths(root, name, s)
-            if not (tar.is_file() and part.is_file()):
+            if not (part.is_file() and shard_done(tar)):
                 continue
             table = read_table(part)
             if table.schema != MANIFEST_SCHEMA:  # (only then: cast imports pyarrow.compute)

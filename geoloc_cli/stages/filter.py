@@ -13,9 +13,19 @@ import pandas as pd
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
-from geoloc_cli.store import OK, DataRoot, read_parquet, write_json_atomic, write_parquet_atomic
+from geoloc_cli.partitioning import GENERATION, load_labels
+from geoloc_cli.store import (
+    OK,
+    DataRoot,
+    locked,
+    read_parquet,
+    remove_temps,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 SCENES = {0: "indoor", 1: "natural", 2: "urban"}
+STATS_FILE = "filter.json"
 
 
 def _shorter_side(df: pd.DataFrame) -> pd.Series:
@@ -58,15 +68,22 @@ def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: lis
 def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
     root = DataRoot(cfg.root)
     name = dataset or cfg.train.dataset
+    with locked(root.dataset(name), "filter"):
+        return _run(cfg, root, name)
+
+
+def _run(cfg: Config, root: DataRoot, name: str) -> dict[str, Any]:
+    remove_temps(root.dataset(name), root.index(name).name, STATS_FILE)  # a killed filter's leftovers
     manifest = read_parquet(root.manifest(name), f"manifest of dataset {name!r}", f"run `geoloc fetch {name}`")
-    labels_path = root.partitions(cfg.partition.dataset) / "labels.parquet"
-    labels = read_parquet(labels_path, "partition labels", "run `geoloc partition --cells all`")
+    labels = load_labels(root.partitions(cfg.partition.dataset))
+    made_with = labels.attrs.get(GENERATION)
     index, drops = build_index(manifest, labels, cfg.model.partitionings, cfg.filter.scene_of_interest,
                                cfg.filter.min_size)
     if index.empty:
         raise InputError(f"no item of {name!r} passes the filter rules: {drops}")
-    write_parquet_atomic(index, root.index(name))
+    # the partitions it was made with: training refuses the index once they are rebuilt
+    write_parquet_atomic(index, root.index(name), meta={"partitions": made_with})
     stats = {"requested": len(manifest), "kept": len(index), "dropped": dict(drops)}
-    write_json_atomic(root.dataset(name) / "filter.json", stats)
+    write_json_atomic(root.dataset(name) / STATS_FILE, stats)
     console.table(f"filter {name}", ["rule", "dropped"], [*drops, ("kept", len(index))])
     return stats

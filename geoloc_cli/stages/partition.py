@@ -11,7 +11,9 @@ Partitionings an earlier run wrote to the same directory from the same images ar
 `--cells fine` after `--cells all` rebuilds fine and keeps coarse and middle); from other images they
 are replaced, with a message.
 With --use-published DIR the cell tables are read from DIR instead of built. Every input is read and
-checked before anything is written, and each file is written atomically.
+checked before anything is written; the files are committed as one generation (store.generation), each
+stamped with its id, so a kill leaves the old set or the new one and readers refuse a mix. One
+`partition` at a time writes an output folder (store.locked).
 """
 
 from __future__ import annotations
@@ -46,11 +48,16 @@ def run(
     root = store.DataRoot(cfg.root)
     meta_path = Path(input) if input is not None else root.meta / f"{cfg.partition.dataset}_places365.csv"
     out_dir = Path(output) if output is not None else root.partitions(cfg.partition.dataset)
-
     start = time.perf_counter()
-    points = part.read_points(meta_path)
+    points = part.read_points(meta_path)  # checked before the output folder is touched
     console.info(f"read {len(points.lat):,} images from {meta_path} ({time.perf_counter() - start:.1f} s)")
+    with store.locked(out_dir, "partition"):
+        store.recover(out_dir)  # completes a commit a kill cut short, removes temporaries
+        return _run(cfg, specs, points, out_dir, use_published, export_mapping, map_path)
 
+
+def _run(cfg: Any, specs: dict[str, tuple[int, int]], points: part.Points, out_dir: Path,
+         use_published: Path | None, export_mapping: Path | None, map_path: Path | None) -> dict:
     start = time.perf_counter()
     if use_published is not None:
         published = Path(use_published)
@@ -147,32 +154,35 @@ def _write(
     order: list[str],
     hierarchy: dict[str, np.ndarray] | None,
 ) -> dict:
+    """Write the files as one generation (all or none: a kill never leaves a mix), each stamped with its
+    id so readers can check they belong together."""
     info: dict[str, dict] = {}
-    for name, (tmin, tmax) in specs.items():
-        file = part.cells_filename(tmin, tmax)
-        part.write_cells(tables[name], out_dir / file, num_images[name])
-        levels = geo.level_of(part.table_cell_ids(tables[name]))
-        kept = int((labels[name] >= 0).sum())
-        info[name] = {
-            "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),
-            "images_kept": kept, "images_dropped": len(img_ids) - kept,
-            "level_min": int(levels.min()) if levels.size else None,
-            "level_max": int(levels.max()) if levels.size else None,
-        }
-    frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
-    store.write_parquet_atomic(frame, out_dir / part.LABELS_FILE)
-    hierarchy_file = out_dir / part.HIERARCHY_JSON
-    if hierarchy is not None:
-        store.write_json_atomic(hierarchy_file, part.hierarchy_to_json(hierarchy, order))
-    else:
-        hierarchy_file.unlink(missing_ok=True)  # a previous run's hierarchy would not match these tables
-    # Written last and unsorted (store.write_json_atomic sorts keys): its order is the head order.
-    store.write_text_atomic(out_dir / part.PARTITIONS_JSON, json.dumps(info, indent=2) + "\n")
+    with store.generation(out_dir) as staged:
+        for name, (tmin, tmax) in specs.items():
+            file = part.cells_filename(tmin, tmax)
+            part.write_cells(tables[name], staged.path(file), num_images[name])
+            levels = geo.level_of(part.table_cell_ids(tables[name]))
+            kept = int((labels[name] >= 0).sum())
+            info[name] = {
+                "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),
+                "images_kept": kept, "images_dropped": len(img_ids) - kept,
+                "level_min": int(levels.min()) if levels.size else None,
+                "level_max": int(levels.max()) if levels.size else None, part.GENERATION: staged.id,
+            }
+        frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
+        store.write_parquet_atomic(frame, staged.path(part.LABELS_FILE), meta={part.GENERATION: staged.id})
+        if hierarchy is not None:
+            doc = part.hierarchy_to_json(hierarchy, order) | {part.GENERATION: staged.id}
+            store.write_json_atomic(staged.path(part.HIERARCHY_JSON), doc)
+        else:
+            staged.remove(part.HIERARCHY_JSON)  # a previous run's hierarchy would not match these tables
+        # Unsorted (store.write_json_atomic sorts keys): its order is the head order.
+        store.write_text_atomic(staged.path(part.PARTITIONS_JSON), json.dumps(info, indent=2) + "\n")
     return {
         "output": str(out_dir),
         "partitionings": info,
         "labels": str(out_dir / part.LABELS_FILE),
-        "hierarchy": str(hierarchy_file) if hierarchy is not None else None,
+        "hierarchy": str(out_dir / part.HIERARCHY_JSON) if hierarchy is not None else None,
     }
 
 

@@ -29,11 +29,15 @@ FORMATS = ("table", "json", "csv", "geojson")
 
 
 def collect(paths: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to the images they contain (sorted)."""
+    """Files as given, folders expanded to the images they contain (sorted); a folder without photos
+    is an error (exit 1), not an empty answer."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise InputError(f"{p}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
         else:
             out.append(p)
     return out
@@ -150,10 +154,11 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
         raise ConfigError(f"output format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if map_path is not None and Path(map_path).suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--map {map_path}: expected an .html file")
+    files = collect(photos)  # before the model loads: an empty folder fails at once
     ckpt = Path(model) if model else DataRoot(cfg.root).model(cfg.train.run)
     net, meta = open_model(ckpt, backend or cfg.predict.backend, cfg.runtime.device)
     try:
-        results, maps = predict_files(net, meta, collect(photos), cfg.predict.top_k, cfg.predict.batch_size,
+        results, maps = predict_files(net, meta, files, cfg.predict.top_k, cfg.predict.batch_size,
                                       cfg.fetch.max_pixels)
     finally:
         net.close()

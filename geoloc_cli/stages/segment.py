@@ -3,7 +3,8 @@
 For each image shard `datasets/<name>/shards/images-NNNNNN.tar` the stage writes
 `datasets/<name>/seg/seg-NNNNNN.tar` holding `<key>.png` (mode L PNG of the uint8 class map at the
 model's output resolution) for the same keys in the same order. Each seg shard appears atomically, so
-a finished shard is skipped on the next run and a killed run continues where it stopped.
+a finished shard is skipped on the next run and a killed run continues where it stopped; a shard that
+fails store.check_shard (cut short, size not as recorded) is made again, with a warning.
 
 An image that does not decode (status `corrupt_image`) or, on import, has no map (`missing_map`) is
 left out of its seg shard and recorded in `seg/status.parquet` (key, shard, status, error; `shard` is
@@ -19,6 +20,7 @@ at once: a run removes stale temporary files left in `seg/` by a killed run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -38,7 +40,7 @@ from PIL import Image
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.dist import check_devices, loader_workers, resolve_device
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.segmentation import (
     Segmenter,
     colors_to_classes,
@@ -50,9 +52,13 @@ from geoloc_cli.store import (
     OK,
     DataRoot,
     ShardWriter,
+    drop_damaged,
     iter_shard,
+    locked,
     read_shard,
+    require_intact,
     seg_shard_for,
+    shard_done,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -69,13 +75,17 @@ def run(cfg: Config, datasets: list[str] | None = None, preview: int = 0, import
     names = datasets or [n for n in (cfg.train.dataset, cfg.train.val_dataset) if n]
     if not names:
         raise ConfigError("train.dataset: no dataset to segment (name one: geoloc segment <dataset>)")
-    if import_from is not None:
-        import_maps(root, names, Path(import_from))
-    elif preview > 0:
+    if preview > 0:  # previews go to their own folder and change no seg shard
         for name in names:
             write_previews(cfg, root, name, preview)
-    else:
-        segment_datasets(cfg, root, names)
+        return
+    with contextlib.ExitStack() as locks:  # one writer per dataset's seg folder
+        for name in dict.fromkeys(names):
+            locks.enter_context(locked(root.seg(name), "segment"))
+        if import_from is not None:
+            import_maps(root, names, Path(import_from))
+        else:
+            segment_datasets(cfg, root, names)
 
 
 # ------------------------------------------------------------------------------------------ shard plan
@@ -106,7 +116,13 @@ def plan(root: DataRoot, name: str) -> list[Job]:
     seg_dir = root.seg(name)
     for stale in [*seg_dir.glob(".seg-*.tmp"), *seg_dir.glob("parts/.seg-*.tmp")]:
         stale.unlink(missing_ok=True)
-    return [Job(name, s, seg_dir / seg_shard_for(s.name)) for s in image_shards(root, name)]
+    jobs = [Job(name, s, seg_dir / seg_shard_for(s.name)) for s in image_shards(root, name)]
+    for job in jobs:
+        require_intact(job.image_shard)
+        damage = drop_damaged(job.seg_shard, job.status_part)
+        if damage:
+            console.warn(f"{job.seg_shard} is damaged ({damage}): making it again")
+    return jobs
 
 
 def shard_keys(path: Path) -> list[str]:
@@ -121,7 +137,7 @@ def shard_keys(path: Path) -> list[str]:
 def write_status(root: DataRoot, name: str) -> pd.DataFrame:
     """Merge the status parts of finished seg shards into seg/status.parquet; return the table."""
     seg_dir = root.seg(name)
-    parts = [p for p in sorted((seg_dir / "parts").glob("seg-*.parquet")) if (seg_dir / f"{p.stem}.tar").is_file()]
+    parts = [p for p in sorted((seg_dir / "parts").glob("seg-*.parquet")) if shard_done(seg_dir / f"{p.stem}.tar")]
     frames = [pd.read_parquet(p) for p in parts]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS)
     write_parquet_atomic(table, seg_dir / "status.parquet")
@@ -173,7 +189,7 @@ def record_maker(root: DataRoot, name: str, maker: dict[str, Any]) -> None:
 def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
     check_devices(cfg.runtime.gpus, cfg.runtime.device, "segment")
     jobs = [job for name in names for job in plan(root, name)]
-    pending = [j for j in jobs if not j.seg_shard.is_file()]
+    pending = [j for j in jobs if not shard_done(j.seg_shard)]
     maker = {"model": cfg.segment.model, "input_size": cfg.segment.input_size}
     for name in {j.dataset for j in pending}:
         record_maker(root, name, maker)
@@ -230,6 +246,8 @@ def _worker(rank: int, shares: list[list[Job]], settings: Settings, devices: lis
         segment_shards(shares[rank], settings, devices[rank], lambda n: queue.put(("done", n)))
     except GeolocError as e:
         queue.put(("error", (type(e).__name__, str(e))))
+    except OSError as e:  # disk full, too many open files...: a message, not a traceback
+        queue.put(("error", ("StorageError", str(storage_error(e)))))
 
 
 def segment_shards(jobs: list[Job], settings: Settings, device: str, report: Callable[[int], Any]) -> None:
@@ -320,7 +338,7 @@ def write_previews(cfg: Config, root: DataRoot, name: str, n: int) -> None:
     written = 0
     for shard in image_shards(root, name):
         seg_path = root.seg(name) / seg_shard_for(shard.name)
-        stored = read_shard(seg_path) if seg_path.is_file() else {}
+        stored = read_shard(seg_path) if shard_done(seg_path) else {}
         photos = _photos(shard, n - written)
         for key, photo in photos:
             if key in stored:
@@ -437,7 +455,7 @@ def import_maps(root: DataRoot, names: list[str], source_path: Path) -> None:
         matches = {k: source.find(k, ids.get(k)) for ks in keys.values() for k in ks}
         if keys and not any(matches.values()):
             raise InputError(f"--import {source_path}: no map file matches a key or image id of dataset {name}")
-        pending = [j for j in jobs if not j.seg_shard.is_file()]
+        pending = [j for j in jobs if not shard_done(j.seg_shard)]
         if pending:
             record_maker(root, name, {"model": "imported"})
         with console.progress(f"import {name}", sum(len(keys[j.image_shard]) for j in pending), unit="map") as task:

@@ -6,7 +6,9 @@ elastic launcher, the engine behind torchrun; under torchrun it just trains. Onl
 writes. Outputs in runs/<run>/: config.yaml, metrics.jsonl, resume.pt (weights, optimizer, scheduler,
 scaler, EMA, step, every rank's RNG and running loss sums; written atomically every checkpoint_every
 steps and at each epoch end), last.safetensors and model.safetensors (best validation accuracy at
-2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0.
+2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0. Each
+epoch's metrics record, checkpoints and resume state are committed together (store.generation), and
+one process at a time writes a run (store.locked).
 
 `--resume` continues exactly: the sample order and augmentation are functions of (seed, epoch,
 index), so the same weights come out as from an uninterrupted run (tested with kill -9 on CPU).
@@ -28,11 +30,11 @@ import numpy as np
 import pandas as pd
 
 from geoloc_cli import config as cfgmod
-from geoloc_cli import console
+from geoloc_cli import console, store
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, StorageError, storage_error
 from geoloc_cli.inference import SCENE_COLUMNS
-from geoloc_cli.store import OK, DataRoot, atomic_path, read_parquet, write_text_atomic
+from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
 
 # torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
 COMPILE_BACKEND = "inductor"
@@ -55,7 +57,7 @@ def _nproc(cfg: Config) -> int:
 
 def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     """Inputs and settings that cannot work, before any heavy work; `world` = processes in all."""
-    from geoloc_cli.partitioning import load_partitions
+    from geoloc_cli.partitioning import load_partitions, partitions_generation, read_partitions_json
 
     root = DataRoot(cfg.root)
     tables = load_partitions(root.partitions(cfg.partition.dataset))
@@ -64,6 +66,11 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         raise InputError(f"partitionings {missing} not built: run `geoloc partition --cells all`")
     name = cfg.train.dataset
     rows = read_parquet(root.index(name), f"training index of {name!r}", f"run `geoloc filter {name}`")
+    made_with = parquet_meta(root.index(name)).get("partitions")
+    now = partitions_generation(read_partitions_json(root.partitions(cfg.partition.dataset))[1])
+    if made_with is not None and made_with != now:  # its class columns would silently mean other cells
+        raise InputError(f"{root.index(name)} was made with other partitions (generation {made_with}, now {now}): "
+                         f"run `geoloc filter {name}` again")
     if cfg.model.seg_channels and not _has_seg(root, name, rows):
         raise InputError(f"model.seg_channels={cfg.model.seg_channels} but dataset {name!r} has no "
                          f"segmentation maps: run `geoloc segment {name}` or set model.seg_channels=0")
@@ -150,6 +157,15 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     returns each local rank's summary (history, parameter checksum), in rank order."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank {node_rank} with --nnodes {nnodes}: need 0 <= node rank < nodes")
+    # one writer per run, checked first: only the process that writes (global rank 0, or the launcher of
+    # its workers) locks
+    writes = os.environ.get("RANK", "0") == "0" and node_rank == 0
+    with locked(DataRoot(cfg.root).run(cfg.train.run), "train") if writes else contextlib.nullcontext():
+        return _launch(cfg, resume, nnodes, node_rank, master_addr, master_port)
+
+
+def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr: str,
+            master_port: int) -> list[dict[str, Any]]:
     under_torchrun = "LOCAL_RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else _nproc(cfg) * nnodes
     plan = _check(cfg, world)
@@ -177,6 +193,9 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     except ChildFailedError as e:  # a worker's own error (and traceback) is in the failure record
         rank, failure = min(e.failures.items())
         msg = failure.message.get("message", failure.message) if isinstance(failure.message, dict) else failure.message
+        kind, _, text = str(msg).partition(": ")
+        if kind in USER_ERRORS:  # the worker's own one-line message and exit code, as if it ran here
+            raise USER_ERRORS[kind](text) from None
         raise GeolocError(f"training process of rank {rank} failed (exit code {failure.exitcode}): {msg}") from None
     finally:
         if saved is None:
@@ -186,8 +205,16 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     return [results[r] for r in sorted(results)]
 
 
+# Errors a training worker reports by name (torch's failure record holds "<type>: <message>").
+USER_ERRORS: dict[str, type[GeolocError]] = {
+    c.__name__: c for c in (GeolocError, ConfigError, InputError, StorageError)}
+
+
 def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
-    return train(cfgmod.from_dict(cfg_dict), resume)
+    try:
+        return train(cfgmod.from_dict(cfg_dict), resume)
+    except OSError as e:  # disk full, read-only...: one line for the launcher, not a traceback
+        raise storage_error(e) from None
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -272,6 +299,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                  steps_per_epoch)
         if info.main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
+            store.recover(plan.run_dir)  # completes an epoch's commit a kill cut short, removes temporaries
             write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
             _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
             extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
@@ -310,7 +338,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                     mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch end saves anyway
                     if state["step"] % cfg.train.checkpoint_every == 0 and mid_epoch:
-                        _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch, sums)
+                        _save_resume(info, plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, state, epoch,
+                                     sums)
             sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
             record = {"epoch": epoch + 1, "step": state["step"],
                       **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
@@ -321,11 +350,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             score = record.get("val_hierarchical_acc_2500km", -record.get("train_loss", 0.0))
             is_best = score > state["best"]
             state["best"] = max(score, state["best"])
-            # outputs first, resume state last: a kill in between redoes the epoch's tail on --resume
-            # (and _trim_metrics drops the record written twice) instead of losing the epoch's outputs
-            if info.main:
-                _write_epoch(plan.run_dir, record, eval_model, cells, cfg, is_best)
-            _save_resume(info, plan.run_dir, model, opt, sched, scaler, ema, state, epoch + 1, {})
+            # the epoch's outputs and its resume state are one generation: a kill leaves the last epoch's
+            # set or this one's, never checkpoints of one epoch beside the resume state of another
+            with store.generation(plan.run_dir) if info.main else contextlib.nullcontext() as staged:
+                if info.main:
+                    _write_epoch(plan.run_dir, staged, record, eval_model, cells, cfg, is_best)
+                _save_resume(info, staged.path("resume.pt") if info.main else None, model, opt, sched, scaler,
+                             ema, state, epoch + 1, {})
         if info.main:
             _export_onnx(plan.run_dir / "model.safetensors")
         dist.barrier()
@@ -469,16 +500,18 @@ def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
     return out
 
 
-def _write_epoch(run_dir: Path, record: dict[str, Any], model, cells, cfg: Config, is_best: bool) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _write_epoch(run_dir: Path, staged: store.Staged, record: dict[str, Any], model, cells, cfg: Config,
+                 is_best: bool) -> None:
+    """The epoch's files into its generation: metrics.jsonl with this record appended, the checkpoints."""
+    log = run_dir / "metrics.jsonl"
+    write_text_atomic(staged.path(log.name), (log.read_text() if log.is_file() else "") + json.dumps(record) + "\n")
     shown = [(k, v) for k, v in record.items()
              if k in ("train_loss", "val_scene_acc", "images_per_s") or k.startswith("val_hierarchical")]
     console.table(f"epoch {record['epoch']}", ["metric", "value"],  # accuracies in percent, as evaluate shows them
                   [(k, f"{100 * v:.1f}%" if "_acc" in k else round(v, 4)) for k, v in shown])
-    export_checkpoint(run_dir / "last.safetensors", model, cells, cfg)
+    export_checkpoint(staged.path("last.safetensors"), model, cells, cfg)
     if is_best:
-        export_checkpoint(run_dir / "model.safetensors", model, cells, cfg)
+        export_checkpoint(staged.path("model.safetensors"), model, cells, cfg)
 
 
 def _export_onnx(ckpt: Path) -> None:
@@ -525,10 +558,10 @@ def _rng_state(device) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _save_resume(info, run_dir: Path, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
+def _save_resume(info, path: Path | None, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
                  epoch: int, sums: dict[str, float]) -> None:
     """Everything an exact continuation needs; every rank calls this (its RNG and running loss sums are
-    gathered), rank 0 writes."""
+    gathered), rank 0 writes it to `path`."""
     import torch
 
     from geoloc_cli import dist
@@ -539,7 +572,8 @@ def _save_resume(info, run_dir: Path, model, opt, sched, scaler, ema: Ema | None
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "step": state["step"], "epoch": epoch, "best": state["best"], "ranks": ranks}
-    with atomic_path(run_dir / "resume.pt") as tmp:
+    assert path is not None
+    with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
@@ -582,10 +616,22 @@ def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Drop records of epochs the resume state does not include (written before a kill, redone now)."""
+    """Drop records of epochs the resume state does not include (written before a kill, redone now),
+    and a last line cut short by a kill or a full disk (an append-only log's one possible damage)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    keep = [x for x in lines if x.strip() and json.loads(x)["epoch"] <= epochs_done]
-    if len(keep) != len(lines):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)["epoch"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i < len(lines) - 1:
+                raise InputError(f"{path}: line {i + 1} is not a metrics record; fix or delete the line") from None
+            console.warn(f"{path}: dropped a cut-off last line (an interrupted write)")
+    keep = [line for line, epoch in records if epoch <= epochs_done]
+    if len(keep) != len(lines) or not text.endswith("\n"):
         write_text_atomic(path, "".join(x + "\n" for x in keep))
