@@ -187,10 +187,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         self.rows = rows[found].reset_index(drop=True)
         self.embedding = torch.from_numpy(np.ascontiguousarray(emb[found]))
         self.dropped = int((~found).sum())
-        self.targets = {h: torch.from_numpy(self.rows[c].fillna(-1).to_numpy(np.int64)) if c in self.rows
+        self.targets = {h: torch.tensor(self.rows[c].fillna(-1).to_numpy(np.int64)) if c in self.rows
                         else torch.full((len(self.rows),), -1) for h, c in targets.items()}
-        self.lat = torch.from_numpy(self.rows["lat"].to_numpy(np.float64))
-        self.lon = torch.from_numpy(self.rows["lon"].to_numpy(np.float64))
+        self.lat = torch.tensor(self.rows["lat"].to_numpy(np.float64))
+        self.lon = torch.tensor(self.rows["lon"].to_numpy(np.float64))
 
     def __len__(self) -> int:
         return len(self.rows)
