@@ -176,24 +176,32 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     """Samples from cached embeddings (`geoloc embed`): one contiguous (n, dim) float16 array in memory,
     so a batch is one fancy index (`__getitems__`, which the DataLoader calls with a whole batch), not n
     JPEG decodes. Batches look like GeoDataset's, with the embedding under "image" (the training step
-    feeds it to the heads). Rows whose photo did not decode at embedding time are left out."""
+    feeds it to the heads)."""
 
-    def __init__(self, rows: pd.DataFrame, emb_dir: Path, targets: dict[str, str]) -> None:
+    def __init__(self, embedding: torch.Tensor, targets: dict[str, torch.Tensor], lat: torch.Tensor,
+                 lon: torch.Tensor) -> None:
+        self.embedding, self.targets, self.lat, self.lon = embedding, targets, lat, lon
+        self.dropped = 0
+
+    @classmethod
+    def from_shards(cls, rows: pd.DataFrame, emb_dir: Path, targets: dict[str, str]) -> EmbeddingDataset:
+        """The index rows' embeddings, shard by shard; rows whose photo did not decode at embedding time are
+        left out (counted in `dropped`)."""
         from geoloc_cli.embeddings import gather
 
         rows = rows.sort_values("shard", kind="stable").reset_index(drop=True)  # shard by shard, as stored
         groups = rows.groupby("shard", sort=False).indices
         emb, found = gather(emb_dir, {shard: rows["key"].iloc[idx].tolist() for shard, idx in groups.items()})
-        self.rows = rows[found].reset_index(drop=True)
-        self.embedding = torch.from_numpy(np.ascontiguousarray(emb[found]))
-        self.dropped = int((~found).sum())
-        self.targets = {h: torch.tensor(self.rows[c].fillna(-1).to_numpy(np.int64)) if c in self.rows
-                        else torch.full((len(self.rows),), -1) for h, c in targets.items()}
-        self.lat = torch.tensor(self.rows["lat"].to_numpy(np.float64))
-        self.lon = torch.tensor(self.rows["lon"].to_numpy(np.float64))
+        rows = rows[found].reset_index(drop=True)
+        ds = cls(torch.from_numpy(emb),
+                 {h: torch.tensor(rows[c].fillna(-1).to_numpy(np.int64)) if c in rows
+                  else torch.full((len(rows),), -1) for h, c in targets.items()},
+                 torch.tensor(rows["lat"].to_numpy(np.float64)), torch.tensor(rows["lon"].to_numpy(np.float64)))
+        ds.dropped = int((~found).sum())
+        return ds
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.embedding)
 
     def set_epoch(self, epoch: int) -> None:  # no augmentation: the embeddings are fixed
         pass

@@ -350,7 +350,7 @@ def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
 
     name = cfg.train.dataset
     if cfg.train.source == "embeddings":
-        ds = EmbeddingDataset(plan.train_rows, plan.root.emb(name), _targets(cfg))
+        ds = EmbeddingDataset.from_shards(plan.train_rows, plan.root.emb(name), _targets(cfg))
         if ds.dropped and main:
             console.warn(f"{name}: {ds.dropped:,} training images have no embedding (they did not decode)")
         return ds, None
