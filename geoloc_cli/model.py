@@ -236,7 +236,7 @@ class GeoModel(nn.Module):
         scales block i of a branch with blocks 0..L by layer_decay ** (L + 1 - i) (BEiT's rule; the heads
         and the fusion weight count as layer L + 1, scale 1)."""
         scales: dict[int, float] = {}
-        for branch in self.branches():
+        for branch in self.branches() if layer_decay != 1 else ():  # any backbone works without decay
             ids = block_ids(branch)
             top = max(ids.values()) + 1
             scales |= {id(p): layer_decay ** (top - ids[n]) for n, p in branch.named_parameters()}

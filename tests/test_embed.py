@@ -152,3 +152,19 @@ def test_photos_that_do_not_decode_are_recorded_and_left_out(tmp_path, monkeypat
     keys, emb, failed = read_shard(root.emb("x") / "emb-000000.safetensors")
     assert keys == ["a", "c"] and emb.shape == (2, 512) and list(failed) == ["b"]
     assert os.listdir(root.emb("x")) and not list(root.emb("x").glob(".*.tmp"))
+
+
+def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones(world):
+    """train.trainable_blocks / train.layer_decay through `geoloc train` on photos (same world)."""
+    from geoloc_cli.model import build_model, load_inference_checkpoint, model_spec
+
+    cfg, root = world
+    r = geoloc(cfg, "train", "--set", "train.source=images", "--set", "train.trainable_blocks=1", "--set",
+               "train.layer_decay=0.8", "--set", "train.run=finetune", "--set", "train.epochs=1")
+    assert r.exit_code == 0, r.output
+    trained, _, _ = load_inference_checkpoint(root.model("finetune"))
+    torch.manual_seed(0)  # train seeds with runtime.seed before it builds the model
+    initial = build_model(model_spec(load_config(cfg), {"scene": 3}))
+    assert torch.equal(trained.rgb.patch_embed.proj.weight, initial.rgb.patch_embed.proj.weight)
+    assert torch.equal(trained.rgb.pos_embed, initial.rgb.pos_embed)
+    assert not torch.equal(trained.rgb.blocks[0].attn.qkv.weight, initial.rgb.blocks[0].attn.qkv.weight)
