@@ -1,5 +1,6 @@
-"""The geolocation network: timm ViT branches (RGB, optional segmentation map), fusion, one head per
-partitioning plus a scene head; and the self-contained inference checkpoint.
+"""The geolocation network: timm branches (RGB, optional segmentation map; any timm image model), fusion,
+one head per partitioning plus a scene head (linear or a small MLP); freezing and layer-wise learning-rate
+decay by timm's block grouping; and the self-contained inference checkpoint.
 
 The model is single-device code; distribution (DDP) is applied from outside by the training stage.
 
@@ -206,7 +207,6 @@ class GeoModel(nn.Module):
         cfg = timm.data.resolve_data_config({"input_size": (3, self.spec.img_size, self.spec.img_size)},
                                             model=self.rgb)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
 
     def branches(self) -> list[nn.Module]:
         return [b for b in (self.rgb, self.seg) if b is not None]

@@ -251,12 +251,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         pre = model.data_config()
         ds, groups = _train_dataset(cfg, plan, pre, info.main)
+        net, train_workers = model, workers
         if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
             from geoloc_cli.model import HeadsOnly
 
-            workers, net = 0, HeadsOnly(model)
-        else:
-            net = model
+            net, train_workers = HeadsOnly(model), 0
         local_batch = cfg.train.batch_size // info.world
         micro = local_batch // cfg.train.grad_accum
         sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
@@ -299,7 +298,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             start_batch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             sampler.set_epoch(epoch, start_batch * local_batch)
             ds.set_epoch(epoch)
-            loader = _epoch_loader(ds, sampler, local_batch, workers, cfg.runtime.seed, info, epoch)
+            loader = _epoch_loader(ds, sampler, local_batch, train_workers, cfg.runtime.seed, info, epoch)
             ddp.train()
             sums: dict[str, float] = state["sums"] if start_batch > 0 else {}  # restored mid-epoch sums
             t0, seen = time.perf_counter(), 0
