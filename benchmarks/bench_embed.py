@@ -85,7 +85,7 @@ def bench_heads(args: argparse.Namespace) -> dict[str, float]:
     for s in range(0, args.n, 1 << 18):  # in chunks: a 4.7 M x 1024 float32 temporary would be 19 GB
         emb[s : s + (1 << 18)] = torch.randn((min(1 << 18, args.n - s), args.dim), generator=g).half()
     targets = {h: torch.randint(0, c, (args.n,), generator=g) for h, c in CELLS.items()}
-    where = torch.zeros(args.n, dtype=torch.float64)  # lat, lon: unused by training steps
+    where = torch.rand(args.n, dtype=torch.float64, generator=g)  # lat, lon (zeros would be untouched pages)
     ds = EmbeddingDataset(emb, targets, where, where)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.train_batch, sampler=EpochSampler(args.n, seed=0),
                                          collate_fn=ds.collate_fn, drop_last=True)
