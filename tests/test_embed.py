@@ -168,3 +168,34 @@ def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones
     assert torch.equal(trained.rgb.patch_embed.proj.weight, initial.rgb.patch_embed.proj.weight)
     assert torch.equal(trained.rgb.pos_embed, initial.rgb.pos_embed)
     assert not torch.equal(trained.rgb.blocks[0].attn.qkv.weight, initial.rgb.blocks[0].attn.qkv.weight)
+
+
+def test_two_device_processes_write_the_same_shards_as_one(tmp_path):
+    """The --gpus path (one spawned process per device, shard i -> device i % n), here with two CPU 'devices'."""
+    import functools
+
+    from geoloc_cli.dist import run_on_devices
+    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.stages import embed as stage
+
+    root = DataRoot(tmp_path)
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with ShardWriter(root.shards("x") / f"images-{s:06d}.tar") as w:
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                w.add(f"{s}{i}", {"jpg": buf.getvalue()})
+    cfg = load_config(None, ["model.backbone=resnet18", "model.img_size=32", "model.overrides={layers: [1, 1, 1, 1]}"])
+    model = build_model(model_spec(cfg, {})).eval()
+    out = {}
+    for devices in (["cpu"], ["cpu", "cpu"]):
+        jobs = [stage.Job(s, tmp_path / str(len(devices)) / emb_shard_for(s.name))
+                for s in sorted(root.shards("x").glob("*.tar"))]
+        reported: list[int] = []
+        work = functools.partial(stage.embed_shards, model=model, batch_size=2, precision="fp32", threads=1)
+        run_on_devices(work, jobs, devices, reported.append)
+        assert sum(reported) == 6
+        out[len(devices)] = [read_shard(j.emb_shard) for j in jobs]
+    for (k1, e1, _), (k2, e2, _) in zip(out[1], out[2], strict=True):
+        assert k1 == k2 and np.allclose(e1, e2, atol=1e-3)
