@@ -52,34 +52,31 @@ class Job:
 
 def run(cfg: Config, datasets: list[str] | None = None) -> None:
     root = DataRoot(cfg.root)
-    names = datasets or [cfg.train.dataset]
     check_devices(cfg.runtime.gpus, cfg.runtime.device, "embed")
-    model = None
-    jobs: list[Job] = []
-    for name in names:
-        model = _claim(cfg, root.emb(name), name, model)
-        jobs += _pending(root, name)
-    assert model is not None
     devices = [f"cuda:{g}" for g in cfg.runtime.gpus] or [str(resolve_device(cfg.runtime.device))]
     threads = max(1, loader_workers(cfg.runtime.num_workers, devices[0], len(devices)))
-    total = sum(1 for j in jobs for _ in _jpegs(j.image_shard, keys_only=True))
-    console.info(f"embed: {len(jobs)} shards to do ({total:,} images) with {cfg.model.backbone} "
-                 f"({model.rgb.num_features}-d) on {', '.join(devices)}")
-    start = time.monotonic()
-    if jobs:
-        work = functools.partial(embed_shards, model=model.cpu(), batch_size=cfg.embed.batch_size,
-                                 precision=cfg.embed.precision, threads=threads)
-        with console.progress("embed", total, unit="img") as task:
-            run_on_devices(work, jobs, devices, task.advance)
-    seconds = time.monotonic() - start
-    console.info(f"embed: {total:,} images in {seconds:.1f} s ({total / max(seconds, 1e-9):,.1f} img/s); "
-                 f"embeddings in {', '.join(str(root.emb(n)) for n in names)}")
+    model = None
+    for name in datasets or [cfg.train.dataset]:
+        model = _claim(cfg, root.emb(name), name, model)
+        jobs = _pending(root, name)
+        total = sum(1 for j in jobs for _ in _jpegs(j.image_shard, keys_only=True))
+        console.info(f"embed {name}: {len(jobs)} shards to do ({total:,} images) with {cfg.model.backbone} "
+                     f"({model.rgb.num_features}-d) on {', '.join(devices)}")
+        start = time.monotonic()
+        if jobs:
+            work = functools.partial(embed_shards, model=model.cpu(), batch_size=cfg.embed.batch_size,
+                                     precision=cfg.embed.precision, threads=threads)
+            with console.progress(f"embed {name}", total, unit="img") as task:
+                run_on_devices(work, jobs, devices, task.advance)
+        seconds = time.monotonic() - start
+        console.info(f"embed {name}: {total:,} images in {seconds:.1f} s ({total / max(seconds, 1e-9):,.1f} img/s) "
+                     f"into {root.emb(name)}")
 
 
 def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     """The embedder for this dataset: the recorded one when its record matches the config (a rerun goes on
-    with the very weights it began with), else the configured backbone, recorded now. Refused when another
-    model made some of the dataset's embeddings already."""
+    with the very weights it began with, even a random initialisation), else `model` or the configured
+    backbone, recorded now. Refused when another model made some of the dataset's embeddings already."""
     from geoloc_cli.model import build_model, model_spec
 
     for stale in emb_dir.glob(".emb-*.tmp"):  # left by a killed run
@@ -94,8 +91,8 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
         made = None
     if model is None:
         model = build_model(model_spec(cfg, {}), "none" if made else cfg.model.pretrained)
-        if made:
-            model.rgb.load_state_dict(load_embedder(emb_dir))
+    if made:
+        model.rgb.load_state_dict(load_embedder(emb_dir))
     record = {**want, "preprocess": model.data_config(), "dim": model.rgb.num_features}
     if made is not None and made != record and begun:
         raise ConfigError(f"{name}: its embeddings so far were made with other preprocessing "
