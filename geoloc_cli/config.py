@@ -119,6 +119,7 @@ class ModelConfig:
     overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
     head_hidden: int = doc(0, "Heads: 0 = one linear layer per head, N = a small MLP per head (one hidden layer of "
                            "N units, GELU).")
+    head_trunk: int = doc(0, "0 = none, N = a hidden layer of N units (GELU) shared by all heads, before them.")
 
 
 @dataclass
@@ -232,6 +233,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.trainable_blocks": (lambda v: v >= -1, ">= -1"),
     "train.layer_decay": (lambda v: 0 < v <= 1, "0 < decay <= 1"),
     "model.head_hidden": (lambda v: v >= 0, ">= 0"),
+    "model.head_trunk": (lambda v: v >= 0, ">= 0"),
 }
 
 

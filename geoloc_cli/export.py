@@ -161,7 +161,8 @@ class _LateFusion(nn.Module):
     def forward(self, rgb_feature: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = torch.sigmoid(self.model.fuse_logit)
         f = w * rgb_feature + (1 - w) * self.model.seg(seg)
-        return tuple(torch.softmax(self.model.heads[h](f).float(), -1) for h in self.heads)
+        logits = self.model.classify(f)
+        return tuple(torch.softmax(logits[h].float(), -1) for h in self.heads)
 
 
 class _ClassMap(nn.Module):

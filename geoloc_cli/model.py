@@ -36,6 +36,7 @@ class ModelSpec:
     heads: dict[str, int]  # head name -> classes, partitionings first, then "scene"
     overrides: dict[str, Any] = field(default_factory=dict)
     head_hidden: int = 0  # 0 = linear heads, else one hidden layer of this width (GELU)
+    head_trunk: int = 0  # 0 = none, else a hidden layer of this width (GELU) shared by all heads
 
 
 def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str, branch: str = "rgb") -> nn.Module:
@@ -146,7 +147,10 @@ class GeoModel(nn.Module):
         # Late fusion: a learned weighting of the two CLS features (sigmoid keeps it a convex mix). Only
         # then: a parameter no forward uses would stall DDP's gradient reduction at the second step.
         self.fuse_logit = nn.Parameter(torch.zeros(())) if self.seg is not None and spec.fusion == "late" else None
-        self.heads = nn.ModuleDict({name: _head(dim, n, spec.head_hidden) for name, n in spec.heads.items()})
+        # trunk: only when asked, so checkpoints without one keep their parameter names
+        self.trunk = nn.Sequential(nn.Linear(dim, spec.head_trunk), nn.GELU()) if spec.head_trunk else None
+        width = spec.head_trunk or dim
+        self.heads = nn.ModuleDict({name: _head(width, n, spec.head_hidden) for name, n in spec.heads.items()})
         self.frozen: list[nn.Module] = []  # backbone parts that stay in eval mode (see freeze)
         pre = self.data_config()
         self.pixel_mean, self.pixel_std = tuple(pre["mean"]), tuple(pre["std"])
@@ -190,7 +194,11 @@ class GeoModel(nn.Module):
         return 0.5 * (self._pool(self.rgb, xr) + self._pool(self.seg, xs))
 
     def forward(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        f = self.features(image, seg)
+        return self.classify(self.features(image, seg))
+
+    def classify(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused feature -> logits of every head (through the shared trunk, if any)."""
+        f = self.trunk(feature) if self.trunk is not None else feature
         return {name: head(f) for name, head in self.heads.items()}
 
     def upgrade_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -256,8 +264,7 @@ class HeadsOnly(nn.Module):
         self.model = model
 
     def forward(self, embedding: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        f = embedding.float()  # stored as fp16; autocast, where on, casts again for the heads
-        return {name: head(f) for name, head in self.model.heads.items()}
+        return self.model.classify(embedding.float())  # stored as fp16; autocast, where on, casts again
 
 
 def block_ids(branch: nn.Module) -> dict[str, int]:
@@ -288,7 +295,8 @@ def build_model(spec: ModelSpec, pretrained: str = "none") -> GeoModel:
 def model_spec(cfg: Any, heads: dict[str, int]) -> ModelSpec:
     """The architecture the config's model section describes, with these heads (name -> classes)."""
     m = cfg.model
-    return ModelSpec(m.backbone, m.img_size, m.seg_channels, m.fusion, heads, dict(m.overrides), m.head_hidden)
+    return ModelSpec(m.backbone, m.img_size, m.seg_channels, m.fusion, heads, dict(m.overrides), m.head_hidden,
+                     m.head_trunk)
 
 
 # ---------------------------------------------------------------- inference checkpoint

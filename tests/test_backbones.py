@@ -81,10 +81,13 @@ def test_a_cnn_gets_no_img_size_and_a_real_bad_override_is_still_named():
         build_model(replace(family("resnet"), overrides={"dpeth": 1}))
 
 
-def test_mlp_heads():
+def test_mlp_heads_and_a_shared_trunk():
     model = build_model(family("vit-p8", head_hidden=16))
     assert isinstance(model.heads["coarse"], torch.nn.Sequential) and model.heads["coarse"][0].out_features == 16
-    assert model(torch.randn(2, 3, 32, 32))["coarse"].shape == (2, 5)
+    assert model(torch.randn(2, 3, 32, 32))["coarse"].shape == (2, 5) and model.trunk is None
+    model = build_model(family("vit-p8", head_trunk=12))
+    assert model.heads["coarse"].in_features == 12 and model.trunk[0].in_features == 32
+    assert model(torch.randn(2, 3, 32, 32))["scene"].shape == (2, 3)
 
 
 def test_a_geoloc_checkpoint_is_a_weights_source(tmp_path):

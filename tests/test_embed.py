@@ -31,7 +31,8 @@ def geoloc(cfg: Path, *args: str):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, DataRoot]:
     tmp = tmp_path_factory.mktemp("embed")
-    cfg, root = build_world(tmp, model={"seg_channels": 0, "head_hidden": 16}, train=TRAIN, embed={"batch_size": 16})
+    cfg, root = build_world(tmp, model={"seg_channels": 0, "head_hidden": 16, "head_trunk": 24}, train=TRAIN,
+                            embed={"batch_size": 16})
     r = geoloc(cfg, "embed")
     assert r.exit_code == 0, r.output
     return cfg, DataRoot(root)
@@ -121,7 +122,7 @@ def test_heads_train_on_embeddings_and_the_checkpoint_works_on_photos(world):
     model, meta, _ = load_inference_checkpoint(ckpt)
     recorded = load_embedder(root.emb("demo"))
     assert all(torch.equal(v, recorded[k]) for k, v in model.rgb.state_dict().items()), "the backbone that embedded"
-    assert meta["spec"]["head_hidden"] == 16
+    assert meta["spec"]["head_hidden"] == 16 and model.trunk[0].out_features == 24
     records = [json.loads(x) for x in (root.run("demo") / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["train_loss"] < records[0]["train_loss"] + 0.5
     assert geoloc(cfg, "evaluate").exit_code == 0
