@@ -227,7 +227,8 @@ def train(
     gpus: GpusOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the multi-task ViT (RGB + segmentation branches) on the geo-cell and scene labels."""
+    """Train the multi-task network (RGB + segmentation branches) on the geo-cell and scene labels, from photos or
+    from cached embeddings (train.source)."""
     from geoloc_cli.stages import train as stage
 
     cfg = _config(
