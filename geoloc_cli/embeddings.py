@@ -11,7 +11,8 @@ Layout under datasets/<name>/emb/ (one embedding shard per image shard, aligned 
   embedder.safetensors    the backbone's weights: training embeds exactly this backbone in its inference
                           checkpoint, so evaluate, predict and export see a photo as the embeddings did.
 
-Torch-free (numpy + safetensors): the training stage builds its dataset on top of `read_shard`.
+Shards are read and written with numpy + safetensors (torch only where the backbone's weights are handled);
+the training stage's data.EmbeddingDataset is built on `gather`.
 """
 
 from __future__ import annotations
