@@ -20,6 +20,11 @@ install: $(BIN)/geoloc
 
 GEOLOC := $(BIN)/geoloc
 DEMO := -c configs/demo.yaml
+# The cached-embedding recipe (configs/recipes/clip-frozen.yaml) at demo size: no weights can be downloaded
+# here, so the frozen backbone is the dual-branch run's trained RGB ViT (model.pretrained takes a geoloc
+# checkpoint); embed once, then train MLP heads on the fp16 embeddings.
+DEMO_EMB := $(DEMO) --set train.run=demo-embeddings --set model.seg_channels=0 --set train.source=embeddings \
+	--set train.trainable_blocks=0 --set model.head_hidden=128 --set model.pretrained=geoloc-data/demo/runs/demo/model.safetensors
 
 demo: install
 	$(GEOLOC) fetch demo $(DEMO)
@@ -27,7 +32,11 @@ demo: install
 	$(GEOLOC) filter $(DEMO)
 	$(GEOLOC) segment $(DEMO)
 	$(GEOLOC) train $(DEMO)
-	$(GEOLOC) evaluate $(DEMO)
+	$(GEOLOC) embed $(DEMO_EMB)
+	$(GEOLOC) train $(DEMO_EMB)
+	# both runs side by side: the dual-branch ViT and the heads trained on its cached RGB embeddings
+	$(GEOLOC) evaluate $(DEMO) --model geoloc-data/demo/runs/demo/model.safetensors \
+		--model geoloc-data/demo/runs/demo-embeddings/model.safetensors
 	# a held-out photo (the first of the demo_val URL list)
 	$(GEOLOC) predict $$(head -1 geoloc-data/demo/meta/demo_val_urls.csv | cut -d, -f2 | sed 's|^file://||') $(DEMO)
 

@@ -54,7 +54,7 @@ def train_loader(cfg: Config, epoch: int = 0, device: str = "cpu"):
     """The DataLoader the train stage builds for one process (rank 0 of 1) on `device`."""
     from geoloc_cli import dist
     from geoloc_cli.data import EpochSampler, GeoDataset, locate
-    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.model import build_model, model_spec
     from geoloc_cli.stages import train
     from geoloc_cli.store import DataRoot, read_parquet
 
@@ -63,8 +63,7 @@ def train_loader(cfg: Config, epoch: int = 0, device: str = "cpu"):
     rows = read_parquet(root.index(name), "training index", "run `geoloc filter`")
     seg_dir = root.seg(name) if cfg.model.seg_channels else None
     rows = locate(rows, root.shards(name), seg_dir)
-    spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
-                     {"scene": 3}, dict(cfg.model.overrides))
+    spec = model_spec(cfg, {"scene": 3})
     pre = build_model(spec).data_config()
     ds = GeoDataset(rows, root.shards(name), seg_dir, cfg.model.img_size, pre, train._targets(cfg),
                     train=cfg.train.augment, seed=cfg.runtime.seed)
@@ -96,15 +95,14 @@ def data_rate(cfg: Config, epochs: int = 2) -> float:
 
 def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
     """Images/s of optimizer steps on ready tensors (model, loss, backward, AdamW, scheduler)."""
-    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.model import build_model, model_spec
     from geoloc_cli.stages import train
 
     loader = train_loader(cfg)
     batch = next(iter(loader))
     heads = {"coarse": 40, "middle": 70, "fine": 150, "scene": 3}  # the demo world's order of size
     batch["targets"] = {h: torch.randint(0, n, (cfg.train.batch_size,)) for h, n in heads.items()}
-    spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
-                     heads, dict(cfg.model.overrides))
+    spec = model_spec(cfg, heads)
     model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

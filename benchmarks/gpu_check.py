@@ -17,7 +17,9 @@ gpu_check.md (the table for benchmarks/README.md) and gpu_check.log (every comma
 5. bench_train_gpu.py for exchange fusion, and compiled late fusion; the training DataLoader alone
    with 16 workers on the demo world's shards;
 6. train compiled on the demo world (1 epoch);
-7. bench_segment.py: the model alone and the stage with 2 and 14 decode threads.
+7. bench_segment.py: the model alone and the stage with 2 and 14 decode threads;
+8. bench_embed.py: `geoloc embed` with CLIP ViT-L/14 (random weights, bf16) and head training on MP-16-sized
+   embeddings (4.7 M x 1024 fp16, the published cells): images/s, samples/s, loader against step.
 Targets (from the GPU readiness issue): dual-branch bf16 training >= 40% MFU; the loader >= 1.5x the
 model's images/s; no GPU path raising. A missed speed target is reported in the step's note; a command
 that fails, or torch and ONNX disagreeing on a photo's top cell, fails the step (and exit code 1).
@@ -265,6 +267,24 @@ def bench_segment(check: Check) -> None:
             check.save(step)
 
 
+def bench_embed(check: Check) -> None:
+    cmd = [sys.executable, "benchmarks/bench_embed.py"]
+    if check.smoke:
+        cmd += ["--images", "64", "--n", "20000", "--train-batch", "512", "--seconds", "1"]
+    else:
+        cmd += ["--device", "cuda", "--backbone", "vit_large_patch14_clip_quickgelu_224", "--img-size", "224",
+                "--overrides", "{}", "--images", "4096", "--batch-size", "256", "--threads", "14",
+                "--n", "4700000", "--seconds", "10"]
+    out = check.out / ".embed.json"
+    step = check.run("embed bench", [*cmd, "--json", str(out)], 240)
+    if step.status == "ok":
+        r = json.loads(out.read_text())
+        step.numbers = {k: round(v, 1) for k, v in r.items() if k != "args"}
+        step.note = "heads bound by the loader" if r["heads_loader_samples_per_s"] < r["heads_train_samples_per_s"] \
+            else "heads bound by the step (loader keeps up)"
+        check.save(step)
+
+
 def verdicts(check: Check, late: dict[str, Any], loader: dict[str, Any]) -> None:
     """Which side bounds training: the loader against the model's images/s."""
     if not late or not loader.get("loader_images_s"):
@@ -310,6 +330,7 @@ def main() -> int:
                       "train.compile=true", "--set", "train.epochs=1", "--set", "train.run=gpu-compiled"]
             train_step(check, "train compiled", geoloc, world[1] / "runs/gpu-compiled", 240)
     bench_segment(check)
+    bench_embed(check)
     failed = [s.name for s in check.steps if s.status in ("failed", "timeout")]
     print(f"\n{len(check.steps)} steps, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
           f"report in {args.out}/gpu_check.md")

@@ -220,6 +220,27 @@ def segment(
 
 
 @app.command(
+    epilog="Examples:  geoloc embed  |  geoloc embed mp16 --gpus 0,1  |  "
+    "geoloc embed mp16 -c configs/recipes/clip-frozen.yaml"
+)
+@_handled
+def embed(
+    datasets: Annotated[list[str] | None, typer.Argument(help="Datasets (default: train.dataset).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    device: DeviceOpt = None,
+    gpus: GpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store the frozen backbone's fp16 embedding of every photo (for train.source=embeddings)."""
+    from geoloc_cli.stages import embed as stage
+
+    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
+    stage.run(cfg, datasets=datasets or None)
+
+
+@app.command(
     epilog="Examples:  geoloc train  |  geoloc train --gpus 0,1  |  geoloc train --resume  |  "
     "torchrun --nproc-per-node 8 -m geoloc_cli train"
 )
@@ -238,7 +259,8 @@ def train(
     gpus: GpusOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the multi-task ViT (RGB + segmentation branches) on the geo-cell and scene labels."""
+    """Train the multi-task network (RGB + segmentation branches) on the geo-cell and scene labels, from photos or
+    from cached embeddings (train.source)."""
     from geoloc_cli.stages import train as stage
 
     cfg = _config(

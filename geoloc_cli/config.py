@@ -95,18 +95,32 @@ class SegmentConfig:
 
 
 @dataclass
+class EmbedConfig:
+    batch_size: int = doc(256, "Photos per batch of `geoloc embed`.")
+    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16; stored embeddings are fp16.")
+
+
+@dataclass
 class ModelConfig:
-    backbone: str = doc("vit_base_patch16_224.augreg_in21k", "timm model name of each ViT branch.")
+    backbone: str = doc(
+        "vit_base_patch16_224.augreg_in21k",
+        "timm model of each branch: any timm image model (ViT of any patch size, OpenAI CLIP as "
+        "vit_large_patch14_clip_quickgelu_224.openai, DataComp CLIP, DINOv2/v3, SigLIP/SigLIP2, EVA, ConvNeXt, "
+        "ResNet) or an hf-hub:org/name id; its own data config sets mean/std/crop/interpolation.")
     pretrained: str = doc(
-        "auto", "Backbone weights: auto (timm's if reachable, else random), none, or a local file path."
-    )
-    img_size: int = doc(224, "Input resolution of both branches.")
+        "auto", "Backbone weights: auto (timm's if reachable, else random), none, a local timm weights file, or a "
+        "geoloc inference checkpoint (.safetensors: its branches' weights).")
+    img_size: int = doc(224, "Input resolution of both branches (passed to timm only where the architecture takes "
+                        "it; CNNs take any size).")
     seg_channels: int = doc(3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
     fusion: str = doc("late", "How branches are fused: late (one learned weighting), gated (the seed model's "
                       "per-sample gate) or exchange (CLS tokens averaged after every block).")
     scene_classes: int = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
     partitionings: list[str] = doc(["coarse", "middle", "fine"], "Geo-cell heads, one per partitioning.")
     overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
+    head_hidden: int = doc(0, "Heads: 0 = one linear layer per head, N = a small MLP per head (one hidden layer of "
+                           "N units, GELU).")
+    head_trunk: int = doc(0, "0 = none, N = a hidden layer of N units (GELU) shared by all heads, before them.")
 
 
 @dataclass
@@ -133,6 +147,15 @@ class TrainConfig:
     augment: bool = doc(True, "Random resized crop + flip (same geometry for photo and seg map).")
     ema_decay: float = doc(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     compile: bool = doc(False, "torch.compile the model (GPU; helps long runs, costs start-up time).")
+    source: str = doc(
+        "images", "What training reads: images (photos through the whole network) or embeddings (the heads only, "
+        "on the frozen backbone's fp16 features from `geoloc embed`; the checkpoint still holds the backbone).")
+    trainable_blocks: int = doc(
+        -1, "Fine-tuning depth: -1 = the whole backbone, 0 = backbone frozen (heads only), N = only the last N "
+        "blocks (timm's block grouping; the final norm/pool counts with the last). Frozen parts run without "
+        "autograd, in eval mode.")
+    layer_decay: float = doc(1.0, "Layer-wise learning-rate decay: block i of L gets lr * decay^(L+1-i), the heads "
+                             "lr (1 = off; 0.65-0.85 is usual for fine-tuning ViTs).")
 
 
 @dataclass
@@ -164,6 +187,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -193,6 +217,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "filter.scene_of_interest": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
     "segment.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "segment.batch_size": (lambda v: v > 0, "> 0"),
+    "embed.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    "embed.batch_size": (lambda v: v > 0, "> 0"),
     "model.seg_channels": (lambda v: v in (0, 3, 150), "0, 3 or 150"),
     "model.fusion": (lambda v: v in ("late", "gated", "exchange"), "late, gated or exchange"),
     "model.scene_classes": (lambda v: v in (3, 16, 365), "3, 16 or 365"),
@@ -212,6 +238,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.crop_reduce": (lambda v: v in ("auto", "mean", "max"), "auto, mean or max"),
     "train.shuffle_window_shards": (lambda v: v > 0, "> 0"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
+    "train.source": (lambda v: v in ("images", "embeddings"), "images or embeddings"),
+    "train.trainable_blocks": (lambda v: v >= -1, ">= -1"),
+    "train.layer_decay": (lambda v: 0 < v <= 1, "0 < decay <= 1"),
+    "model.head_hidden": (lambda v: v >= 0, ">= 0"),
+    "model.head_trunk": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -292,9 +323,20 @@ def _validate(cfg: Config) -> None:
     typos = set(cfg.train.loss_weights) - heads - set(cfg.partition.tau_max)
     if typos:
         raise ConfigError(f"train.loss_weights: {sorted(typos)} name no head (heads: {', '.join(sorted(heads))})")
+    if cfg.train.source == "embeddings":
+        _validate_embeddings(cfg)
     unweighted = heads - set(cfg.train.loss_weights)
     if unweighted:
         raise ConfigError(f"train.loss_weights: no weight for {sorted(unweighted)} (0 turns a head off)")
+
+
+def _validate_embeddings(cfg: Config) -> None:
+    """Cached embeddings come from the frozen RGB branch alone."""
+    if cfg.model.seg_channels:
+        raise ConfigError("train.source=embeddings: embeddings hold the RGB branch only; set model.seg_channels=0")
+    if cfg.train.trainable_blocks > 0:
+        raise ConfigError("train.source=embeddings: the backbone is frozen (its features are cached); set "
+                          "train.trainable_blocks=0 or train.source=images to fine-tune blocks")
 
 
 def parse_override(text: str) -> dict[str, Any]:

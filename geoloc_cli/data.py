@@ -32,6 +32,8 @@ from geoloc_cli.errors import InputError
 from geoloc_cli.inference import crop_boxes, view
 from geoloc_cli.store import check_members, require_intact, seg_shard_for
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # a photo that does not decode
+
 
 def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """{key: {ext: (data offset, size)}} for one tar shard (reads headers only)."""
@@ -172,6 +174,53 @@ class GeoDataset(torch.utils.data.Dataset):
             "targets": {h: int(t[i]) for h, t in self.targets.items()},
             "lat": float(r["lat"]), "lon": float(r["lon"]),
         }
+
+
+class EmbeddingDataset(torch.utils.data.Dataset):
+    """Samples from cached embeddings (`geoloc embed`): one contiguous (n, dim) float16 array in memory,
+    so a batch is one fancy index (`__getitems__`, which the DataLoader calls with a whole batch), not n
+    JPEG decodes. Batches look like GeoDataset's, with the embedding under "image" (the training step
+    feeds it to the heads)."""
+
+    def __init__(self, embedding: torch.Tensor, targets: dict[str, torch.Tensor], lat: torch.Tensor,
+                 lon: torch.Tensor) -> None:
+        self.embedding, self.targets, self.lat, self.lon = embedding, targets, lat, lon
+        self.dropped = 0
+
+    @classmethod
+    def from_shards(cls, rows: pd.DataFrame, emb_dir: Path, targets: dict[str, str]) -> EmbeddingDataset:
+        """The index rows' embeddings, shard by shard; rows whose photo did not decode at embedding time are
+        left out (counted in `dropped`)."""
+        from geoloc_cli.embeddings import gather
+
+        rows = rows.sort_values("shard", kind="stable").reset_index(drop=True)  # shard by shard, as stored
+        groups = rows.groupby("shard", sort=False).indices
+        emb, found = gather(emb_dir, {shard: rows["key"].iloc[idx].tolist() for shard, idx in groups.items()})
+        rows = rows[found].reset_index(drop=True)
+        ds = cls(torch.from_numpy(emb),
+                 {h: torch.tensor(rows[c].fillna(-1).to_numpy(np.int64)) if c in rows
+                  else torch.full((len(rows),), -1) for h, c in targets.items()},
+                 torch.tensor(rows["lat"].to_numpy(np.float64)), torch.tensor(rows["lon"].to_numpy(np.float64)))
+        ds.dropped = int((~found).sum())
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.embedding)
+
+    def set_epoch(self, epoch: int) -> None:  # no augmentation: the embeddings are fixed
+        pass
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        i = torch.as_tensor(indices)
+        return {"image": self.embedding[i], "seg": torch.zeros(0), "index": i,
+                "targets": {h: t[i] for h, t in self.targets.items()}, "lat": self.lat[i], "lon": self.lon[i]}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
+
+    @staticmethod
+    def collate_fn(batch: dict[str, Any]) -> dict[str, Any]:
+        return batch  # __getitems__ returns whole batches
 
 
 SHUFFLE_WINDOW_SHARDS = 8  # the "shuffle buffer": samples mix within this many consecutive shards

@@ -7,13 +7,14 @@ Model code never imports this: the training stage wraps the model in DDP from ou
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from geoloc_cli.errors import ConfigError
+from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, worker_error
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,39 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_devices(work: Callable[..., Any], jobs: list[Any], devices: list[str], report: Callable[[int], Any]) -> None:
+    """work(share, device=..., report=...) with job i on device i % n: in this process for one device, else
+    one spawned process per device (a picklable `work`). Workers' report(n) calls come back here through a
+    queue; a worker's ConfigError or InputError is raised here as the same one-line error, not a traceback."""
+    if len(devices) == 1:
+        work(jobs, device=devices[0], report=report)
+        return
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    shares = [jobs[i :: len(devices)] for i in range(len(devices))]
+    procs = mp.start_processes(_device_worker, args=(work, shares, devices, queue), nprocs=len(devices),
+                               join=False, start_method="spawn")
+    failure: tuple[str, str] | None = None
+    while True:
+        finished = procs.join(timeout=0.2)  # raises if a worker crashed without a message
+        while not queue.empty():
+            kind, value = queue.get()
+            if kind == "done":
+                report(value)
+            else:
+                failure = failure or value
+        if finished:
+            break
+    if failure:
+        raise USER_ERRORS[failure[0]](failure[1])
+
+
+def _device_worker(rank: int, work: Callable[..., Any], shares: list[list[Any]], devices: list[str],
+                   queue: Any) -> None:
+    try:
+        work(shares[rank], device=devices[rank], report=lambda n: queue.put(("done", n)))
+    except (GeolocError, OSError) as e:  # user errors travel back as messages, not tracebacks
+        queue.put(("error", worker_error(e)))

@@ -42,6 +42,21 @@ class LockedError(GeolocError):
     exit_code = 1
 
 
+# The user errors by name: a worker process sends (name, message) back and its parent raises the same error
+# (same message and exit code) as if it had happened there.
+USER_ERRORS: dict[str, type[GeolocError]] = {
+    c.__name__: c for c in (GeolocError, ConfigError, InputError, StorageError, LockedError)}
+
+
+def worker_error(e: BaseException) -> tuple[str, str] | None:
+    """(name, message) of an error a worker process should report as a user error (None: a bug)."""
+    if isinstance(e, GeolocError):
+        return type(e).__name__, str(e)
+    if isinstance(e, OSError):  # disk full, too many open files...: a message, not a traceback
+        return "StorageError", str(storage_error(e))
+    return None
+
+
 # The causes a user can act on, in words; any other errno falls back to its strerror.
 _CAUSES = {
     errno.ENOSPC: "no space left on device",

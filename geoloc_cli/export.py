@@ -174,7 +174,8 @@ class _LateFusion(nn.Module):
 
     def forward(self, rgb_feature: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.model.fuse(rgb_feature, self.model.seg(seg))
-        return tuple(torch.softmax(self.model.heads[h](f).float(), -1) for h in self.heads)
+        logits = self.model.classify(f)
+        return tuple(torch.softmax(logits[h].float(), -1) for h in self.heads)
 
 
 class _ClassMap(nn.Module):

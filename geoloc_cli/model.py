@@ -1,5 +1,6 @@
-"""The geolocation network: timm ViT branches (RGB, optional segmentation map), fusion, one head per
-partitioning plus a scene head; and the self-contained inference checkpoint.
+"""The geolocation network: timm branches (RGB, optional segmentation map; any timm image model), fusion,
+one head per partitioning plus a scene head (linear or a small MLP); freezing and layer-wise learning-rate
+decay by timm's block grouping; and the self-contained inference checkpoint.
 
 The model is single-device code; distribution (DDP) is applied from outside by the training stage.
 
@@ -37,18 +38,20 @@ class ModelSpec:
     # LayerNorm epsilon of both branches when it differs from the timm architecture's own (0 = keep it):
     # Hugging Face ViTs use 1e-12 where timm uses 1e-6, so converted checkpoints give the same numbers.
     layer_norm_eps: float = 0.0
+    head_hidden: int = 0  # 0 = linear heads, else one hidden layer of this width (GELU)
+    head_trunk: int = 0  # 0 = none, else a hidden layer of this width (GELU) shared by all heads
 
 
-def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
-    branch = _create_branch(spec, in_chans, pretrained)
+def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str, branch: str = "rgb") -> nn.Module:
+    made = _create_branch(spec, in_chans, pretrained, branch)
     if spec.layer_norm_eps:
-        for m in branch.modules():
+        for m in made.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = spec.layer_norm_eps
-    return branch
+    return made
 
 
-def _create_branch(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
+def _create_branch(spec: ModelSpec, in_chans: int, pretrained: str, branch: str) -> nn.Module:
     import timm
 
     if not spec.backbone.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(spec.backbone):
@@ -58,40 +61,88 @@ def _create_branch(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module
         raise ConfigError(f"model.backbone: timm has no model {spec.backbone!r}"
                           + (f" (did you mean {', '.join(close)}?)" if close else ""))
     try:
-        return _create_weighted(spec, in_chans, pretrained)
+        return _create_weighted(spec, in_chans, pretrained, branch)
     except TypeError as e:  # an override the architecture does not take
         raise ConfigError(f"model.overrides {spec.overrides}: {spec.backbone} does not accept them ({e})") from None
 
 
-def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str) -> nn.Module:
-    kwargs: dict[str, Any] = dict(num_classes=0, img_size=spec.img_size, in_chans=in_chans, **spec.overrides)
-    try:
-        return _create_sized(spec, kwargs, pretrained)
-    except TypeError as e:  # CNNs (ResNet, ConvNeXt) take any resolution and no img_size argument
-        if "img_size" not in str(e) or "img_size" in spec.overrides:
-            raise
-        del kwargs["img_size"]
-        return _create_sized(spec, kwargs, pretrained)
-
-
-def _create_sized(spec: ModelSpec, kwargs: dict[str, Any], pretrained: str) -> nn.Module:
+def create_backbone(name: str, in_chans: int, img_size: int, overrides: dict[str, Any], **weights: Any) -> nn.Module:
+    """timm.create_model without a classifier; `img_size` only where the architecture takes it (ViT, EVA,
+    ...: CNNs such as ResNet and ConvNeXt take any size and refuse the keyword)."""
     import timm
 
+    kwargs: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **overrides, **weights)
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:  # timm's entry points take **kwargs: only the constructor knows its keywords
+        if "'img_size'" not in str(e):
+            raise
+        return timm.create_model(name, **kwargs)
+
+
+def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str, branch: str) -> nn.Module:
+    def create(**weights: Any) -> nn.Module:
+        return create_backbone(spec.backbone, in_chans, spec.img_size, spec.overrides, **weights)
+
     if pretrained in ("none", ""):
-        return timm.create_model(spec.backbone, pretrained=False, **kwargs)
+        return create(pretrained=False)
     if pretrained != "auto":
         path = Path(pretrained)
         if not path.is_file():
             raise InputError(f"model.pretrained: weights file {path} does not exist")
-        return timm.create_model(spec.backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        state = _checkpoint_branch(path, branch)
+        if state is None:  # a timm weights file
+            return create(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        net = create(pretrained=False)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"model.pretrained: the {branch} branch of {path} is not a {spec.backbone} with "
+                              f"model.overrides {spec.overrides}: {' '.join(str(e).split())[:200]}") from None
+        return net
     try:  # timm's weights (Hugging Face hub); offline machines fall back to random init with a warning
-        return timm.create_model(spec.backbone, pretrained=True, **kwargs)
+        return create(pretrained=True)
     except TypeError:  # a bad override, not unreachable weights
         raise
     except Exception as e:  # noqa: BLE001 - any download/IO failure means "not reachable"
         warnings.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init",
                       stacklevel=2)
-        return timm.create_model(spec.backbone, pretrained=False, **kwargs)
+        return create(pretrained=False)
+
+
+def _checkpoint_branch(path: Path, branch: str) -> dict[str, torch.Tensor] | None:
+    """The `branch` (rgb | seg) weights of a geoloc inference checkpoint; None for any other file."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        read_checkpoint_meta(path)
+    except InputError:
+        return None
+    from safetensors.torch import load_file
+
+    prefix = f"model.{branch}."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    if not state:
+        raise InputError(f"model.pretrained: {path} has no {branch} branch")
+    return state
+
+
+def _check_exchange(spec: ModelSpec, branch: nn.Module) -> None:
+    """Exchange fusion swaps CLS tokens after every transformer block: it needs a timm VisionTransformer
+    (blocks on a token sequence whose first token is a CLS token)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    why = ("it is not a ViT-style token model" if not isinstance(branch, VisionTransformer)
+           else "it has no CLS token" if branch.cls_token is None else "")
+    if why:
+        raise ConfigError(f"model.fusion=exchange: {spec.backbone} cannot exchange CLS tokens between the branches "
+                          f"({why}); use model.fusion=late")
+
+
+def _head(dim: int, classes: int, hidden: int) -> nn.Module:
+    if not hidden:
+        return nn.Linear(dim, classes)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, classes))
 
 
 class GeoModel(nn.Module):
@@ -101,7 +152,9 @@ class GeoModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.rgb = _create_vit(spec, 3, pretrained)
-        self.seg = _create_vit(spec, spec.seg_channels, pretrained) if spec.seg_channels else None
+        self.seg = _create_vit(spec, spec.seg_channels, pretrained, "seg") if spec.seg_channels else None
+        if self.seg is not None and spec.fusion == "exchange":
+            _check_exchange(spec, self.rgb)
         dim = self.rgb.num_features
         # Fusion parameters exist only for the fusion that uses them: a parameter no forward uses would
         # stall DDP's gradient reduction at the second step.
@@ -112,7 +165,11 @@ class GeoModel(nn.Module):
         # and the unnormalised scores weight them (Linear -> LeakyReLU -> Dropout(0.2) -> Linear)
         self.gate = nn.Sequential(nn.Linear(dim, 8), nn.LeakyReLU(), nn.Dropout(0.2), nn.Linear(8, 1)) \
             if with_seg and spec.fusion == "gated" else None
-        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in spec.heads.items()})
+        # trunk: only when asked, so checkpoints without one keep their parameter names
+        self.trunk = nn.Sequential(nn.Linear(dim, spec.head_trunk), nn.GELU()) if spec.head_trunk else None
+        width = spec.head_trunk or dim
+        self.heads = nn.ModuleDict({name: _head(width, n, spec.head_hidden) for name, n in spec.heads.items()})
+        self.frozen: list[nn.Module] = []  # backbone parts that stay in eval mode (see freeze)
         # the photo's preprocessing (mean/std, size, crop): the backbone's own data config, or what a
         # checkpoint recorded (load_inference_checkpoint sets it)
         self.preprocess = self._timm_data_config()
@@ -143,10 +200,14 @@ class GeoModel(nn.Module):
     def _pool(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return vit.forward_head(vit.norm(tokens), pre_logits=True)
 
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """The RGB branch's pooled feature (what `geoloc embed` stores and train.source=embeddings reads)."""
+        return self.rgb(self.pixels(image))
+
     def features(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
-        image = self.pixels(image)
         if self.seg is None:
-            return self.rgb(image)
+            return self.embed(image)
+        image = self.pixels(image)
         assert seg is not None, "this model has a segmentation branch: pass the segmentation map"
         if self.spec.fusion != "exchange":
             return self.fuse(self.rgb(image), self.seg(seg))
@@ -167,7 +228,11 @@ class GeoModel(nn.Module):
         return w * f_rgb + (1 - w) * f_seg
 
     def forward(self, image: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        f = self.features(image, seg)
+        return self.classify(self.features(image, seg))
+
+    def classify(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused feature -> logits of every head (through the shared trunk, if any)."""
+        f = self.trunk(feature) if self.trunk is not None else feature
         return {name: head(f) for name, head in self.heads.items()}
 
     def upgrade_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,9 +254,87 @@ class GeoModel(nn.Module):
                                             model=self.rgb)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
+    def branches(self) -> list[nn.Module]:
+        return [b for b in (self.rgb, self.seg) if b is not None]
+
+    def freeze(self, trainable_blocks: int) -> None:
+        """Freeze the backbone branches but for their last `trainable_blocks` blocks (-1: freeze nothing, 0:
+        all). Frozen parameters take no gradient, so autograd records nothing for the frozen front of a
+        branch, and frozen modules stay in eval mode (dropout, drop-path, BatchNorm statistics)."""
+        if trainable_blocks < 0:
+            return
+        for branch in self.branches():
+            ids = block_ids(branch)
+            cut = max(ids.values()) - trainable_blocks
+            for name, p in branch.named_parameters():
+                p.requires_grad_(ids[name] > cut)
+            self.frozen += _frozen_modules(branch)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> GeoModel:
+        super().train(mode)
+        for m in getattr(self, "frozen", ()):  # nn.Module.__init__ calls train() before freeze exists
+            m.eval()
+        return self
+
+    def param_groups(self, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+        """The trainable parameters in optimizer groups with an `lr_scale`: layer-wise learning-rate decay
+        scales block i of a branch with blocks 0..L by layer_decay ** (L + 1 - i) (BEiT's rule; the heads
+        and the fusion weight count as layer L + 1, scale 1)."""
+        scales: dict[int, float] = {}
+        for branch in self.branches() if layer_decay != 1 else ():  # any backbone works without decay
+            ids = block_ids(branch)
+            top = max(ids.values()) + 1
+            scales |= {id(p): layer_decay ** (top - ids[n]) for n, p in branch.named_parameters()}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+        return [{"params": ps, "lr_scale": s} for s, ps in sorted(groups.items())]
+
+
+class HeadsOnly(nn.Module):
+    """A GeoModel's heads on cached RGB embeddings (train.source=embeddings): called as the model is, with
+    the (B, dim) embedding in place of the photo."""
+
+    def __init__(self, model: GeoModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.model.classify(embedding.float())  # stored as fp16; autocast, where on, casts again
+
+
+def block_ids(branch: nn.Module) -> dict[str, int]:
+    """Parameter name -> block number, from timm's fine-grained group matcher: 0 the stem (patch embedding,
+    tokens), then one per block (ViT block, ResNet bottleneck, ConvNeXt block), the final norm and any
+    pooling (SigLIP's attention pool) with the last - the same for every architecture timm has."""
+    from timm.models import group_parameters
+
+    if not hasattr(branch, "group_matcher"):
+        raise ConfigError(f"{type(branch).__name__} has no timm group matcher: cannot tell its blocks apart "
+                          "for train.trainable_blocks / train.layer_decay")
+    return group_parameters(branch, branch.group_matcher(coarse=False), reverse=True)
+
+
+def _frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules whose parameters are all frozen (modules without parameters, such as a
+    dropout inside a trainable block, belong to their parent)."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return [module]
+    return [m for child in module.children() for m in _frozen_modules(child)]
+
 
 def build_model(spec: ModelSpec, pretrained: str = "none") -> GeoModel:
     return GeoModel(spec, pretrained)
+
+
+def model_spec(cfg: Any, heads: dict[str, int]) -> ModelSpec:
+    """The architecture the config's model section describes, with these heads (name -> classes)."""
+    m = cfg.model
+    return ModelSpec(m.backbone, m.img_size, m.seg_channels, m.fusion, heads, dict(m.overrides), m.head_hidden,
+                     m.head_trunk)
 
 
 # ---------------------------------------------------------------- inference checkpoint

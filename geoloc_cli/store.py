@@ -6,6 +6,7 @@ Layout (see DESIGN.md):
   <root>/datasets/<name>/shards/images-NNNNNN.parquet  per-shard manifest part (written after the tar)
   <root>/datasets/<name>/manifest.parquet       one row per requested item, with a status
   <root>/datasets/<name>/seg/seg-NNNNNN.tar     <key>.png class-index maps, same keys as the images
+  <root>/datasets/<name>/emb/emb-NNNNNN.safetensors  fp16 backbone embeddings, same keys (see embeddings.py)
   <root>/datasets/<name>/index.parquet          training index written by `geoloc filter`
   <root>/partitions/<name>/cells_<tmin>_<tmax>.csv, labels.parquet
   <root>/runs/<run>/                            config.yaml, checkpoints, metrics.jsonl, eval/
@@ -67,6 +68,10 @@ class DataRoot:
     def seg_maker(self, name: str) -> Path:
         """JSON naming what made the dataset's maps ({"model", "input_size"}, or {"model": "imported"})."""
         return self.seg(name) / "segmenter.json"
+
+    def emb(self, name: str) -> Path:
+        """Cached backbone embeddings (`geoloc embed`), with embedder.json naming what made them."""
+        return self.dataset(name) / "emb"
 
     def manifest(self, name: str) -> Path:
         return self.dataset(name) / "manifest.parquet"

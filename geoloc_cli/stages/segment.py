@@ -21,6 +21,7 @@ at once: a run removes stale temporary files left in `seg/` by a killed run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import tarfile
@@ -39,8 +40,8 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.dist import check_devices, loader_workers, resolve_device
-from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
+from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
+from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.segmentation import (
     Segmenter,
     colors_to_classes,
@@ -215,42 +216,10 @@ def segment_datasets(cfg: Config, root: DataRoot, names: list[str]) -> None:
 
 def run_jobs(jobs: list[Job], settings: Settings, devices: list[str], report: Callable[[int], Any]) -> None:
     """Segment the jobs on the devices: in this process for one device, else one process per device."""
-    if len(devices) == 1:
-        segment_shards(jobs, settings, devices[0], report)
-        return
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    shares = [jobs[i :: len(devices)] for i in range(len(devices))]  # shard i -> device i % n
-    procs = mp.start_processes(_worker, args=(shares, settings, devices, queue), nprocs=len(devices),
-                               join=False, start_method="spawn")
-    failure: tuple[str, str] | None = None
-    while True:
-        finished = procs.join(timeout=0.2)  # raises if a worker crashed without a message
-        while not queue.empty():
-            kind, value = queue.get()
-            if kind == "done":
-                report(value)
-            else:
-                failure = failure or value
-        if finished:
-            break
-    if failure:
-        raise (ConfigError if failure[0] == "ConfigError" else InputError)(failure[1])
+    run_on_devices(functools.partial(segment_shards, settings=settings), jobs, devices, report)
 
 
-def _worker(rank: int, shares: list[list[Job]], settings: Settings, devices: list[str], queue: Any) -> None:
-    """Entry point of a spawned worker: user errors travel back as messages, not tracebacks."""
-    try:
-        segment_shards(shares[rank], settings, devices[rank], lambda n: queue.put(("done", n)))
-    except GeolocError as e:
-        queue.put(("error", (type(e).__name__, str(e))))
-    except OSError as e:  # disk full, too many open files...: a message, not a traceback
-        queue.put(("error", ("StorageError", str(storage_error(e)))))
-
-
-def segment_shards(jobs: list[Job], settings: Settings, device: str, report: Callable[[int], Any]) -> None:
+def segment_shards(jobs: list[Job], device: str, report: Callable[[int], Any], settings: Settings) -> None:
     """Segment each job's image shard into its seg shard; report(n) after every batch of n images."""
     if device.startswith("cuda"):  # this worker's GPU hosts its CUDA context, not GPU 0
         import torch

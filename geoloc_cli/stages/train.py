@@ -32,7 +32,7 @@ import pandas as pd
 from geoloc_cli import config as cfgmod
 from geoloc_cli import console, store
 from geoloc_cli.config import Config
-from geoloc_cli.errors import ConfigError, GeolocError, InputError, StorageError, storage_error
+from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.inference import SCENE_COLUMNS
 from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
 
@@ -102,6 +102,10 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         val = val[located].reset_index(drop=True)
         if cfg.model.seg_channels and not _has_seg(root, v, val):
             raise InputError(f"validation dataset {v!r} has no segmentation maps: run `geoloc segment {v}`")
+    if cfg.train.source == "embeddings":
+        from geoloc_cli.embeddings import check_record
+
+        check_record(cfg, root.emb(name), name)
     if cfg.model.seg_channels:
         for dataset in {name, *([cfg.train.val_dataset] if cfg.train.val_dataset else [])}:
             _check_seg_maker(cfg, root, dataset, warn)
@@ -206,10 +210,6 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
 
 
 # Errors a training worker reports by name (torch's failure record holds "<type>: <message>").
-USER_ERRORS: dict[str, type[GeolocError]] = {
-    c.__name__: c for c in (GeolocError, ConfigError, InputError, StorageError)}
-
-
 def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     try:
         return train(cfgmod.from_dict(cfg_dict), resume)
@@ -255,9 +255,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from geoloc_cli import dist
-    from geoloc_cli.data import EpochSampler, GeoDataset, locate
+    from geoloc_cli.data import EpochSampler
     from geoloc_cli.dist import amp_dtype
-    from geoloc_cli.model import ModelSpec, build_model
 
     info = dist.setup(_device_spec(cfg))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -268,24 +267,24 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         torch.manual_seed(cfg.runtime.seed)
         cells = _cells(cfg, plan.root)
         heads = {p: len(cells.hex_id[p]) for p in cfg.model.partitionings} | {"scene": cfg.model.scene_classes}
-        spec = ModelSpec(cfg.model.backbone, cfg.model.img_size, cfg.model.seg_channels, cfg.model.fusion,
-                         heads, dict(cfg.model.overrides))
-        model = build_model(spec, cfg.model.pretrained).to(info.device)
+        model = _build(cfg, plan.root, heads).to(info.device)
         ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         pre = model.data_config()
-        seg_dir = plan.root.seg(cfg.train.dataset) if cfg.model.seg_channels else None
-        rows = locate(plan.train_rows, plan.root.shards(cfg.train.dataset), seg_dir)
-        ds = GeoDataset(rows, plan.root.shards(cfg.train.dataset), seg_dir, spec.img_size, pre,
-                        _targets(cfg), train=cfg.train.augment, seed=cfg.runtime.seed)
+        ds, groups = _train_dataset(cfg, plan, pre, info.main)
+        net, train_workers = model, workers
+        if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
+            from geoloc_cli.model import HeadsOnly
+
+            net, train_workers = HeadsOnly(model), 0
         local_batch = cfg.train.batch_size // info.world
         micro = local_batch // cfg.train.grad_accum
         sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
-                               groups=rows["shard"].to_numpy(), window=cfg.train.shuffle_window_shards)
+                               groups=groups, window=cfg.train.shuffle_window_shards)
         steps_per_epoch = len(sampler.indices()) // local_batch
         total = steps_per_epoch * cfg.train.epochs
         # DDP and torch.compile wrap the single-device model from outside; `model` stays the plain one
-        ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if info.world > 1 else model
+        ddp = DDP(net, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if info.world > 1 else net
         fwd = torch.compile(ddp, backend=COMPILE_BACKEND) if cfg.train.compile else ddp
         opt = _optimizer(cfg, model, info.device)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -307,7 +306,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 console.info(f"{plan.run_dir.name}: all {cfg.train.epochs} epochs are done already; nothing to "
                              "train (raise train.epochs to continue)")
             else:
-                console.info(f"training {sum(p.numel() for p in model.parameters()):,} parameters on "
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                console.info(f"training {trainable:,} parameters on "
                              f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} "
                              f"steps/epoch" + extras)
         if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
@@ -319,7 +319,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             start_batch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             sampler.set_epoch(epoch, start_batch * local_batch)
             ds.set_epoch(epoch)
-            loader = _epoch_loader(ds, sampler, local_batch, workers, cfg.runtime.seed, info, epoch)
+            loader = _epoch_loader(ds, sampler, local_batch, train_workers, cfg.runtime.seed, info, epoch)
             ddp.train()
             sums: dict[str, float] = state["sums"] if start_batch > 0 else {}  # restored mid-epoch sums
             t0, seen = time.perf_counter(), 0
@@ -366,6 +366,24 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         dist.teardown()
 
 
+def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
+    """(training dataset, each sample's shard for the shard-local order or None): photos from the image
+    shards, or their cached embeddings (any order is cheap in memory)."""
+    from geoloc_cli.data import EmbeddingDataset, GeoDataset, locate
+
+    name = cfg.train.dataset
+    if cfg.train.source == "embeddings":
+        ds = EmbeddingDataset.from_shards(plan.train_rows, plan.root.emb(name), _targets(cfg))
+        if ds.dropped and main:
+            console.warn(f"{name}: {ds.dropped:,} training images have no embedding (they did not decode)")
+        return ds, None
+    seg_dir = plan.root.seg(name) if cfg.model.seg_channels else None
+    rows = locate(plan.train_rows, plan.root.shards(name), seg_dir)
+    ds = GeoDataset(rows, plan.root.shards(name), seg_dir, cfg.model.img_size, pre, _targets(cfg),
+                    train=cfg.train.augment, seed=cfg.runtime.seed)
+    return ds, rows["shard"].to_numpy()
+
+
 def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, epoch: int):
     import torch
 
@@ -373,7 +391,8 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
 
     return torch.utils.data.DataLoader(
         ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
-        collate_fn=collate, drop_last=True, pin_memory=info.device.type == "cuda",
+        collate_fn=getattr(ds, "collate_fn", collate),  # EmbeddingDataset's batches come whole
+        drop_last=True, pin_memory=info.device.type == "cuda",
         # 2 batches ahead per worker: more only fills /dev/shm (14 workers x 2 x ~26 MB uint8 batches of 128 at
         # 224 px ~ 730 MB; a container's 64 MB default is far too small at any setting: give it --shm-size)
         persistent_workers=False, prefetch_factor=2 if workers else None,
@@ -385,13 +404,38 @@ def _checksum(module) -> float:
     return float(sum(p.detach().double().sum() for p in module.parameters()))
 
 
+def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
+    """The model to train, frozen as train.trainable_blocks says; with train.source=embeddings its backbone
+    is the one that made the embeddings (their record holds its weights)."""
+    from geoloc_cli.model import build_model, model_spec
+
+    spec = model_spec(cfg, heads)
+    if cfg.train.source == "images":
+        model = build_model(spec, cfg.model.pretrained)
+        model.freeze(cfg.train.trainable_blocks)
+        return model
+    from geoloc_cli.embeddings import check_record, load_embedder, mismatch
+
+    emb_dir = root.emb(cfg.train.dataset)
+    model = build_model(spec, "none")
+    model.rgb.load_state_dict(load_embedder(emb_dir))
+    model.freeze(0)
+    diff = mismatch(check_record(cfg, emb_dir, cfg.train.dataset), {"preprocess": model.data_config()})
+    if diff:  # the same names, another timm (its data config changed): the heads would learn other features
+        raise ConfigError(f"{cfg.train.dataset}: its embeddings were made with other preprocessing ({diff}): "
+                          f"run `geoloc embed {cfg.train.dataset}` again")
+    return model
+
+
 def _optimizer(cfg: Config, model, device):
     import torch
 
+    groups = [{"params": g["params"], "lr": cfg.train.lr * g["lr_scale"]}
+              for g in model.param_groups(cfg.train.layer_decay)]
     if cfg.train.optimizer == "adamw":  # fused: one kernel for all parameters on the GPU
-        return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                  fused=device.type == "cuda")
-    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
 
 
 class Ema:
