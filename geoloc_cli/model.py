@@ -35,11 +35,11 @@ class ModelSpec:
     fusion: str  # late | gated | exchange
     heads: dict[str, int]  # head name -> classes, partitionings first, then "scene"
     overrides: dict[str, Any] = field(default_factory=dict)
+    head_hidden: int = 0  # 0 = linear heads, else one hidden layer of this width (GELU)
+    head_trunk: int = 0  # 0 = none, else a hidden layer of this width (GELU) shared by all heads
     # LayerNorm epsilon of both branches when it differs from the timm architecture's own (0 = keep it):
     # Hugging Face ViTs use 1e-12 where timm uses 1e-6, so converted checkpoints give the same numbers.
     layer_norm_eps: float = 0.0
-    head_hidden: int = 0  # 0 = linear heads, else one hidden layer of this width (GELU)
-    head_trunk: int = 0  # 0 = none, else a hidden layer of this width (GELU) shared by all heads
 
 
 def _create_vit(spec: ModelSpec, in_chans: int, pretrained: str, branch: str = "rgb") -> nn.Module:
