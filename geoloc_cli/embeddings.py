@@ -84,11 +84,14 @@ def load_embedder(emb_dir: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
-def write_shard(path: Path, keys: list[str], embedding: np.ndarray, failed: dict[str, str]) -> None:
+def write_shard(path: Path, keys: list[str], embedding: np.ndarray, failed: dict[str, str],
+                image_shard_bytes: int) -> None:
+    """`image_shard_bytes`: the size of the image shard embedded, so a shard fetched again later (new photos
+    after --retry-failed) is seen to be newer than its embeddings (`shard_current`)."""
     from safetensors.numpy import save_file
 
     assert len(keys) == len(embedding), (len(keys), embedding.shape)
-    meta = {"keys": json.dumps(keys), "failed": json.dumps(failed)}
+    meta = {"keys": json.dumps(keys), "failed": json.dumps(failed), "image_shard_bytes": str(image_shard_bytes)}
     with atomic_path(path) as tmp:
         save_file({TENSOR: np.ascontiguousarray(embedding, dtype=np.float16)}, str(tmp), metadata=meta)
 
@@ -107,16 +110,35 @@ def read_shard(path: Path, keys_only: bool = False) -> tuple[list[str], np.ndarr
         raise InputError(f"cannot read embedding shard {path}: {e}") from None
 
 
+def shard_current(path: Path, image_shard: Path) -> bool:
+    """Whether an embedding shard is whole (its header reads, and safetensors checks that it covers the file)
+    and was made from the image shard as it is now."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            made_from = (f.metadata() or {}).get("image_shard_bytes")
+    except Exception:  # noqa: BLE001 - a cut or garbled file fails in safetensors' own ways
+        return False
+    return made_from == str(image_shard.stat().st_size)
+
+
 def gather(emb_dir: Path, keys_by_shard: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """The embeddings of the given keys of each image shard, in that order, as one contiguous (m, dim) float16
-    array, and a mask over the keys of those found (m of them; photos that did not decode have none). The
+    array, and a mask over the keys of those found (m of them; photos that did not decode have none; a key the
+    shard does not know at all is an error). The
     array is allocated once and filled shard by shard: MP-16's is ~10 GB."""
     rows = []
     for shard, keys in keys_by_shard.items():
         path = Path(emb_dir) / emb_shard_for(shard)
         if not path.is_file():
             raise InputError(f"{path} is missing: run `geoloc embed` to finish the dataset's embeddings")
-        at = {k: i for i, k in enumerate(read_shard(path, keys_only=True)[0])}
+        embedded, _, failed = read_shard(path, keys_only=True)
+        at = {k: i for i, k in enumerate(embedded)}
+        unknown = [k for k in keys if k not in at and k not in failed]
+        if unknown:  # the image shard changed since it was embedded (photos fetched again)
+            raise InputError(f"{path} has no embedding of {len(unknown):,} photos of its image shard (e.g. key "
+                             f"{unknown[0]}): the shard changed since it was embedded; run `geoloc embed` again")
         rows.append((path, np.array([at.get(k, -1) for k in keys], dtype=np.int64)))
     found = np.concatenate([idx >= 0 for _, idx in rows]) if rows else np.zeros(0, bool)
     out = np.zeros((0, 0), np.float16)

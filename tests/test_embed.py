@@ -90,6 +90,30 @@ def test_a_rerun_skips_done_shards_and_redoes_the_rest_with_the_recorded_weights
     assert not list(root.emb("demo").glob(".emb-*.tmp"))
 
 
+def test_damaged_or_outdated_embedding_shards_are_made_again_and_never_trusted(world):
+    """A cut embedding shard and one older than its image shard (photos fetched again) are redone by embed;
+    training refuses photos an embedding shard does not know."""
+    from geoloc_cli.embeddings import gather
+    from geoloc_cli.errors import InputError
+
+    cfg, root = world
+    files = sorted(root.emb("demo").glob("emb-*.safetensors"))
+    shards = sorted(root.shards("demo").glob("images-*.tar"))
+    good = [read_shard(f)[1] for f in files[:2]]
+    files[0].write_bytes(files[0].read_bytes()[:-100])  # cut short
+    keys, _, failed = read_shard(files[1])
+    from geoloc_cli.embeddings import write_shard
+
+    write_shard(files[1], keys[:-1], good[1][:-1], failed, shards[1].stat().st_size - 1)  # an older image shard
+    with pytest.raises(InputError, match="no embedding of 1 photos.*run `geoloc embed` again"):
+        gather(root.emb("demo"), {shards[1].name: keys})
+    r = geoloc(cfg, "embed")
+    assert r.exit_code == 0, r.output
+    assert "made again" in r.output
+    for f, emb in zip(files[:2], good, strict=True):
+        assert np.array_equal(read_shard(f)[1], emb)
+
+
 def test_another_backbone_is_refused_by_embed_and_by_train(world):
     cfg, _ = world
     r = geoloc(cfg, "embed", "--set", "model.overrides.depth=2")

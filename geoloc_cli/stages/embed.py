@@ -35,11 +35,12 @@ from geoloc_cli.embeddings import (
     load_embedder,
     mismatch,
     read_record,
+    shard_current,
     write_record,
     write_shard,
 )
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import DataRoot, iter_shard
+from geoloc_cli.store import DataRoot, iter_shard, locked, recover
 
 
 @dataclass(frozen=True)
@@ -57,20 +58,28 @@ def run(cfg: Config, datasets: list[str] | None = None) -> None:
     threads = max(1, loader_workers(cfg.runtime.num_workers, devices[0], len(devices)))
     model = None
     for name in datasets or [cfg.train.dataset]:
-        model = _claim(cfg, root.emb(name), name, model)
-        jobs = _pending(root, name)
-        total = sum(1 for j in jobs for _ in _jpegs(j.image_shard, keys_only=True))
-        console.info(f"embed {name}: {len(jobs)} shards to do ({total:,} images) with {cfg.model.backbone} "
-                     f"({model.rgb.num_features}-d) on {', '.join(devices)}")
-        start = time.monotonic()
-        if jobs:
-            work = functools.partial(embed_shards, model=model.cpu(), batch_size=cfg.embed.batch_size,
-                                     precision=cfg.embed.precision, threads=threads)
-            with console.progress(f"embed {name}", total, unit="img") as task:
-                run_on_devices(work, jobs, devices, task.advance)
-        seconds = time.monotonic() - start
-        console.info(f"embed {name}: {total:,} images in {seconds:.1f} s ({total / max(seconds, 1e-9):,.1f} img/s) "
-                     f"into {root.emb(name)}")
+        with locked(root.emb(name), "embed"):  # one writer per dataset's embeddings
+            model = _embed_dataset(cfg, root, name, model, devices, threads)
+
+
+def _embed_dataset(cfg: Config, root: DataRoot, name: str, model: Any, devices: list[str], threads: int):
+    """One dataset's embeddings (holding its lock); returns the embedder for the next dataset."""
+    recover(root.emb(name))  # temporaries a killed run left
+    model = _claim(cfg, root.emb(name), name, model)
+    jobs = _pending(root, name)
+    total = sum(1 for j in jobs for _ in _jpegs(j.image_shard, keys_only=True))
+    console.info(f"embed {name}: {len(jobs)} shards to do ({total:,} images) with {cfg.model.backbone} "
+                 f"({model.rgb.num_features}-d) on {', '.join(devices)}")
+    start = time.monotonic()
+    if jobs:
+        work = functools.partial(embed_shards, model=model.cpu(), batch_size=cfg.embed.batch_size,
+                                 precision=cfg.embed.precision, threads=threads)
+        with console.progress(f"embed {name}", total, unit="img") as task:
+            run_on_devices(work, jobs, devices, task.advance)
+    seconds = time.monotonic() - start
+    console.info(f"embed {name}: {total:,} images in {seconds:.1f} s ({total / max(seconds, 1e-9):,.1f} img/s) "
+                 f"into {root.emb(name)}")
+    return model
 
 
 def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
@@ -79,8 +88,6 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     backbone, recorded now. Refused when another model made some of the dataset's embeddings already."""
     from geoloc_cli.model import build_model, model_spec
 
-    for stale in emb_dir.glob(".emb-*.tmp"):  # left by a killed run
-        stale.unlink(missing_ok=True)
     want = embedder_record(cfg)
     made = read_record(emb_dir)
     begun = any(emb_dir.glob("emb-*.safetensors"))
@@ -107,7 +114,11 @@ def _pending(root: DataRoot, name: str) -> list[Job]:
     if not shards:
         raise InputError(f"no image shards in {root.shards(name)} (run `geoloc fetch {name}` first)")
     jobs = [Job(s, root.emb(name) / emb_shard_for(s.name)) for s in shards]
-    return [j for j in jobs if not j.emb_shard.is_file()]
+    stale = [j for j in jobs if j.emb_shard.is_file() and not shard_current(j.emb_shard, j.image_shard)]
+    if stale:
+        console.warn(f"embed {name}: {len(stale)} embedding shard(s) are damaged or older than their image shard "
+                     f"(e.g. {stale[0].emb_shard.name}): made again")
+    return [j for j in jobs if not j.emb_shard.is_file() or j in stale]
 
 
 def _jpegs(shard: Path, keys_only: bool = False):
@@ -148,7 +159,8 @@ def embed_shards(jobs: list[Job], device: str, report: Callable[[int], Any], mod
                     parts.append(embed(np.stack([x for _, x in good])))
                 report(len(batch))
             empty = np.zeros((0, model.rgb.num_features), np.float16)
-            write_shard(job.emb_shard, keys, np.concatenate(parts) if parts else empty, failed)
+            write_shard(job.emb_shard, keys, np.concatenate(parts) if parts else empty, failed,
+                        job.image_shard.stat().st_size)
 
 
 def _decode(data: bytes, size: int, pre: dict[str, Any]) -> tuple[np.ndarray | None, str]:
