@@ -107,7 +107,11 @@ def bench_heads(args: argparse.Namespace) -> dict[str, float]:
     batches = iter(loader)
 
     def step() -> None:
-        batch = next(batches)
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:  # a fast step runs through every batch of an epoch: start another
+            batches = iter(loader)
+            batch = next(batches)
         x = batch["image"].to(args.device, non_blocking=True)
         with torch.autocast(torch.device(args.device).type, dtype=amp or torch.float32, enabled=amp is not None):
             out = net(x)

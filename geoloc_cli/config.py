@@ -360,12 +360,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: list[Any] = []  # a list: a key may be unhashable (a YAML sequence), which SafeLoader refuses below
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor; a key given beside it overrides it
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.YAMLError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
-            seen.add(key)
+            seen.append(key)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -156,3 +156,14 @@ def test_version_and_environment_variables(tmp_path):
     assert "device: cpu" in r.output
     for args in (["--root", "elsewhere"], ["--set", "paths.root=elsewhere"]):  # ... and lose to the command line
         assert "root: elsewhere" in CliRunner().invoke(app, ["config", *args], env=env).output
+
+
+def test_yaml_merge_keys_work_and_odd_keys_are_one_line_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {epochs: 2, lr: 0.1}\ntrain:\n  <<: *b\n  epochs: 3\n")
+    from geoloc_cli.config import read_yaml
+
+    assert read_yaml(path)["train"] == {"epochs": 3, "lr": 0.1}, "a key beside a merge overrides it"
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="unhashable key"):
+        read_yaml(path)

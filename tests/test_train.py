@@ -184,6 +184,21 @@ def test_resume_state_with_another_optimizer_layout_is_a_config_error(world, ref
         train.launch(load_config(cfg_path, ["train.run=older", "train.epochs=4"]), resume=True)
 
 
+def test_resume_completes_an_epoch_commit_a_kill_cut_short_first(world, reference):
+    """A kill after an epoch's commit point but before its renames: --resume finds the state the commit
+    holds instead of saying there is none."""
+    import shutil
+
+    cfg_path, root = world
+    run = root / "runs/cut-commit"
+    shutil.copytree(root / "runs/ref", run)
+    (run / "resume.pt").rename(run / ".resume.pt.gen1.tmp")
+    (run / ".commit.json").write_text(json.dumps({"generation": "gen1", "remove": [],
+                                                  "rename": {".resume.pt.gen1.tmp": "resume.pt"}}))
+    (result,) = train.launch(load_config(cfg_path, ["train.run=cut-commit", "train.epochs=4"]), resume=True)
+    assert [r["epoch"] for r in result["history"]] == [4] and not (run / ".commit.json").exists()
+
+
 def test_trim_metrics_drops_epochs_not_in_the_resume_state(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in (1, 2, 3)))

@@ -164,7 +164,10 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     # one writer per run, checked first: only the process that writes (global rank 0, or the launcher of
     # its workers) locks
     writes = os.environ.get("RANK", "0") == "0" and node_rank == 0
-    with locked(DataRoot(cfg.root).run(cfg.train.run), "train") if writes else contextlib.nullcontext():
+    run_dir = DataRoot(cfg.root).run(cfg.train.run)
+    with locked(run_dir, "train") if writes else contextlib.nullcontext():
+        if writes:  # an epoch's commit a kill cut short is completed before anything reads resume.pt
+            store.recover(run_dir)
         return _launch(cfg, resume, nnodes, node_rank, master_addr, master_port)
 
 
@@ -293,12 +296,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
         state: dict[str, Any] = {"step": 0, "epoch": 0, "best": float("-inf"), "sums": {}}
+        if info.main:  # (again for torchrun, whose launcher is not geoloc's)
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            store.recover(plan.run_dir)
+        dist.barrier()  # every rank reads the resume state only once its commit is complete
         if resume:
             state = _load_resume(plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, info,
                                  steps_per_epoch)
         if info.main:
-            plan.run_dir.mkdir(parents=True, exist_ok=True)
-            store.recover(plan.run_dir)  # completes an epoch's commit a kill cut short, removes temporaries
             write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
             _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
             extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
