@@ -13,6 +13,7 @@ metadata and the resolved config. Loading it runs no pickle and needs no other f
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,7 +315,17 @@ def block_ids(branch: nn.Module) -> dict[str, int]:
     if not hasattr(branch, "group_matcher"):
         raise ConfigError(f"{type(branch).__name__} has no timm group matcher: cannot tell its blocks apart "
                           "for train.trainable_blocks / train.layer_decay")
-    return group_parameters(branch, branch.group_matcher(coarse=False), reverse=True)
+    ids = group_parameters(branch, branch.group_matcher(coarse=False), reverse=True)
+    # timm gives the final norm, SigLIP's attention pool or ConvNeXt's head norm a group of their own above
+    # the last block: they train (and decay) with that block, or trainable_blocks=1 would train them alone
+    for _ in range(2):
+        top = max(ids.values())
+        if top > 0 and not any(_IN_BLOCK.search(n) for n, i in ids.items() if i == top):
+            ids = {n: min(i, top - 1) for n, i in ids.items()}
+    return ids
+
+
+_IN_BLOCK = re.compile(r"(^|\.)(blocks|stages|layers?\d*|levels)\.\d+")
 
 
 def _frozen_modules(module: nn.Module) -> list[nn.Module]:

@@ -60,7 +60,9 @@ def test_siglip_pools_by_attention_without_a_cls_token():
     model = build_model(family("siglip"))
     assert model.rgb.cls_token is None and model.rgb.global_pool == "map" and model.rgb.attn_pool is not None
     ids = block_ids(model.rgb)
-    assert ids["attn_pool.latent"] == max(ids.values()), "the attention pool trains with the last block"
+    last = max(i for n, i in ids.items() if n.startswith("blocks."))
+    assert ids["attn_pool.latent"] == ids["norm.weight"] == last == max(ids.values()), \
+        "the attention pool and the final norm train with the last block (trainable_blocks=1 trains that block)"
 
 
 @pytest.mark.parametrize(("name", "why"), [("resnet", "not a ViT-style"), ("convnext", "not a ViT-style"),
