@@ -147,7 +147,8 @@ def broadcast(obj: Any) -> Any:
 def run_on_devices(work: Callable[..., Any], jobs: list[Any], devices: list[str], report: Callable[[int], Any]) -> None:
     """work(share, device=..., report=...) with job i on device i % n: in this process for one device, else
     one spawned process per device (a picklable `work`). Workers' report(n) calls come back here through a
-    queue; a worker's ConfigError or InputError is raised here as the same one-line error, not a traceback."""
+    queue; a worker's user or operating-system error (errors.worker_error) is raised here as the same one-line
+    error, not a traceback, and stops the other workers."""
     if len(devices) == 1:
         work(jobs, device=devices[0], report=report)
         return
@@ -166,9 +167,12 @@ def run_on_devices(work: Callable[..., Any], jobs: list[Any], devices: list[str]
                 report(value)
             else:
                 failure = failure or value
-        if finished:
+        if finished or failure:  # one device failed (a full disk, say): the others stop too
             break
     if failure:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
         raise USER_ERRORS[failure[0]](failure[1])
 
 

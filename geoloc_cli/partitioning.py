@@ -1,6 +1,6 @@
 """Adaptive S2 geo-cell partitionings (GeoEstimation), class assignment, cell tables and the hierarchy.
 
-The algorithm (DESIGN.md, "Formats"; GeoEstimation's create_cells.py): map every image to its S2 cell
+The algorithm (GeoEstimation's create_cells.py): map every image to its S2 cell
 at lvl_min; drop cells with count <= tau_min together with their images; while some cell holds more
 than tau_max images and level < lvl_max, move the images of every over-full cell one level down and
 recount; finally drop cells with count <= tau_min.

@@ -1,6 +1,6 @@
 """The data root on disk: where each stage's files live, atomic writes, tar shards and manifests.
 
-Layout (see DESIGN.md):
+Layout (README, "Data root"):
   <root>/meta/                                  metadata CSVs as published
   <root>/datasets/<name>/shards/images-NNNNNN.tar   <key>.jpg + <key>.json (WebDataset-compatible)
   <root>/datasets/<name>/shards/images-NNNNNN.parquet  per-shard manifest part (written after the tar)

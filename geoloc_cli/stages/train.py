@@ -212,7 +212,6 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     return [results[r] for r in sorted(results)]
 
 
-# Errors a training worker reports by name (torch's failure record holds "<type>: <message>").
 def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
     try:
         return train(cfgmod.from_dict(cfg_dict), resume)
@@ -452,6 +451,7 @@ class Ema:
         import copy
 
         self.decay, self.updates = decay, 0
+        self._moving: list[str] | None = None  # floating-point entries that can change (set at the first update)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     def update(self, model) -> None:
@@ -461,7 +461,11 @@ class Ema:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
             mine, theirs = self.module.state_dict(), model.state_dict()
-            floats = [k for k, v in mine.items() if v.is_floating_point()]
+            if self._moving is None:  # frozen weights never move: a frozen ViT-L would cost most of the step
+                moving = {n for n, p in model.named_parameters() if p.requires_grad}
+                moving |= {n for n, _ in model.named_buffers()}
+                self._moving = [k for k, v in mine.items() if v.is_floating_point() and k in moving]
+            floats = self._moving
             torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], 1.0 - d)
             for k, v in mine.items():  # integer buffers (counters) are copied
                 if not v.is_floating_point():
