@@ -42,6 +42,16 @@ def reference(world) -> dict:
     return result
 
 
+def _world_copy(world, tmp_path: Path, *sets: str):
+    """(config, data root) of a copy of the world's data (no runs) that a test may change."""
+    import shutil
+
+    cfg_path, data = world
+    root = tmp_path / "data"
+    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
+    return load_config(cfg_path, [*sets, f"paths.root={root}"]), root
+
+
 # ------------------------------------------------------------------------------------ sampler
 
 
@@ -302,16 +312,11 @@ def test_configs_that_cannot_work_fail_before_any_heavy_work(world, tmp_path, mo
 
 def test_labels_outside_a_heads_range_fail_before_any_device_sees_them(world, tmp_path):
     """On CUDA an out-of-range target is an asynchronous device-side assert; here it names the column."""
-    import shutil
-
     import pandas as pd
 
     from geoloc_cli.store import DataRoot
 
-    cfg_path, data = world
-    root = tmp_path / "data"
-    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
-    cfg = load_config(cfg_path, [f"paths.root={root}"])
+    cfg, root = _world_copy(world, tmp_path)
     index = DataRoot(root).index(cfg.train.dataset)
     rows = pd.read_parquet(index)
     rows.loc[3, "fine"] = 10_000
@@ -374,16 +379,11 @@ def test_visible_devices_count_within_an_already_restricted_set(monkeypatch):
 def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, capsys):
     """Photos fetched without --meta have no scene label: those targets are unknown (-1), and a batch
     with none known adds 0 to the loss instead of a NaN that would wreck the weights."""
-    import shutil
-
     import pandas as pd
 
     from geoloc_cli.store import DataRoot
 
-    cfg_path, data = world
-    root = tmp_path / "data"
-    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
-    cfg = load_config(cfg_path, ["train.run=noscene", "train.epochs=1", f"paths.root={root}"])
+    cfg, root = _world_copy(world, tmp_path, "train.run=noscene", "train.epochs=1")
     index = DataRoot(root).index(cfg.train.dataset)
     rows = pd.read_parquet(index)
     col = train.SCENE_COLUMNS[cfg.model.scene_classes]
@@ -396,16 +396,11 @@ def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, c
 
 
 def test_validation_images_without_a_true_location_are_left_out(world, tmp_path, capsys):
-    import shutil
-
     import pandas as pd
 
     from geoloc_cli.store import DataRoot
 
-    cfg_path, data = world
-    root = tmp_path / "data"
-    shutil.copytree(data, root, ignore=shutil.ignore_patterns("runs"))
-    cfg = load_config(cfg_path, [f"paths.root={root}"])
+    cfg, root = _world_copy(world, tmp_path)
     manifest = DataRoot(root).manifest(cfg.train.val_dataset)
     m = pd.read_parquet(manifest)
     full = int((m.status == "ok").sum())
