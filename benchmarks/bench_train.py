@@ -95,6 +95,7 @@ def data_rate(cfg: Config, epochs: int = 2) -> float:
 
 def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
     """Images/s of optimizer steps on ready tensors (model, loss, backward, AdamW, scheduler)."""
+    from geoloc_cli.losses import MultitaskLoss
     from geoloc_cli.model import build_model, model_spec
     from geoloc_cli.stages import train
 
@@ -107,11 +108,11 @@ def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler(enabled=False)
-    weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
+    loss_fn = MultitaskLoss({h: cfg.train.loss_weights.get(h, 0.0) for h in heads})
     dev = torch.device("cpu")
 
     def step() -> None:
-        train._step(model, model, opt, sched, scaler, batch, cfg.train.batch_size, weights, None, dev,
+        train._step(model, model, opt, sched, scaler, batch, cfg.train.batch_size, loss_fn, None, dev,
                     cfg.model.seg_channels, cfg.train.grad_clip)
 
     for _ in range(warmup):

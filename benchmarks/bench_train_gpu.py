@@ -69,22 +69,25 @@ def setup(args: argparse.Namespace, device: torch.device):
         "image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device),  # as the loader ships them
         "seg": torch.randint(0, 150, (b, s, s), dtype=torch.uint8, device=device),
         "targets": {h: torch.randint(0, n, (b,), device=device) for h, n in heads.items()},
+        "lat": torch.rand(b, dtype=torch.float64, device=device) * 180 - 90,
+        "lon": torch.rand(b, dtype=torch.float64, device=device) * 360 - 180,
     }
     return model, opt, sched, batch, heads
 
 
 def step_fn(args: argparse.Namespace, device: torch.device):
+    from geoloc_cli.losses import MultitaskLoss
     from geoloc_cli.stages import train
 
     model, opt, sched, batch, heads = setup(args, device)
     fwd = torch.compile(model) if args.compile else model
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    weights = {"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0}
+    loss_fn = MultitaskLoss({"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0})
     micro = args.batch_size // args.grad_accum
 
     def step() -> None:
-        train._step(fwd, model, opt, sched, scaler, batch, micro, weights, amp, device, args.seg_channels, 1.0)
+        train._step(fwd, model, opt, sched, scaler, batch, micro, loss_fn, amp, device, args.seg_channels, 1.0)
 
     n_params = sum(p.numel() for p in model.parameters())
     return step, n_params

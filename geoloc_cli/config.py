@@ -134,6 +134,10 @@ class TrainConfig:
     weight_decay: float = doc(0.05, "AdamW weight decay.")
     optimizer: str = doc("adamw", "adamw or sgd.")
     warmup_epochs: float = doc(1.0, "Linear warm-up length, then cosine decay.")
+    label_smoothing_km: float | dict[str, float] = doc(
+        0.0, "Haversine label smoothing (PIGEON): each partitioning's target is softmax(-distance to each cell "
+        "centre / tau), tau in km (PIGEOTTO: 65); one value for every partitioning or {name: tau}; 0 = plain "
+        "cross-entropy.")
     loss_weights: dict[str, float] = doc(
         {"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0}, "Weight of each head's loss."
     )
@@ -325,6 +329,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.loss_weights: {sorted(typos)} name no head (heads: {', '.join(sorted(heads))})")
     if cfg.train.source == "embeddings":
         _validate_embeddings(cfg)
+    smoothing = cfg.train.label_smoothing_km
+    values = smoothing.values() if isinstance(smoothing, dict) else [smoothing]
+    if any(v < 0 for v in values):
+        raise ConfigError(f"train.label_smoothing_km: {smoothing!r}: tau must be >= 0 km (0 = off)")
+    if isinstance(smoothing, dict) and set(smoothing) - set(cfg.model.partitionings):
+        raise ConfigError(f"train.label_smoothing_km: {sorted(set(smoothing) - set(cfg.model.partitionings))} "
+                          f"are no partitioning (model.partitionings: {', '.join(cfg.model.partitionings)})")
     unweighted = heads - set(cfg.train.loss_weights)
     if unweighted:
         raise ConfigError(f"train.loss_weights: no weight for {sorted(unweighted)} (0 turns a head off)")
@@ -337,6 +348,12 @@ def _validate_embeddings(cfg: Config) -> None:
     if cfg.train.trainable_blocks > 0:
         raise ConfigError("train.source=embeddings: the backbone is frozen (its features are cached); set "
                           "train.trainable_blocks=0 or train.source=images to fine-tune blocks")
+
+
+def smoothing_km(cfg: Config, partitioning: str) -> float:
+    """train.label_smoothing_km for one partitioning (0: plain cross-entropy)."""
+    smoothing = cfg.train.label_smoothing_km
+    return float(smoothing.get(partitioning, 0.0) if isinstance(smoothing, dict) else smoothing)
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -260,6 +260,14 @@ def test_gradient_accumulation_matches_the_full_batch(world, eager):
     assert accum["history"][0]["train_loss"] == pytest.approx(eager["history"][0]["train_loss"], rel=1e-5)
 
 
+def test_haversine_label_smoothing_trains(world, eager):
+    (smoothed,) = train.launch(load_config(world[0], [*ONE_EPOCH, "train.run=smoothed",
+                                                      "train.label_smoothing_km={fine: 65, middle: 200}"]))
+    loss = smoothed["history"][0]
+    assert np.isfinite(loss["train_loss"]) and loss["train_loss_fine"] != pytest.approx(eager["history"][0]
+                                                                                         ["train_loss_fine"])
+
+
 def test_compiled_model_trains_like_the_eager_one(world, eager, monkeypatch):
     import torch._dynamo
 

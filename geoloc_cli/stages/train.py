@@ -293,7 +293,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             opt, _lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch)))
         amp = amp_dtype(cfg.train.precision, info.device)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-        weights = {h: cfg.train.loss_weights.get(h, 0.0) for h in heads}
+        loss_fn = _loss(cfg, heads, cells, info.device)
         state: dict[str, Any] = {"step": 0, "epoch": 0, "best": float("-inf"), "sums": {}}
         if info.main:  # (again for torchrun, whose launcher is not geoloc's)
             plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             with console.progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch - start_batch,
                                   unit="step", loss="-", lr="-", img_s="-") as bar:
                 for batch in loader:
-                    losses = _step(fwd, ddp, opt, sched, scaler, batch, micro, weights, amp, info.device,
+                    losses = _step(fwd, ddp, opt, sched, scaler, batch, micro, loss_fn, amp, info.device,
                                    cfg.model.seg_channels, cfg.train.grad_clip)
                     if ema is not None:
                         ema.update(model)
@@ -479,12 +479,11 @@ class Ema:
         self.updates = int(state["updates"])
 
 
-def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, float], amp, device,
+def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, loss_fn, amp, device,
           seg_channels: int, grad_clip: float) -> dict[str, float]:
     """One optimizer step over a local batch, in `len(batch) / micro` accumulation chunks; `fwd` is the
-    (possibly compiled) forward, `ddp` the DDP wrapper or the model itself."""
+    (possibly compiled) forward, `ddp` the DDP wrapper or the model itself, `loss_fn` a losses.MultitaskLoss."""
     import torch
-    import torch.nn.functional as F
 
     from geoloc_cli.segmentation import encode_seg_torch
 
@@ -493,7 +492,7 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
     totals: dict[str, Any] = {}  # detached device tensors: read back once per step (one GPU sync)
     # Each head's loss is the mean over the known targets (-1 = unknown) of the whole local batch, so
     # accumulation chunks add up to it exactly, and a chunk without known targets adds 0, not NaN.
-    known = {h: (batch["targets"][h] >= 0).sum().clamp(min=1).to(device) for h in weights}
+    known = {h: (batch["targets"][h] >= 0).sum().clamp(min=1).to(device) for h in loss_fn.weights}
     opt.zero_grad(set_to_none=True)
     for j, s in enumerate(chunks):
         image = batch["image"][s:s + micro].to(device, non_blocking=True)
@@ -503,11 +502,10 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
         sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
         with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = fwd(image, seg)
-            loss = torch.zeros((), device=device)
-            for h, w in weights.items():
-                t = batch["targets"][h][s:s + micro].to(device, non_blocking=True)
-                lh = F.cross_entropy(logits[h].float(), t, ignore_index=-1, reduction="sum") / known[h]
-                loss = loss + w * lh
+            targets = {h: batch["targets"][h][s:s + micro].to(device, non_blocking=True) for h in loss_fn.weights}
+            lat, lon = (batch[k][s:s + micro].to(device, torch.float32, non_blocking=True) for k in ("lat", "lon"))
+            loss, parts = loss_fn(logits, targets, known, lat, lon)
+            for h, lh in parts.items():
                 totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach()
             scaler.scale(loss).backward()
         totals["loss"] = totals.get("loss", 0.0) + loss.detach()
@@ -518,6 +516,21 @@ def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, weights: dict[str, fl
     scaler.update()
     sched.step()
     return dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))
+
+
+def _loss(cfg: Config, heads: dict[str, int], cells, device):
+    """The weighted multi-task loss, with haversine label smoothing where train.label_smoothing_km asks."""
+    import torch
+
+    from geoloc_cli.losses import MultitaskLoss
+
+    smoothing = {}
+    for p in cfg.model.partitionings:
+        tau = cfgmod.smoothing_km(cfg, p)
+        if tau > 0:
+            lat, lon = (torch.tensor(c[p], dtype=torch.float32, device=device) for c in (cells.lat, cells.lon))
+            smoothing[p] = (tau, lat, lon)
+    return MultitaskLoss({h: cfg.train.loss_weights.get(h, 0.0) for h in heads}, smoothing)
 
 
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int):
