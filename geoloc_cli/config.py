@@ -342,9 +342,10 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_embeddings(cfg: Config) -> None:
-    """Cached embeddings come from the frozen RGB branch alone."""
-    if cfg.model.seg_channels:
-        raise ConfigError("train.source=embeddings: embeddings hold the RGB branch only; set model.seg_channels=0")
+    """Cached embeddings come from the frozen branches, fused only after them."""
+    if cfg.model.seg_channels and cfg.model.fusion == "exchange":
+        raise ConfigError("train.source=embeddings: exchange fusion mixes the branches inside every block, so "
+                          "there is no branch feature to cache; use model.fusion=late or gated")
     if cfg.train.trainable_blocks > 0:
         raise ConfigError("train.source=embeddings: the backbone is frozen (its features are cached); set "
                           "train.trainable_blocks=0 or train.source=images to fine-tune blocks")

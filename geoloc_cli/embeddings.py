@@ -2,13 +2,16 @@
 and read by `train.source: embeddings` (heads trained in minutes instead of the backbone for days).
 
 Layout under datasets/<name>/emb/ (one embedding shard per image shard, aligned by key):
-  emb-NNNNNN.safetensors  tensor "embedding" (n, dim) float16, rows in the image shard's key order; metadata
+  emb-NNNNNN.safetensors  tensor "embedding" (n, dim) float16 (with a segmentation branch, model.seg_channels
+                          > 0: (n, 2 dim), the RGB feature then the class map's), rows in the image shard's key
+                          order; metadata
                           "keys" (JSON list, one per row) and "failed" (JSON {key: error}: photos that did not
                           decode have no row). Each file appears atomically, so a finished shard is skipped on
                           the next run and a killed run continues where it stopped.
   embedder.json           what made them: backbone, img_size, overrides, weights (model.pretrained),
                           preprocessing (the backbone's data config), dim. Training refuses another model.
-  embedder.safetensors    the backbone's weights: training embeds exactly this backbone in its inference
+  embedder.safetensors    the backbone's weights (a segmentation branch's under "seg."): training embeds exactly
+                          this backbone in its inference
                           checkpoint, so evaluate, predict and export see a photo as the embeddings did.
 
 Shards are read and written with numpy + safetensors (torch only where the backbone's weights are handled);
@@ -39,7 +42,11 @@ def emb_shard_for(image_shard: str) -> str:
 def embedder_record(cfg: Any) -> dict[str, Any]:
     """The part of the record the config decides (the model adds preprocess and dim)."""
     m = cfg.model
-    return {"backbone": m.backbone, "img_size": m.img_size, "overrides": dict(m.overrides), "pretrained": m.pretrained}
+    record = {"backbone": m.backbone, "img_size": m.img_size, "overrides": dict(m.overrides),
+              "pretrained": m.pretrained}
+    if m.seg_channels:  # (records of RGB-only embeddings stay as they were)
+        record["seg_channels"] = m.seg_channels
+    return record
 
 
 def read_record(emb_dir: Path) -> dict[str, Any] | None:
@@ -72,6 +79,22 @@ def check_record(cfg: Any, emb_dir: Path, name: str) -> dict[str, Any]:
         raise ConfigError(f"{name}: its embeddings were made by another model ({diff}): set model.* as they were "
                           f"made, or delete {emb_dir} and run `geoloc embed {name}` again")
     return made
+
+
+def branch_weights(model: Any) -> dict[str, Any]:
+    """What embedder.safetensors holds: the RGB branch's state dict, and the segmentation branch's under "seg."."""
+    weights = dict(model.rgb.state_dict())
+    if model.seg is not None:
+        weights |= {f"seg.{k}": v for k, v in model.seg.state_dict().items()}
+    return weights
+
+
+def load_branches(model: Any, emb_dir: Path) -> None:
+    """The recorded branches' weights into `model` (strict: the record already matched the config)."""
+    weights = load_embedder(emb_dir)
+    model.rgb.load_state_dict({k: v for k, v in weights.items() if not k.startswith("seg.")})
+    if model.seg is not None:
+        model.seg.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("seg.")})
 
 
 def load_embedder(emb_dir: Path) -> dict[str, Any]:

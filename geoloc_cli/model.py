@@ -295,15 +295,19 @@ class GeoModel(nn.Module):
 
 
 class HeadsOnly(nn.Module):
-    """A GeoModel's heads on cached RGB embeddings (train.source=embeddings): called as the model is, with
-    the (B, dim) embedding in place of the photo."""
+    """A GeoModel's fusion and heads on cached branch features (train.source=embeddings): called as the model
+    is, with the (B, dim) embedding - (B, 2 dim), RGB then segmentation, with a seg branch - in place of the
+    photo."""
 
     def __init__(self, model: GeoModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, embedding: torch.Tensor, seg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.model.classify(embedding.float())  # stored as fp16; autocast, where on, casts again
+        f = embedding.float()  # stored as fp16; autocast, where on, casts again
+        if self.model.seg is not None:
+            f = self.model.fuse(*f.chunk(2, dim=-1))
+        return self.model.classify(f)
 
 
 def block_ids(branch: nn.Module) -> dict[str, int]:

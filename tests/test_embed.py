@@ -171,12 +171,45 @@ def test_photos_that_do_not_decode_are_recorded_and_left_out(tmp_path, monkeypat
         for key, data in (("a", buf.getvalue()), ("b", b"\xff\xd8 not a jpeg"), ("c", buf.getvalue())):
             w.add(key, {"jpg": data, "json": b"{}"})
     cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "model.img_size=32",
-                             "model.overrides={layers: [1, 1, 1, 1]}", "runtime.device=cpu"],
+                             "model.overrides={layers: [1, 1, 1, 1]}", "runtime.device=cpu", "model.seg_channels=0"],
                       {"paths.root": str(root.path)})
     stage.run(cfg, ["x"])
     keys, emb, failed = read_shard(root.emb("x") / "emb-000000.safetensors")
     assert keys == ["a", "c"] and emb.shape == (2, 512) and list(failed) == ["b"]
     assert os.listdir(root.emb("x")) and not list(root.emb("x").glob(".*.tmp"))
+
+
+def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
+    """With maps (model.seg_channels > 0, late or gated fusion) each row is the RGB feature then the class
+    map's, as the branches compute them on the evaluation views; heads and fusion train on them, and the
+    checkpoint holds both branches."""
+    from worlds import DATA_STAGES
+
+    from geoloc_cli.data import transform
+    from geoloc_cli.model import load_inference_checkpoint
+    from geoloc_cli.segmentation import encode_seg_torch
+
+    cfg, data = build_world(tmp_path, (*DATA_STAGES, ["segment"]), model={"seg_channels": 3, "fusion": "gated"},
+                            train={**TRAIN, "epochs": 1}, embed={"batch_size": 16})
+    root = DataRoot(data)
+    assert geoloc(cfg, "embed").exit_code == 0
+    shard = sorted(root.shards("demo").glob("images-*.tar"))[0]
+    keys, emb, _ = read_shard(root.emb("demo") / emb_shard_for(shard.name))
+    assert emb.shape[1] == 2 * 32
+    r = geoloc(cfg, "train")
+    assert r.exit_code == 0, r.output
+    model, _, _ = load_inference_checkpoint(root.model("demo"))
+    from geoloc_cli.store import iter_shard, seg_shard_for
+
+    photo = dict(iter_shard(shard))[keys[0]]["jpg"]
+    seg_png = dict(iter_shard(root.seg("demo") / seg_shard_for(shard.name)))[keys[0]]["png"]
+    x, s = transform(Image.open(io.BytesIO(photo)).convert("RGB"), Image.open(io.BytesIO(seg_png)), 32,
+                     model.data_config(), False, None)
+    with torch.no_grad():
+        want = torch.cat([model.embed(x[None]), model.seg(encode_seg_torch(s[None], 3))], dim=-1)[0]
+    assert torch.allclose(torch.from_numpy(emb[0].astype(np.float32)), want, atol=2e-2), "the stored features"
+    assert geoloc(cfg, "evaluate").exit_code == 0, "the checkpoint works on photos and their maps"
+    assert geoloc(cfg, "train", "--set", "model.fusion=exchange").exit_code == 2
 
 
 def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones(world):

@@ -30,9 +30,10 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
 from geoloc_cli.embeddings import (
+    branch_weights,
     emb_shard_for,
     embedder_record,
-    load_embedder,
+    load_branches,
     mismatch,
     read_record,
     shard_current,
@@ -40,7 +41,7 @@ from geoloc_cli.embeddings import (
     write_shard,
 )
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import DataRoot, iter_shard, locked, recover
+from geoloc_cli.store import DataRoot, iter_shard, locked, recover, seg_shard_for
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Job:
 
     image_shard: Path
     emb_shard: Path
+    seg_shard: Path | None = None  # its segmentation maps, when the model has a seg branch
 
 
 def run(cfg: Config, datasets: list[str] | None = None) -> None:
@@ -66,7 +68,7 @@ def _embed_dataset(cfg: Config, root: DataRoot, name: str, model: Any, devices: 
     """One dataset's embeddings (holding its lock); returns the embedder for the next dataset."""
     recover(root.emb(name))  # temporaries a killed run left
     model = _claim(cfg, root.emb(name), name, model)
-    jobs = _pending(root, name)
+    jobs = _pending(root, name, model.seg is not None)
     total = sum(1 for j in jobs for _ in _jpegs(j.image_shard, keys_only=True))
     console.info(f"embed {name}: {len(jobs)} shards to do ({total:,} images) with {cfg.model.backbone} "
                  f"({model.rgb.num_features}-d) on {', '.join(devices)}")
@@ -99,21 +101,26 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     if model is None:
         model = build_model(model_spec(cfg, {}), "none" if made else cfg.model.pretrained)
     if made:
-        model.rgb.load_state_dict(load_embedder(emb_dir))
+        load_branches(model, emb_dir)
     record = {**want, "preprocess": model.data_config(), "dim": model.rgb.num_features}
     if made is not None and made != record and begun:
         raise ConfigError(f"{name}: its embeddings so far were made with other preprocessing "
                           f"({mismatch(made, record)}): delete {emb_dir} to start over")
     if made != record:
-        write_record(emb_dir, record, model.rgb.state_dict())
+        write_record(emb_dir, record, branch_weights(model))
     return model.eval()
 
 
-def _pending(root: DataRoot, name: str) -> list[Job]:
+def _pending(root: DataRoot, name: str, with_seg: bool) -> list[Job]:
     shards = sorted(root.shards(name).glob("images-*.tar"))
     if not shards:
         raise InputError(f"no image shards in {root.shards(name)} (run `geoloc fetch {name}` first)")
-    jobs = [Job(s, root.emb(name) / emb_shard_for(s.name)) for s in shards]
+    jobs = [Job(s, root.emb(name) / emb_shard_for(s.name), root.seg(name) / seg_shard_for(s.name) if with_seg
+                else None) for s in shards]
+    unmapped = [j.seg_shard for j in jobs if j.seg_shard is not None and not j.seg_shard.is_file()]
+    if unmapped:
+        raise InputError(f"model.seg_channels={with_seg and 'set'}: {unmapped[0]} is missing: run `geoloc segment "
+                         f"{name}` first (the seg branch embeds the maps)")
     stale = [j for j in jobs if j.emb_shard.is_file() and not shard_current(j.emb_shard, j.image_shard)]
     if stale:
         console.warn(f"embed {name}: {len(stale)} embedding shard(s) are damaged or older than their image shard "
@@ -145,38 +152,58 @@ def embed_shards(jobs: list[Job], device: str, report: Callable[[int], Any], mod
     with ThreadPoolExecutor(threads) as pool:
         for job in jobs:
             samples = _jpegs(job.image_shard)
+            maps = {k: f["png"] for k, f in iter_shard(job.seg_shard) if "png" in f} if job.seg_shard else {}
             batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
             keys, parts, failed = [], [], {}
-            ahead = [pool.submit(decode, data) for _, data in batches[0]] if batches else []
+
+            def submit(batch, maps=maps):
+                return [pool.submit(decode, data, maps.get(key)) for key, data in batch]
+
+            ahead = submit(batches[0]) if batches else []
             for i, batch in enumerate(batches):
                 decoded = [f.result() for f in ahead]
                 if i + 1 < len(batches):  # decode the next batch while the device works on this one
-                    ahead = [pool.submit(decode, data) for _, data in batches[i + 1]]
+                    ahead = submit(batches[i + 1])
                 good = [(key, x) for (key, _), (x, _) in zip(batch, decoded, strict=True) if x is not None]
                 failed |= {key: err for (key, _), (x, err) in zip(batch, decoded, strict=True) if x is None}
                 if good:
                     keys += [k for k, _ in good]
-                    parts.append(embed(np.stack([x for _, x in good])))
+                    parts.append(embed(np.stack([x[0] for _, x in good]), np.stack([x[1] for _, x in good])))
                 report(len(batch))
-            empty = np.zeros((0, model.rgb.num_features), np.float16)
+            empty = np.zeros((0, model.rgb.num_features * (2 if model.seg is not None else 1)), np.float16)
             write_shard(job.emb_shard, keys, np.concatenate(parts) if parts else empty, failed,
                         job.image_shard.stat().st_size)
 
 
-def _decode(data: bytes, size: int, pre: dict[str, Any]) -> tuple[np.ndarray | None, str]:
-    """(uint8 (3, S, S) evaluation view, '') or (None, why it did not decode)."""
+def _decode(data: bytes, seg_png: bytes | None, size: int, pre: dict[str, Any],
+            ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """((uint8 (3, S, S) evaluation view, uint8 (S, S) class map view: all "no map" without one), '') or
+    (None, why it did not decode): the views training's validation and evaluate take."""
+    import io
+
+    from PIL import Image
+
     from geoloc_cli.data import DECODE_ERRORS, open_image, transform
 
     try:
-        return transform(open_image(data, size), None, size, pre, False, None)[0].numpy(), ""
+        seg = Image.open(io.BytesIO(seg_png)) if seg_png is not None else None
+        x, s = transform(open_image(data, size), seg, size, pre, False, None)
+        return (x.numpy(), s.numpy()), ""
     except DECODE_ERRORS as e:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _embed(model: Any, pixels: np.ndarray, device: str, amp: Any) -> np.ndarray:
-    """uint8 photos -> (n, dim) float16 pooled features."""
+def _embed(model: Any, pixels: np.ndarray, maps: np.ndarray, device: str, amp: Any) -> np.ndarray:
+    """uint8 photos (and class maps) -> (n, dim) float16 pooled features ((n, 2 dim) with a seg branch:
+    the RGB feature, then the map's)."""
     import torch
+
+    from geoloc_cli.segmentation import encode_seg_torch
 
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp or torch.float32,
                                                 enabled=amp is not None):
-        return model.embed(torch.from_numpy(pixels).to(device)).float().cpu().numpy().astype(np.float16)
+        f = model.embed(torch.from_numpy(pixels).to(device))
+        if model.seg is not None:
+            seg = encode_seg_torch(torch.from_numpy(maps).to(device), model.spec.seg_channels, amp)
+            f = torch.cat([f, model.seg(seg)], dim=-1)
+        return f.float().cpu().numpy().astype(np.float16)

@@ -273,11 +273,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         pre = model.data_config()
         ds, groups = _train_dataset(cfg, plan, pre, info.main)
-        net, train_workers = model, workers
+        net, train_workers, step_seg_channels = model, workers, cfg.model.seg_channels
         if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
             from geoloc_cli.model import HeadsOnly
 
-            net, train_workers = HeadsOnly(model), 0
+            # the maps' features are cached beside the photos': nothing to encode per step
+            net, train_workers, step_seg_channels = HeadsOnly(model), 0, 0
         local_batch = cfg.train.batch_size // info.world
         micro = local_batch // cfg.train.grad_accum
         sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
@@ -331,7 +332,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                   unit="step", loss="-", lr="-", img_s="-") as bar:
                 for batch in loader:
                     losses = _step(fwd, ddp, opt, sched, scaler, batch, micro, loss_fn, amp, info.device,
-                                   cfg.model.seg_channels, cfg.train.grad_clip)
+                                   step_seg_channels, cfg.train.grad_clip)
                     if ema is not None:
                         ema.update(model)
                     state["step"] += 1
@@ -418,11 +419,11 @@ def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
         model = build_model(spec, cfg.model.pretrained)
         model.freeze(cfg.train.trainable_blocks)
         return model
-    from geoloc_cli.embeddings import check_record, load_embedder, mismatch
+    from geoloc_cli.embeddings import check_record, load_branches, mismatch
 
     emb_dir = root.emb(cfg.train.dataset)
     model = build_model(spec, "none")
-    model.rgb.load_state_dict(load_embedder(emb_dir))
+    load_branches(model, emb_dir)
     model.freeze(0)
     diff = mismatch(check_record(cfg, emb_dir, cfg.train.dataset), {"preprocess": model.data_config()})
     if diff:  # the same names, another timm (its data config changed): the heads would learn other features
