@@ -164,7 +164,8 @@ def test_fine_tuning_keys_are_checked():
         load_config(None, ["train.layer_decay=0"])
     with pytest.raises(ConfigError, match="train.trainable_blocks"):
         load_config(None, ["train.trainable_blocks=-2"])
-    with pytest.raises(ConfigError, match="model.seg_channels=0"):
-        load_config(None, ["train.source=embeddings"])
+    with pytest.raises(ConfigError, match="exchange fusion mixes the branches.*late or gated"):
+        load_config(None, ["train.source=embeddings", "model.fusion=exchange"])
+    assert load_config(None, ["train.source=embeddings"]).model.seg_channels == 3  # maps are embedded too
     with pytest.raises(ConfigError, match="trainable_blocks=0"):
         load_config(None, ["train.source=embeddings", "model.seg_channels=0", "train.trainable_blocks=2"])
