@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geoloc_cli import http
-from geoloc_cli.errors import GeolocError, storage_error
+from geoloc_cli.errors import GeolocError, worker_error
 from geoloc_cli.photo import ORIENTATION, to_rgb
 from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
 
@@ -572,8 +572,8 @@ def worker_main(opts: Options, jobs: Any, events: Any, parent_pid: int) -> None:
     """Entry point of a worker process: run shard jobs from `jobs` until a None arrives.
 
     Events sent: ("items", Counter of statuses) every ~0.2 s, ("shard", shard_index, Counter) per
-    finished shard, ("error", shard_index, message) if writing a shard failed: one line for a user or
-    operating-system error (disk full), else the traceback of a bug.
+    finished shard, ("error", shard_index, (error name, message)) if writing a shard failed: the
+    errors.worker_error of a user or operating-system error (disk full), else ("", the traceback of a bug).
     """
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     Image.MAX_IMAGE_PIXELS = opts.max_pixels  # Pillow's own guard at the configured size
@@ -630,9 +630,9 @@ async def _worker(opts: Options, jobs: Any, events: Any, parent_pid: int) -> Non
                 pending.clear()
             events.put(("shard", job["shard"], counts))
         except (GeolocError, OSError) as e:  # disk full, read-only...: the one line the user needs
-            events.put(("error", job["shard"], str(storage_error(e) if isinstance(e, OSError) else e)))
+            events.put(("error", job["shard"], worker_error(e)))
         except Exception:
-            events.put(("error", job["shard"], traceback.format_exc()))
+            events.put(("error", job["shard"], ("", traceback.format_exc())))
 
     flusher = asyncio.create_task(flush_forever())
     watchdog = asyncio.create_task(_watch_parent(parent_pid))

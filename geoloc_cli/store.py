@@ -62,6 +62,13 @@ class DataRoot:
     def shards(self, name: str) -> Path:
         return self.dataset(name) / "shards"
 
+    def image_shards(self, name: str) -> list[Path]:
+        """The dataset's image shards in order; none is an error naming what to run (segment, embed read them)."""
+        shards = sorted(self.shards(name).glob("images-*.tar"))
+        if not shards:
+            raise InputError(f"no image shards in {self.shards(name)} (run `geoloc fetch {name}` first)")
+        return shards
+
     def seg(self, name: str) -> Path:
         return self.dataset(name) / "seg"
 

@@ -112,9 +112,7 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
 
 
 def _pending(root: DataRoot, name: str, with_seg: bool) -> list[Job]:
-    shards = sorted(root.shards(name).glob("images-*.tar"))
-    if not shards:
-        raise InputError(f"no image shards in {root.shards(name)} (run `geoloc fetch {name}` first)")
+    shards = root.image_shards(name)
     jobs = [Job(s, root.emb(name) / emb_shard_for(s.name), root.seg(name) / seg_shard_for(s.name) if with_seg
                 else None) for s in shards]
     unmapped = [j.seg_shard for j in jobs if j.seg_shard is not None and not j.seg_shard.is_file()]

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from geoloc_cli import console, download, geo, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
-from geoloc_cli.errors import ConfigError, GeolocError, InputError, storage_error
+from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
 from geoloc_cli.store import (
     OK,
@@ -867,10 +867,10 @@ def run_jobs(opts: Options, jobs: Iterator[dict[str, Any]], n_jobs: int, total: 
                         bar.advance(sum(ev[1].values()), ok=counts[OK], failed=sum(counts.values()) - counts[OK])
                     elif ev[0] == "shard":
                         done += 1
-                    elif "\n" not in ev[2]:  # a worker's one-line user or OS error, as if it happened here
-                        raise GeolocError(ev[2])
+                    elif ev[2][0] in USER_ERRORS:  # a worker's user or OS error, as if it happened here
+                        raise USER_ERRORS[ev[2][0]](ev[2][1])
                     else:
-                        raise InputError(f"writing shard {ev[1]} failed:\n{ev[2]}")
+                        raise InputError(f"writing shard {ev[1]} failed:\n{ev[2][1]}")
                 if feed_error:
                     raise feed_error[0]
                 if done < n_jobs and not any(w.is_alive() for w in workers):

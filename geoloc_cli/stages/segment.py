@@ -40,6 +40,7 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
+from geoloc_cli.data import DECODE_ERRORS
 from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.segmentation import (
@@ -68,7 +69,6 @@ from geoloc_cli.store import (
 CORRUPT_IMAGE = "corrupt_image"
 MISSING_MAP = "missing_map"
 STATUS_COLUMNS = ["key", "shard", "status", "error"]
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def run(cfg: Config, datasets: list[str] | None = None, preview: int = 0, import_from: Path | None = None) -> None:
@@ -105,19 +105,12 @@ class Job:
         return self.seg_shard.parent / "parts" / self.seg_shard.with_suffix(".parquet").name
 
 
-def image_shards(root: DataRoot, name: str) -> list[Path]:
-    shards = sorted(root.shards(name).glob("images-*.tar"))
-    if not shards:
-        raise InputError(f"no image shards in {root.shards(name)} (run `geoloc fetch {name}` first)")
-    return shards
-
-
 def plan(root: DataRoot, name: str) -> list[Job]:
     """All jobs of a dataset (finished or not); removes temporary files a killed run left behind."""
     seg_dir = root.seg(name)
     for stale in [*seg_dir.glob(".seg-*.tmp"), *seg_dir.glob("parts/.seg-*.tmp")]:
         stale.unlink(missing_ok=True)
-    jobs = [Job(name, s, seg_dir / seg_shard_for(s.name)) for s in image_shards(root, name)]
+    jobs = [Job(name, s, seg_dir / seg_shard_for(s.name)) for s in root.image_shards(name)]
     for job in jobs:
         require_intact(job.image_shard)
         damage = drop_damaged(job.seg_shard, job.status_part)
@@ -305,7 +298,7 @@ def write_previews(cfg: Config, root: DataRoot, name: str, n: int) -> None:
     out_dir = root.seg(name) / "preview"
     segmenter: Segmenter | None = None
     written = 0
-    for shard in image_shards(root, name):
+    for shard in root.image_shards(name):
         seg_path = root.seg(name) / seg_shard_for(shard.name)
         stored = read_shard(seg_path) if shard_done(seg_path) else {}
         photos = _photos(shard, n - written)
