@@ -29,7 +29,12 @@ _SAMPLE = 1 << 16
 def onnx_paths(ckpt: Path, out: Path | None = None) -> tuple[Path, Path]:
     """(network file, segmenter file) of a checkpoint's export: model.safetensors -> model.onnx, model.seg.onnx."""
     net = Path(out) if out is not None else Path(ckpt).with_suffix(".onnx")
-    return net, net.with_suffix(".seg.onnx")
+    return net, seg_path(net)
+
+
+def seg_path(net: Path) -> Path:
+    """The embedded segmenter's graph of an export: model.onnx -> model.seg.onnx."""
+    return net.with_suffix(".seg.onnx")
 
 
 def rgb_path(net: Path) -> Path:
@@ -144,7 +149,6 @@ class OnnxModel:
         # Weights in page-aligned .data files are mapped, not copied; pre-packing them would copy them
         # again (seconds for a ViT-B, more than it saves on a few photos).
         opts.add_session_config_entry("session.disable_prepacking", "1")
-        seg_path = net_path.with_suffix(".seg.onnx")
         # Loading the network (hundreds of MB) is the slowest step of a cold start: it runs in threads
         # (onnxruntime releases the GIL) while the segmenter loads and runs on the first photos; a split
         # export loads its two halves in parallel and runs the RGB half as soon as it is there.
@@ -153,7 +157,7 @@ class OnnxModel:
         split = rgb_path(net_path).is_file() and self.spec["seg_channels"]
         self._rgb = self._pool.submit(self._session, ort, rgb_path(net_path), opts, expected) if split else None
         try:
-            self.seg = self._session(ort, seg_path, opts, expected) if self.spec["seg_channels"] else None
+            self.seg = self._session(ort, seg_path(net_path), opts, expected) if self.spec["seg_channels"] else None
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -9,6 +10,18 @@ if TYPE_CHECKING:
 
 # Photo files every stage takes (fetch's folders and archives, predict); Pillow decodes each of them.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+def photos_in(folder: Path) -> list[Path]:
+    """The photo files below a folder, sorted; none is an error (fetch's folder import and predict)."""
+    from geoloc_cli.errors import InputError
+
+    found = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not found:
+        raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
 GPS_IFD = 0x8825
 ORIENTATION = 0x0112
 

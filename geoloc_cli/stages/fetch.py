@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from geoloc_cli import console, download, geo, http, sources
 from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
-from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps
+from geoloc_cli.photo import exif_gps, photos_in
 from geoloc_cli.store import (
     OK,
     DataRoot,
@@ -994,9 +994,7 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     else from EXIF GPS; photos with neither are listed with status no_gps."""
     import pandas as pd
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise InputError(f"{folder}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    files = photos_in(folder)
     ids = [p.relative_to(folder).as_posix() for p in files]
     record = root.dataset(name) / "folder_meta.json"
     given = meta

@@ -22,7 +22,7 @@ import numpy as np
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import ConfigError, GeolocError, InputError, require
-from geoloc_cli.photo import IMAGE_SUFFIXES, exif_gps, to_rgb
+from geoloc_cli.photo import exif_gps, photos_in, to_rgb
 from geoloc_cli.store import DataRoot
 
 FORMATS = ("table", "json", "csv", "geojson")
@@ -34,10 +34,7 @@ def collect(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not found:
-                raise InputError(f"{p}: no photos found ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out += found
+            out += photos_in(p)
         else:
             out.append(p)
     return out
