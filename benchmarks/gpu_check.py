@@ -45,6 +45,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 MFU_TARGET = 0.40
 LOADER_TARGET = 1.5  # loader images/s over the model's
+# step groups, in the order they run (--steps picks some, e.g. to finish what an earlier run's budget skipped)
+STEPS = ("bench", "batch", "pytest", "world", "segment", "embed", "compiled")
 
 
 @dataclass
@@ -303,34 +305,45 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks this script end to end")
     ap.add_argument("--budget", type=float, help="seconds for the whole check (default 470; smoke 170)")
+    ap.add_argument("--steps", help=f"comma-separated groups to run (default all): {', '.join(STEPS)}")
     ap.add_argument("--demo-size", type=int, help="photos in the demo world (default 2400; smoke 200)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args.out, args.budget or (170 if args.smoke else 470), args.smoke)
     if not environment(check):
         return 1
-    late = bench_train(check, "bench late eager", 90)
-    gpu_env = {"GEOLOC_GPU_TESTS_DEVICE": "cpu"} if args.smoke else {}
-    step = check.run("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider",
-                                       "tests/test_gpu.py"], 180, **gpu_env)
-    step.numbers = {"summary": check.last_line()}
-    check.save(step)
-    world = demo_world(check, args.demo_size or (200 if args.smoke else 2400))
-    bench_train(check, "bench exchange eager", 90, "--fusion", "exchange")
+    want = set(args.steps.split(",")) if args.steps else set(STEPS)
+    if unknown := want - set(STEPS):
+        ap.error(f"unknown steps {sorted(unknown)}: choose from {', '.join(STEPS)}")
+    late = bench_train(check, "bench late eager", 90) if "bench" in want else {}
+    if "batch" in want:  # does a larger batch fill the GPU better (MFU against batch size)?
+        bench_train(check, "bench late eager b256", 90, "--batch-size", "256")
+    if "pytest" in want:
+        gpu_env = {"GEOLOC_GPU_TESTS_DEVICE": "cpu"} if args.smoke else {}
+        step = check.run("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider",
+                                           "tests/test_gpu.py"], 180, **gpu_env)
+        step.numbers = {"summary": check.last_line()}
+        check.save(step)
+    world = demo_world(check, args.demo_size or (200 if args.smoke else 2400)) if "world" in want else None
+    if "bench" in want:
+        bench_train(check, "bench exchange eager", 90, "--fusion", "exchange")
     loader: dict[str, Any] = {}
     if world is not None:
         sizes = ["--img-size", "32"] if args.smoke else []
         loader = bench_train(check, "bench late + loader", 120, "--data-root", str(world[1]), "--dataset", "demo",
                              "--num-workers", "1" if args.smoke else "16", *sizes)
     verdicts(check, late, loader)
-    if not args.smoke:  # inductor needs ~40 s of C++ builds per graph on a CPU: not in the smoke run
+    if "segment" in want:
+        bench_segment(check)
+    if "embed" in want:
+        bench_embed(check)
+    # last: on an H200 (2026-11-27) compiling gave no speed-up and costs ~100 s per graph
+    if "compiled" in want and not args.smoke:  # inductor needs ~40 s of C++ builds per graph on a CPU
         bench_train(check, "bench late compiled", 180, "--compile")
         if world is not None:
             geoloc = [sys.executable, "-m", "geoloc_cli", "train", "-c", str(world[0]), "-q", "--set",
                       "train.compile=true", "--set", "train.epochs=1", "--set", "train.run=gpu-compiled"]
             train_step(check, "train compiled", geoloc, world[1] / "runs/gpu-compiled", 240)
-    bench_segment(check)
-    bench_embed(check)
     failed = [s.name for s in check.steps if s.status in ("failed", "timeout")]
     print(f"\n{len(check.steps)} steps, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
           f"report in {args.out}/gpu_check.md")
