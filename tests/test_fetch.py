@@ -19,7 +19,7 @@ from loopback import LoopbackServer, bomb_jpeg, make_jpeg
 from PIL import Image
 from typer.testing import CliRunner
 
-from geoloc_cli import download
+from geoloc_cli import download, places365
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.download import Options, process_image
@@ -426,7 +426,7 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
     with pytest.raises(InputError, match="bad.csv: line 5, column S3_Label: 'urban' is not a number"):
         stage.MetaIndex(bad)  # a URL list's --meta is read by the same reader, line numbers across chunks
     with pytest.raises(InputError, match="line 5, column S3_Label"):
-        list(stage.read_meta_chunks(bad, chunksize=2))
+        list(places365.read_chunks(bad, chunksize=2))
     # a file name found in two sub-folders matches neither
     _gps_jpeg(photos / "1_a_1_x@N00.jpeg", None, None)
     (photos / "other").mkdir()

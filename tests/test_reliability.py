@@ -362,6 +362,7 @@ def test_exit_code_policy(tmp_path: Path):
 
 
 def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
+    from geoloc_cli import places365
     from geoloc_cli.stages import fetch
 
     urls = tmp_path / "l.csv"
@@ -374,13 +375,13 @@ def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
     meta = tmp_path / "m.csv"
     for row, where, shown in (("b,95,3", "line 3, column LAT", "95.0"), ("b,1,200.5", "line 3, column LON", "200.5")):
         meta.write_text(f"IMG_ID,LAT,LON\na,1,2\n{row}\n")
-        for read in (lambda p: list(fetch.read_meta_chunks(p)), part.read_points):  # every reader, one check
+        for read in (lambda p: list(places365.read_chunks(p)), part.read_points):  # every reader, one check
             with pytest.raises(InputError) as err:
                 read(meta)
             assert f"m.csv: {where}: {shown} is not a number in" in str(err.value), str(err.value)
             assert "np.float64" not in str(err.value)
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,,\n")  # a photo without a position is allowed in fetch's metadata
-    assert len(next(fetch.read_meta_chunks(meta))) == 2
+    assert len(next(places365.read_chunks(meta))) == 2
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\na,5,6\n")  # metadata: the documented rule, said aloud
     capsys.readouterr()
     assert fetch.MetaIndex(meta).lookup(np.array(["a"], dtype=object))["LAT"] == [1.0]

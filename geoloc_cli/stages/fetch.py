@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console, download, geo, http, sources
-from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
+from geoloc_cli import console, download, http, places365, sources
+from geoloc_cli.download import GONE, MANIFEST_SCHEMA, Options, drain, worker_main
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.photo import exif_gps, photos_in
 from geoloc_cli.store import (
@@ -416,7 +416,7 @@ def archive_plan(root: DataRoot, name: str, kind: str, rule: str, paths: list[Pa
     if plan_path.is_file() and info_path.is_file():
         return pd.read_parquet(plan_path), json.loads(info_path.read_text())
     console.info(f"{name}: reading the member names of {label}")
-    ids = list(dict.fromkeys(i for chunk in read_meta_chunks(meta_csv) for i in chunk["IMG_ID"]))
+    ids = list(dict.fromkeys(i for chunk in places365.read_chunks(meta_csv) for i in chunk["IMG_ID"]))
     by_key: dict[str, str] = {}
     for i in ids:
         by_key.setdefault(sources.meta_key(rule, i), i)
@@ -591,40 +591,7 @@ def flickr_sized(url: str, suffix: str) -> str:
 
 
 # Metadata columns as the manifest stores them.
-META_TYPES = {"LAT": pa.float64(), "LON": pa.float64()} | {c: MANIFEST_SCHEMA.field(c).type for c in META_COLUMNS}
-
-
-def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
-    """A *_places365.csv as pandas chunks: ids stay text even when they read "NA", numeric columns are
-    numbers (empty cells missing); a missing file, missing IMG_ID/LAT/LON columns, bad CSV or a non-number
-    are errors naming the file (and the line)."""
-    if not Path(path).is_file():
-        raise InputError(f"metadata file not found: {path}")
-    import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
-
-    text = [c for c, kind in META_TYPES.items() if pa.types.is_string(kind)]  # AUTHOR, admin areas
-    na = {c: [""] for c in META_TYPES if c != "AUTHOR"}
-    line = 2  # of the chunk's first row (the header is line 1)
-    try:
-        for chunk in pd.read_csv(path, dtype=dict.fromkeys(["IMG_ID", *text], str), keep_default_na=False,
-                                 na_values=na, chunksize=chunksize):
-            missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
-            if missing:
-                raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
-            for col in [c for c in na if c in chunk and c not in text]:
-                values = pd.to_numeric(chunk[col], errors="coerce")
-                bad = (values.isna() & chunk[col].notna()).to_numpy()
-                if bad.any():
-                    row = int(bad.argmax())
-                    raise InputError(f"{path}: line {line + row}, column {col}: {chunk[col].iloc[row]!r} is not "
-                                     "a number")
-                if col in geo.COORDINATE_LIMITS:  # missing is allowed: such rows are listed as no_gps
-                    geo.check_coordinates(values.to_numpy(), chunk[col], col, path, line, allow_missing=True)
-                chunk[col] = values
-            line += len(chunk)
-            yield chunk
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: malformed metadata CSV: {e}") from None
+META_TYPES = {"LAT": pa.float64(), "LON": pa.float64(), **places365.META_TYPES}
 
 
 class MetaIndex:
@@ -637,7 +604,7 @@ class MetaIndex:
     def __init__(self, path: Path) -> None:
         hashes, cols = [], {c: [] for c in META_TYPES}
         try:
-            for chunk in read_meta_chunks(path):
+            for chunk in places365.read_chunks(path):
                 hashes.append(_hash_ids(chunk["IMG_ID"].to_numpy()))
                 for c in cols:  # as the manifest stores them: labels with gaps read as floats
                     kind = META_TYPES[c]
@@ -760,7 +727,7 @@ def _shard_job(root: DataRoot, name: str, s: int, size: int, ids: list[str], url
         "keys": [f"{s * size + j:09d}" for j in range(len(ids))], "ids": ids, "urls": urls,
         "lat": [math.nan if v is None else v for v in info.get("LAT", nan)],
         "lon": [math.nan if v is None else v for v in info.get("LON", nan)],
-        "meta": {c: info[c] for c in META_COLUMNS if c in info},
+        "meta": {c: info[c] for c in places365.META_COLUMNS if c in info},
     }
 
 
@@ -1036,7 +1003,7 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     by the whole relative path, else by file name. Rows without LAT/LON are dropped."""
     import pandas as pd
 
-    df = pd.concat(list(read_meta_chunks(meta)), ignore_index=True)
+    df = pd.concat(list(places365.read_chunks(meta)), ignore_index=True)
     paths = set(ids)
     names = Counter(i.rsplit("/", 1)[-1] for i in ids)
     by_name = {i.rsplit("/", 1)[-1]: i for i in ids}

@@ -31,7 +31,7 @@ from geoloc_cli import config as cfgmod
 from geoloc_cli import console, store
 from geoloc_cli.config import Config
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
-from geoloc_cli.inference import SCENE_COLUMNS
+from geoloc_cli.places365 import SCENE_COLUMNS
 from geoloc_cli.store import OK, DataRoot, locked, parquet_meta, read_parquet, write_text_atomic
 
 
