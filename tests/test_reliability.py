@@ -22,7 +22,16 @@ from geoloc_cli import store
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.errors import InputError, StorageError
-from geoloc_cli.store import ShardWriter, check_shard, drop_damaged, shard_record
+from geoloc_cli.store import (
+    ShardWriter,
+    check_shard,
+    drop_damaged,
+    migrate_shard_folder,
+    remove_shard_temps,
+    shard_done,
+    shard_part,
+    shard_record,
+)
 
 REPO = Path(__file__).parents[1]
 
@@ -75,9 +84,34 @@ def test_shard_record_and_check(tmp_path: Path):
     path.write_bytes(whole[:2048])
     assert "end-of-archive" in check_shard(path)
     assert check_shard(tmp_path / "nothing.tar") == "missing"
-    companion = tmp_path / "seg-000000.parquet"
-    companion.write_bytes(b"x")
-    assert drop_damaged(path, companion) and not path.exists() and not companion.exists()
+    part = shard_part(path)
+    part.parent.mkdir()
+    part.write_bytes(b"x")
+    assert not shard_done(path)  # damaged: its part does not make it done
+    assert drop_damaged(path) and not path.exists() and not part.exists()
+
+
+def test_a_shard_is_done_when_intact_with_its_part_and_old_layouts_move(tmp_path: Path):
+    path = _shard(tmp_path / "images-000000.tar")
+    assert check_shard(path) is None and not shard_done(path)  # killed between the tar and its part
+    shard_part(path).parent.mkdir(exist_ok=True)
+    shard_part(path).write_bytes(b"rows")
+    assert shard_done(path)
+    # an older geoloc's layout: record and part beside the shard (segment: parts/)
+    shard_record(path).rename(tmp_path / "images-000000.tar.json")
+    shard_part(path).rename(tmp_path / "images-000000.parquet")
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts/seg-000001.parquet").write_bytes(b"seg rows")
+    migrate_shard_folder(tmp_path)
+    assert shard_done(path) and shard_record(path).is_file()
+    assert shard_part(tmp_path / "seg-000001.tar").read_bytes() == b"seg rows"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["images-000000.tar"]
+    # temporaries of killed writers go, for the named shards only
+    for sub, name in (("", ".images-000000.tar.x1.tmp"), (".parts", ".images-000000.parquet.x2.tmp"),
+                      (".records", ".images-000000.tar.json.x3.tmp"), ("", ".images-000007.tar.x4.tmp")):
+        (tmp_path / sub / name).write_bytes(b"")
+    remove_shard_temps([path])
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == [".images-000007.tar.x4.tmp"]
 
 
 # -------------------------------------------------------------------------------- 3: generations

@@ -42,10 +42,13 @@ from geoloc_cli.store import (
     atomic_path,
     drop_damaged,
     locked,
+    migrate_shard_folder,
     read_table,
+    remove_shard_temps,
     remove_temps,
     shard_done,
     shard_name,
+    shard_part,
     write_json_atomic,
     write_parquet_atomic,
     write_text_atomic,
@@ -386,7 +389,7 @@ def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, p
     _check_layout(root, name, Path(label), n_items, size, "archive")
     fetch, retry = plan_shards(root, name, n_items, size, (0, 1), retry_failed, retry_gone)
     wanted = set(fetch) | set(retry)  # a retried shard is read again from the archive
-    remove_stale_temps(root.shards(name), dict.fromkeys(wanted, False))
+    remove_stale_temps(root, name, dict.fromkeys(wanted, False))
     counts: Counter = Counter()
     if wanted:
         total = sum(min(size, n_items - s * size) for s in wanted)
@@ -643,7 +646,7 @@ def _hash_ids(ids: np.ndarray) -> np.ndarray:
 
 def _shard_paths(root: DataRoot, name: str, s: int) -> tuple[Path, Path]:
     tar = root.shards(name) / shard_name(s)
-    return tar, tar.with_suffix(".parquet")
+    return tar, shard_part(tar)
 
 
 def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: tuple[int, int],
@@ -654,10 +657,10 @@ def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: 
     fetch, retry = [], []
     for s in range(i, math.ceil(n_items / shard_size), n):
         tar, pq_part = _shard_paths(root, name, s)
-        damage = drop_damaged(tar, pq_part)
+        damage = drop_damaged(tar)
         if damage:
             console.warn(f"{tar} is damaged ({damage}): fetching it again")
-        if not (shard_done(tar) and pq_part.is_file()):
+        if not shard_done(tar):
             fetch.append(s)
         elif retry_failed and _has_retryable(pq_part, retry_gone):
             retry.append(s)
@@ -688,17 +691,9 @@ def _check_layout(root: DataRoot, name: str, source: Path, n_items: int, shard_s
     write_json_atomic(spec_path, {**spec, "urls": str(source), "kind": kind})
 
 
-def remove_stale_temps(folder: Path, shards: dict[int, bool]) -> None:
-    """Delete temp files a killed run left for the shards this run is about to write.
-
-    Temps of other shards are left alone: another --part may be writing them right now.
-    """
-    if not folder.is_dir():
-        return
-    for tmp in folder.glob(".images-*.tmp"):
-        m = re.match(r"\.images-(\d+)\.", tmp.name)
-        if m and int(m[1]) in shards:
-            tmp.unlink(missing_ok=True)
+def remove_stale_temps(root: DataRoot, name: str, shards: dict[int, bool]) -> None:
+    """Delete the temp files a killed run left for the shards this run is about to write."""
+    remove_shard_temps([root.shards(name) / shard_name(s) for s in shards])
 
 
 def iter_jobs(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta: MetaIndex | None,
@@ -747,6 +742,7 @@ def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[Non
     """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
     once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
     folder = root.dataset(name)
+    migrate_shard_folder(root.shards(name))  # (idempotent: parts starting together may both move files)
     if part != (0, 1):
         with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
             yield
@@ -768,7 +764,7 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
     _check_layout(root, name, urls_csv, n_items, size)
     fetch, retry = plan_shards(root, name, n_items, size, part, retry_failed, retry_gone)
     wanted = {s: False for s in fetch} | {s: True for s in retry}
-    remove_stale_temps(root.shards(name), wanted)
+    remove_stale_temps(root, name, wanted)
     total = sum(min(size, n_items - s * size) for s in wanted)
     if wanted:
         what = f"{len(fetch)} new" + (f" and {len(retry)} retried" if retry_failed else "")
@@ -779,7 +775,7 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
             counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
                               f"fetch {name}")
         except BaseException:  # workers stopped in the middle of a shard leave its temporaries
-            remove_stale_temps(root.shards(name), wanted)
+            remove_stale_temps(root, name, wanted)
             raise
     else:
         counts = Counter()
@@ -897,7 +893,7 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
     with atomic_path(root.manifest(name)) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
         for s in range(n_shards):
             tar, part = _shard_paths(root, name, s)
-            if not (part.is_file() and shard_done(tar)):
+            if not shard_done(tar):
                 continue
             table = read_table(part)
             if table.schema != MANIFEST_SCHEMA:  # (only then: cast imports pyarrow.compute)
