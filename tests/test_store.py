@@ -47,9 +47,9 @@ def test_one_writer_per_folder_and_shared_holders_keep_an_exclusive_one_out(tmp_
     with store.locked(tmp_path, "fetch"), pytest.raises(LockedError, match="another geoloc fetch"), \
             store.locked(tmp_path, "fetch"):
         pass
-    with store.locked(tmp_path, "fetch", shared=True), store.locked(tmp_path, "fetch", shared=True):
-        with pytest.raises(LockedError), store.locked(tmp_path, "fetch"):
-            pass
+    with store.locked(tmp_path, "fetch", shared=True), store.locked(tmp_path, "fetch", shared=True), \
+            pytest.raises(LockedError), store.locked(tmp_path, "fetch"):
+        pass
     with store.locked(tmp_path, "fetch"):  # released when the holders ended
         pass
 
