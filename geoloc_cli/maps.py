@@ -77,7 +77,8 @@ def wrap_near(lon: np.ndarray, centre: float) -> np.ndarray:
     return centre + (np.asarray(lon, dtype=np.float64) - centre + 180.0) % 360.0 - 180.0
 
 
-def cell_polygons(ids: np.ndarray, points_per_edge: int = 3, copies: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
+def cell_polygons(ids: np.ndarray, points_per_edge: int = 3,
+                  copies: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
     """S2 cell outlines as (k, 2) lon/lat arrays and the index of the cell each one draws.
 
     An outline is unwrapped (continuous across the antimeridian, its centre within +-180); with `copies`,
@@ -249,7 +250,8 @@ def page(title: str, intro: str, body: str, with_basemap: bool = True) -> str:
     """A self-contained HTML page (no scripts, nothing fetched)."""
     return ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:1600px;margin:1em}}"
-            "svg.map{background:#fff} svg.map *{vector-effect:non-scaling-stroke} .panels{display:flex;gap:1%} .legend span{padding:0 .6em}</style></head>"
+            "svg.map{background:#fff} svg.map *{vector-effect:non-scaling-stroke} .panels{display:flex;gap:1%} "
+            ".legend span{padding:0 .6em}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>{intro} {html.escape(ATTRIBUTION)}</p>"
             + (svg_defs() if with_basemap else "") + body + "</body></html>\n")
 
@@ -264,14 +266,16 @@ def heat_legend() -> str:
 
 
 def draw_basemap(ax: Any, view: View = WORLD) -> None:
-    """Ocean, land and borders on a matplotlib axis in lon/lat, limited to `view`."""
+    """Ocean and land under the plot's layers (zorder 0.5), coastlines and borders over them (zorder 3)
+    so they stay visible through shaded cells; on a matplotlib axis in lon/lat, limited to `view`."""
     from matplotlib.collections import LineCollection, PolyCollection
 
     land, borders = basemap()
     for s in _shifts(view):
-        ax.add_collection(PolyCollection([r + [s, 0] for r in land], facecolors=LAND, edgecolors=COAST,
-                                         linewidths=0.5, zorder=0.5))
-        ax.add_collection(LineCollection([b + [s, 0] for b in borders], colors=BORDER, linewidths=0.4, zorder=0.6))
+        rings = [r + [s, 0] for r in land]
+        ax.add_collection(PolyCollection(rings, facecolors=LAND, edgecolors="none", zorder=0.5))
+        ax.add_collection(LineCollection(rings, colors=COAST, linewidths=0.5, zorder=3))
+        ax.add_collection(LineCollection([b + [s, 0] for b in borders], colors=BORDER, linewidths=0.4, zorder=3))
     ax.set_facecolor(OCEAN)
     ax.set_xlim(view.west, view.east)
     ax.set_ylim(view.south, view.north)

@@ -325,7 +325,8 @@ def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any
     """A self-contained page (maps.prediction_page): per photo the world and a close-up of its most
     likely region over Natural Earth coastlines and borders, cells shaded by probability, the top-k, the
     credible radii, the refined point (a result's "refined": {"lat", "lon"}) and the EXIF location."""
-    from geoloc_cli import gazetteer, maps as m
+    from geoloc_cli import gazetteer
+    from geoloc_cli import maps as m
 
     fine = meta["partitionings"]["names"][-1]
     tokens = meta["partitionings"]["cells"][fine]["hex_id"]
