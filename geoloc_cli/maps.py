@@ -242,7 +242,7 @@ def svg_marker(lon: float, lat: float, kind: str, view: View, text: str = "", ti
                 f"{y + a:.4f}L{x + a:.4f},{y - a:.4f}' stroke='#1a7f1a' stroke-width='3' "
                 f"vector-effect='non-scaling-stroke'/></g>")
     assert kind == "dot", kind
-    return (f"<circle class='dot' cx='{x:.4f}' cy='{y:.4f}' r='{0.45 * s:.4f}' fill='{text}' stroke='#333' "
+    return (f"<circle class='dot' cx='{x:.4f}' cy='{y:.4f}' r='{0.35 * s:.4f}' fill='{text}' stroke='#333' "
             f"stroke-width='0.3' vector-effect='non-scaling-stroke'>{tip_el}</circle>")
 
 
@@ -391,3 +391,84 @@ def prediction_page(preds: list[Prediction | tuple[str, str]], notes: str = "") 
             body.append(prediction_section(pred))
     return page("geoloc predictions", PREDICT_INTRO.format(legend=heat_legend()) + " " + html.escape(notes),
                 "".join(body))
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+ERROR_COLOURS = ["#1a9850", "#91cf60", "#d9ef8b", "#fee08b", "#fc8d59", "#d73027"]
+
+
+def error_bins(err_km: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    """Bin of each error: 0 within the first threshold (street), ..., len(thresholds) beyond the last."""
+    return np.searchsorted(np.asarray(sorted(thresholds), dtype=float), np.asarray(err_km, dtype=float), side="left")
+
+
+def _bin_labels(thresholds: list[float]) -> list[str]:
+    t = sorted(thresholds)
+    return [f"<= {t[0]:g} km"] + [f"{a:g}-{b:g} km" for a, b in zip(t, t[1:], strict=False)] + [f"> {t[-1]:g} km"]
+
+
+def _colour_of_bins(n: int) -> list[str]:
+    """n colours from green (small error) to red (large), taken evenly from ERROR_COLOURS."""
+    return [ERROR_COLOURS[round(k * (len(ERROR_COLOURS) - 1) / max(n - 1, 1))] for k in range(n)]
+
+
+def _sample(n: int, limit: int) -> np.ndarray:
+    """Indices of at most `limit` of n rows, evenly spread (deterministic)."""
+    return np.arange(n) if n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
+
+
+def error_page(lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plon: np.ndarray, err_km: np.ndarray,
+               thresholds: list[float], title: str, names: list[str] | None = None, limit: int = 3000) -> str:
+    """A world map of per-image errors: a line from each true place (dot coloured by its error) to its
+    prediction; at most `limit` images, evenly sampled."""
+    rows = _sample(len(lat), limit)
+    bins = error_bins(err_km, thresholds)
+    colours = _colour_of_bins(len(thresholds) + 1)
+    lines, dots = [], []
+    for i in rows[np.argsort(-np.asarray(err_km)[rows], kind="stable")]:  # small errors drawn last, on top
+        px = float(wrap_near(plon[i], lon[i]))
+        tip = f"{names[i] if names else i}: {err_km[i]:,.0f} km"
+        lines.append(f"M{lon[i]:.3f},{-lat[i]:.3f}L{px:.3f},{-plat[i]:.3f}")
+        dots.append(svg_marker(float(lon[i]), float(lat[i]), "dot", WORLD, colours[bins[i]], tip))
+    layer = (f"<path class='errors' d='{''.join(lines)}' stroke='#555' stroke-opacity='0.35' stroke-width='0.6' "
+             f"fill='none'/><g class='truths'>{''.join(dots)}</g>")
+    legend = " ".join(f"<span style='background:{c}'>&nbsp;</span> {html.escape(t)}"
+                      for c, t in zip(colours, _bin_labels(thresholds), strict=True))
+    shown = f"{len(rows):,} of {len(lat):,} images" if len(rows) < len(lat) else f"{len(lat):,} images"
+    return page(title, f"Per-image errors ({shown}): dots at the true places, coloured by the great-circle error "
+                f"of the prediction; grey lines lead to the predictions. <span class='legend'>{legend}</span>",
+                svg_map(WORLD, layer, "100%", title))
+
+
+def error_png(path: Any, lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plon: np.ndarray, err_km: np.ndarray,
+              thresholds: list[float], title: str, limit: int = 20000) -> None:
+    """The same map as `error_page`, as a PNG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from geoloc_cli.store import atomic_path
+
+    rows = _sample(len(lat), limit)
+    rows = rows[np.argsort(-np.asarray(err_km)[rows], kind="stable")]
+    bins = error_bins(err_km, thresholds)[rows]
+    colours = np.array(_colour_of_bins(len(thresholds) + 1))
+    fig, ax = plt.subplots(figsize=(12, 6.6))
+    draw_basemap(ax)
+    start = np.stack([lon[rows], lat[rows]], 1)
+    segs = np.stack([start, np.stack([wrap_near(plon[rows], lon[rows]), plat[rows]], 1)], 1)
+    ax.add_collection(LineCollection(segs, colors="#555555", alpha=0.3, linewidths=0.5, zorder=4))
+    ax.scatter(lon[rows], lat[rows], s=9, c=colours[bins], edgecolors="#333333", linewidths=0.2, zorder=5)
+    for c, label in zip(colours, _bin_labels(thresholds), strict=True):
+        ax.scatter([], [], s=20, c=c, edgecolors="#333333", linewidths=0.2, label=label)
+    ax.legend(loc="lower left", fontsize=7, title="error", title_fontsize=8, framealpha=0.85)
+    ax.set_title(f"{title}: per-image error (lines lead to the predictions)")
+    ax.set_xticks(range(-180, 181, 60))
+    ax.set_yticks(range(-90, 91, 30))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
