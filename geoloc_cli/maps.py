@@ -472,3 +472,56 @@ def error_png(path: Any, lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plo
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ Leaflet
+
+LEAFLET = "https://unpkg.com/leaflet@1.9.4/dist/leaflet"
+TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+TILE_ATTRIBUTION = "&copy; <a href='https://www.openstreetmap.org/copyright'>OpenStreetMap</a> contributors"
+
+_LEAFLET_JS = """
+for (const [i, d] of DATA.entries()) {
+  const map = L.map('m' + i, {worldCopyJump: true});
+  L.tileLayer(TILES, {maxZoom: 18, attribution: ATTRIBUTION}).addTo(map);
+  for (const c of d.cells) L.polygon(c.ring, {color: '#7f1010', weight: 0.5, fillColor: c.colour,
+                                               fillOpacity: 0.55}).bindTooltip(c.tip).addTo(map);
+  for (const [k, r] of d.radii.entries()) L.circle(d.top[0].at, {radius: r * 1000, fill: false, color: '#222',
+                                                   weight: 1.5, dashArray: k ? '6 4' : null}).addTo(map);
+  for (const t of d.top) L.marker(t.at, {title: t.tip}).bindTooltip(t.tip).addTo(map);
+  if (d.refined) L.circleMarker(d.refined.at, {color: '#1f77b4', radius: 7}).bindTooltip(d.refined.tip).addTo(map);
+  if (d.truth) L.circleMarker(d.truth.at, {color: '#1a7f1a', radius: 7}).bindTooltip(d.truth.tip).addTo(map);
+  map.fitBounds(d.bounds);
+}
+"""
+
+
+def leaflet_page(preds: list[Prediction | tuple[str, str]]) -> str:
+    """An interactive page for users who are online: per photo a Leaflet map on OpenStreetMap tiles
+    (fetched from the web), opened on the close-up of `prediction_section`, with the same layers."""
+    data, body = [], []
+    for pred in preds:
+        if isinstance(pred, tuple):
+            body.append(f"<h2>{html.escape(pred[0])}</h2><p>error: {html.escape(pred[1])}</p>")
+            continue
+        polys, owner = token_polygons(pred.tokens, copies=False)
+        colours = heat_colours(pred.p)
+        view = close_up(polys, pred.p, pred.top[0], [pred.refined] if pred.refined else [])[0] if polys else WORLD
+        at = [{"at": [q.lat, q.lon], "tip": q.tip} for q in pred.top]
+        data.append({
+            "cells": [{"ring": np.round(polys[k][:, ::-1], 4).tolist(), "colour": colours[o],
+                       "tip": f"{pred.tokens[o]}: {100 * pred.p[o]:.2f}%"} for k, o in enumerate(owner)],
+            "top": at, "radii": list(pred.radii_km or []),
+            "refined": {"at": [pred.refined.lat, pred.refined.lon], "tip": pred.refined.tip} if pred.refined else None,
+            "truth": {"at": [pred.truth.lat, pred.truth.lon], "tip": pred.truth.tip} if pred.truth else None,
+            "bounds": [[view.south, view.west], [view.north, view.east]]})
+        body.append(f"<h2>{html.escape(pred.title)}</h2><div id='m{len(data) - 1}' style='height:520px'></div>")
+    safe = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the script, whatever a name says
+    script = (f"const DATA = {safe}; const TILES = {json.dumps(TILES)}; "
+              f"const ATTRIBUTION = {json.dumps(TILE_ATTRIBUTION)};" + _LEAFLET_JS)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>geoloc predictions (online map)</title>"
+            f"<link rel='stylesheet' href='{LEAFLET}.css'><script src='{LEAFLET}.js'></script></head>"
+            "<body style='font-family:sans-serif;max-width:1400px;margin:1em'><h1>geoloc predictions</h1>"
+            "<p>Needs a network connection (Leaflet and OpenStreetMap tiles); the offline page is geoloc predict "
+            "--map out.html. Red: cell probability; rings: 50% / 90% credible radii; markers: top-k; blue: "
+            "refined; green: true place.</p>" + "".join(body) + f"<script>{script}</script></body></html>\n")

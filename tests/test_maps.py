@@ -3,6 +3,7 @@ most likely region, the pages' structure, and a headless-browser screenshot wher
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -136,3 +137,14 @@ def test_prediction_page_renders_in_a_browser(tmp_path):
     assert share(maps.LAND) > 0.05 and share(maps.OCEAN) > 0.05, "land and sea are drawn"
     heat = {tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in maps.heat_colours(np.array([1.0]))}
     assert len(colours) > 50 and any(np.abs(np.array(sorted(colours)) - np.array(h)).sum(1).min() < 60 for h in heat)
+
+
+def test_leaflet_page_carries_the_same_layers():
+    lat, lon = [45.76, 45.9, 45.6, -33.87], [4.84, 5.1, 4.6, 151.2]
+    page = maps.leaflet_page([_prediction(lat, lon, [0.6, 0.2, 0.12, 0.08]), ("bad.jpg", "cannot read </script>")])
+    data = json.loads(re.search(r"const DATA = (.*?); const TILES", page).group(1))
+    assert len(data) == 1 and len(data[0]["cells"]) == 4 and data[0]["radii"] == [20.0, 60.0]
+    (s, w), (n, e) = data[0]["bounds"]
+    assert e - w < 20 and n - s < 10, "opens on the close-up"
+    assert data[0]["refined"] and data[0]["truth"] and "tile.openstreetmap.org" in page
+    assert page.count("</script>") == 2 and "cannot read &lt;/script&gt;" in page

@@ -164,7 +164,8 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
     if map_path is not None:
         from geoloc_cli.store import write_text_atomic
 
-        write_text_atomic(Path(map_path), html_map(results, maps, meta))
+        leaflet = Path(map_path).name.lower().endswith(".leaflet.html")
+        write_text_atomic(Path(map_path), html_map(results, maps, meta, leaflet=leaflet))
         console.info(f"wrote the map to {map_path}")
     if failed:
         console.warn(f"{failed} of {len(results)} photos failed")
@@ -321,10 +322,12 @@ def _table(results: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------ map
 
 
-def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any], max_photos: int = 50) -> str:
+def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any], max_photos: int = 50,
+             leaflet: bool = False) -> str:
     """A self-contained page (maps.prediction_page): per photo the world and a close-up of its most
     likely region over Natural Earth coastlines and borders, cells shaded by probability, the top-k, the
-    credible radii, the refined point (a result's "refined": {"lat", "lon"}) and the EXIF location."""
+    credible radii, the refined point (a result's "refined": {"lat", "lon"}) and the EXIF location.
+    A name ending in .leaflet.html gets the interactive page on web tiles instead (maps.leaflet_page)."""
     from geoloc_cli import gazetteer
     from geoloc_cli import maps as m
 
@@ -348,4 +351,4 @@ def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any
             m.Point(truth["lat"], truth["lon"], f"EXIF: {_place_name(truth['place'])}, error "
                     f"{truth['error_km']:,.0f} km") if truth else None,
             (r["radius_50_km"], r["radius_90_km"]) if "radius_50_km" in r else None))
-    return m.prediction_page(preds, gazetteer.ATTRIBUTION)
+    return m.leaflet_page(preds) if leaflet else m.prediction_page(preds, gazetteer.ATTRIBUTION)
