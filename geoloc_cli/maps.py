@@ -206,11 +206,11 @@ def _grid_step(height: float) -> float:
 
 
 def svg_cells(polys: list[np.ndarray], colours: list[str], tips: list[str], cls: str = "heat",
-              opacity: float = 0.8) -> str:
+              opacity: float = 0.8, stroke: str = "#7f1010") -> str:
     """Filled cell polygons with a tooltip each."""
     out = [f"<path d='{path_d(p)}' fill='{c}'><title>{html.escape(t)}</title></path>"
            for p, c, t in zip(polys, colours, tips, strict=True)]
-    return (f"<g class='{cls}' fill-opacity='{opacity}' stroke='#7f1010' stroke-opacity='0.3' stroke-width='0.4' "
+    return (f"<g class='{cls}' fill-opacity='{opacity}' stroke='{stroke}' stroke-opacity='0.3' stroke-width='0.4' "
             f"vector-effect='non-scaling-stroke'>{''.join(out)}</g>")
 
 
@@ -363,7 +363,10 @@ def prediction_section(pred: Prediction) -> str:
     extra = [pred.refined] if pred.refined is not None else []
     view, shown = close_up(near, pred.p, best, extra) if near else \
         (focus(np.array([q.lon for q in pred.top]), np.array([q.lat for q in pred.top]), best.lon), float("nan"))
-    world = svg_map(WORLD, _prediction_layers(pred, polys, owner, WORLD), "49%", "world")
+    frame = np.array([[view.west, view.south], [view.east, view.south], [view.east, view.north],
+                      [view.west, view.north], [view.west, view.south]])
+    frames = "".join(svg_line(frame + [s, 0], "#0b3d91", 1.2, "", "the close-up", "frame") for s in _shifts(view))
+    world = svg_map(WORLD, _prediction_layers(pred, polys, owner, WORLD) + frames, "49%", "world")
     zoom = svg_map(view, _prediction_layers(pred, polys, owner, view), "49%", "close-up")
     radii = (f"; 50% of the probability within {pred.radii_km[0]:,.0f} km of #1, 90% within "
              f"{pred.radii_km[1]:,.0f} km" if pred.radii_km else "")
@@ -373,11 +376,11 @@ def prediction_section(pred: Prediction) -> str:
             f"<p class='caption'>{html.escape(caption)}</p></section>")
 
 
-PREDICT_INTRO = ("Left: the world; right: a close-up of the most likely region (the cells holding 90% of the "
-                 "probability near the best candidate). Cells are shaded by the probability of the hierarchical "
-                 "prediction ({legend}); numbered circles: the top-k candidates; solid and dashed rings: the "
-                 "radii holding 50% and 90% of the probability; blue diamond: the refined position; green cross: "
-                 "the true place (EXIF). Hover for details.")
+PREDICT_INTRO = ("Left: the world (blue frame: the close-up); right: a close-up of the most likely region (the "
+                 "cells holding 90% of the probability near the best candidate). Cells are shaded by the "
+                 "probability of the hierarchical prediction ({legend}); numbered circles: the top-k candidates; "
+                 "solid and dashed rings: the radii holding 50% and 90% of the probability; blue diamond: the "
+                 "refined position; green cross: the true place (EXIF). Hover for details.")
 
 
 def prediction_page(preds: list[Prediction | tuple[str, str]], notes: str = "") -> str:
@@ -431,8 +434,10 @@ def error_page(lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plon: np.ndar
         tip = f"{names[i] if names else i}: {err_km[i]:,.0f} km"
         lines.append(f"M{lon[i]:.3f},{-lat[i]:.3f}L{px:.3f},{-plat[i]:.3f}")
         dots.append(svg_marker(float(lon[i]), float(lat[i]), "dot", WORLD, colours[bins[i]], tip))
-    layer = (f"<path class='errors' d='{''.join(lines)}' stroke='#555' stroke-opacity='0.35' stroke-width='0.6' "
-             f"fill='none'/><g class='truths'>{''.join(dots)}</g>")
+    # lines take the short way, across the antimeridian too: drawn again one world to each side to show both ends
+    layer = "".join(f"<path class='errors' d='{''.join(lines)}' stroke='#555' stroke-opacity='0.35' stroke-width='0.6' "
+                    f"fill='none' transform='translate({s:g},0)'/>" for s in (0, -360, 360))
+    layer += f"<g class='truths'>{''.join(dots)}</g>"
     legend = " ".join(f"<span style='background:{c}'>&nbsp;</span> {html.escape(t)}"
                       for c, t in zip(colours, _bin_labels(thresholds), strict=True))
     shown = f"{len(rows):,} of {len(lat):,} images" if len(rows) < len(lat) else f"{len(lat):,} images"
@@ -460,6 +465,7 @@ def error_png(path: Any, lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plo
     draw_basemap(ax)
     start = np.stack([lon[rows], lat[rows]], 1)
     segs = np.stack([start, np.stack([wrap_near(plon[rows], lon[rows]), plat[rows]], 1)], 1)
+    segs = np.concatenate([segs + [s, 0] for s in (0, -360, 360)])  # both ends of a line across the antimeridian
     ax.add_collection(LineCollection(segs, colors="#555555", alpha=0.3, linewidths=0.5, zorder=4))
     ax.scatter(lon[rows], lat[rows], s=9, c=colours[bins], edgecolors="#333333", linewidths=0.2, zorder=5)
     for c, label in zip(colours, _bin_labels(thresholds), strict=True):

@@ -261,7 +261,7 @@ def _html_map(tables: dict[str, pd.DataFrame], order: list[str]) -> str:
         counts = table["imgs_per_cell"].to_numpy()
         ids = table["hex_id"].tolist()
         tips = [f"{ids[cell]}: {int(counts[cell]):,} images" for cell in owner.tolist()]
-        layer = maps.svg_cells(polys, _colour(counts[owner]), tips, "cells", 0.75)
+        layer = maps.svg_cells(polys, _colour(counts[owner]), tips, "cells", 0.75, "#fff")
         sections.append(f"<h2>{html.escape(name)}: {len(table):,} cells</h2>"
                         + maps.svg_map(maps.WORLD, layer, "100%", name))
     legend = "".join(f'<span style="background:{c};padding:0 1em"></span>' for c in _colour(np.logspace(0, 4, 20)))
