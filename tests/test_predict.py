@@ -237,6 +237,7 @@ def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3 * 2
     lon, lat = gj["features"][0]["geometry"]["coordinates"]
     assert (lat, lon) in [pytest.approx(c, abs=1e-6) for c in FINE_CENTRES]
+    assert gj["features"][0]["properties"]["radius_90_km"] >= gj["features"][0]["properties"]["radius_50_km"] > 0
     table = predict(*args)
     assert "place" in table.stdout and "GeoNames" in table.stdout and "no such file" in table.stderr
     assert predict(*args, "--csv", "--json").exit_code == 2

@@ -26,6 +26,7 @@ from geoloc_cli.photo import exif_gps, photos_in, to_rgb
 from geoloc_cli.store import DataRoot
 
 FORMATS = ("table", "json", "csv", "geojson")
+RADII = ("radius_50_km", "radius_90_km")  # credible radii around rank 1 (inference.rank_places)
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -277,7 +278,8 @@ def to_csv(results: list[dict[str, Any]]) -> str:
 
 
 def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """A FeatureCollection: a Point per candidate place (kind "prediction") and per EXIF location ("exif")."""
+    """A FeatureCollection: a Point per candidate place (kind "prediction"; rank 1 with the credible radii)
+    and per EXIF location ("exif")."""
     features = []
     for r in results:
         if "error" in r:
@@ -286,7 +288,8 @@ def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [t["lon"], t["lat"]]},
                              "properties": {"kind": "prediction", "file": r["file"], "rank": t["rank"],
                                             "probability": t["probability"], "cell": t["cell"],
-                                            "place": _place_name(t["place"]), "scene": r["scene"]}})
+                                            "place": _place_name(t["place"]), "scene": r["scene"],
+                                            **({k: r[k] for k in RADII if k in r} if t["rank"] == 1 else {})}})
         if "exif" in r:
             e = r["exif"]
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [e["lon"], e["lat"]]},
