@@ -113,10 +113,11 @@ def token_polygons(tokens: list[str], points_per_edge: int = 3,
     return cell_polygons(ids, points_per_edge, copies)
 
 
-def credible_cells(p: np.ndarray, mass: float) -> np.ndarray:
-    """Indices of the fewest cells (most likely first) whose probabilities add up to `mass` of the total."""
+def credible_cells(p: np.ndarray, mass: float, total: float | None = None) -> np.ndarray:
+    """Indices of the fewest cells (most likely first) whose probabilities add up to `mass` of `total`
+    (default: their sum; all of them when they hold less)."""
     order = np.argsort(-p, kind="stable")
-    cum = np.cumsum(p[order]) / max(float(p.sum()), 1e-30)
+    cum = np.cumsum(p[order]) / max(float(p.sum()) if total is None else total, 1e-30)
     return order[:int(np.searchsorted(cum, mass - 1e-9)) + 1]
 
 
@@ -311,12 +312,13 @@ def close_up(outlines: list[np.ndarray], p: np.ndarray, best: Point, extra: list
              reach_km: float = 1500.0, min_span: float = 3.0) -> tuple[View, float]:
     """The close-up of the most likely region and the probability it shows: the cells of the `mass`
     credible set within `reach_km` of the best candidate (a far-away second mode belongs to the world
-    view, not here), the best candidate and the `extra` points (the refined one), padded."""
+    view, not here), the best candidate and the `extra` points (the refined one), padded. `p` may be the
+    likeliest cells only: shares are of a whole distribution (1) unless they add up to more."""
     from geoloc_cli.geo import haversine_km
 
-    keep = set(credible_cells(p, mass).tolist())
+    total = max(float(p.sum()), 1.0)
     xs, ys, shown = [np.array([best.lon])], [np.array([best.lat])], 0.0
-    for k in sorted(keep):
+    for k in credible_cells(p, mass, total):
         outline = outlines[k]
         cy, cx = outline[:, 1].mean(), wrap_near(outline[:, 0], best.lon).mean()
         if haversine_km(best.lat, best.lon, cy, cx) <= reach_km:
@@ -326,7 +328,7 @@ def close_up(outlines: list[np.ndarray], p: np.ndarray, best: Point, extra: list
     for q in extra:
         xs.append(np.array([q.lon]))
         ys.append(np.array([q.lat]))
-    return focus(np.concatenate(xs), np.concatenate(ys), best.lon, min_span), shown / max(float(p.sum()), 1e-30)
+    return focus(np.concatenate(xs), np.concatenate(ys), best.lon, min_span), shown / total
 
 
 def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndarray, view: View) -> str:
@@ -342,14 +344,13 @@ def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndar
                 circle[:, 0] = wrap_near(circle[:, 0], best.lon)
                 rings += svg_line(circle, "#222", 1.3, dash, f"{name} credible radius: {r:,.0f} km", "radius")
     layers = cells + rings
-    if pred.truth is not None and pred.truth.lat is not None:
-        tx = float(wrap_near(pred.truth.lon, best.lon))
-        layers += svg_line(np.array([[best.lon, best.lat], [tx, pred.truth.lat]]), "#1a7f1a", 1.2, "2 2",
-                           pred.truth.tip, "error")
     marks = [svg_marker(q.lon, q.lat, "pred", view, q.label, q.tip) for q in reversed(pred.top)]
     if pred.refined is not None:
         marks.append(svg_marker(pred.refined.lon, pred.refined.lat, "refined", view, tip=pred.refined.tip))
-    if pred.truth is not None:
+    if pred.truth is not None:  # a dotted line from rank 1 to the true place, the short way round
+        tx = float(wrap_near(pred.truth.lon, best.lon))
+        layers += svg_line(np.array([[best.lon, best.lat], [tx, pred.truth.lat]]), "#1a7f1a", 1.2, "2 2",
+                           pred.truth.tip, "error")
         marks.append(svg_marker(pred.truth.lon, pred.truth.lat, "truth", view, tip=pred.truth.tip))
     # the same drawing once more per copy of the world the view touches (close-ups across the antimeridian)
     return "".join(f"<g transform='translate({s:g},0)'>{layers}{''.join(marks)}</g>" for s in _shifts(view))

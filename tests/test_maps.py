@@ -148,3 +148,11 @@ def test_leaflet_page_carries_the_same_layers():
     assert e - w < 20 and n - s < 10, "opens on the close-up"
     assert data[0]["refined"] and data[0]["truth"] and "tile.openstreetmap.org" in page
     assert page.count("</script>") == 2 and "cannot read &lt;/script&gt;" in page
+
+
+def test_credible_cells():
+    p = np.array([0.1, 0.5, 0.25, 0.15])
+    assert maps.credible_cells(p, 0.5).tolist() == [1]
+    assert maps.credible_cells(p, 0.9).tolist() == [1, 2, 3]
+    # the likeliest cells only (0.6 of a whole distribution): 90% of 1 takes all of them
+    assert maps.credible_cells(np.array([0.4, 0.2]), 0.9, total=1.0).tolist() == [0, 1]
