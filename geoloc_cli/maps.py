@@ -331,10 +331,34 @@ def close_up(outlines: list[np.ndarray], p: np.ndarray, best: Point, extra: list
     return focus(np.concatenate(xs), np.concatenate(ys), best.lon, min_span), shown / total
 
 
-def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndarray, view: View) -> str:
+def city_labels(view: View, places: Any, n: int = 12) -> str:
+    """The `n` most populous places (a gazetteer: name, lat, lon, population arrays) inside the view, none
+    closer to a bigger one than 1/10 of the view's height, as dots with names: landmarks for the reader."""
+    cx = (view.west + view.east) / 2
+    lon = wrap_near(places.lon, cx)
+    inside = np.flatnonzero((lon > view.west) & (lon < view.east) & (places.lat > view.south)
+                            & (places.lat < view.north))
+    chosen: list[int] = []
+    gap = view.height / 10
+    for i in inside[np.argsort(-places.population[inside], kind="stable")]:
+        if all(np.hypot(lon[i] - lon[j], places.lat[i] - places.lat[j]) > gap for j in chosen):
+            chosen.append(int(i))
+        if len(chosen) == n:
+            break
+    f = view.height / 32
+    out = [f"<circle cx='{lon[i]:.4f}' cy='{-places.lat[i]:.4f}' r='{f / 4:.4f}' fill='#444'/>"
+           f"<text x='{lon[i] + f / 2:.4f}' y='{-places.lat[i] + f / 3:.4f}'>{html.escape(str(places.name[i]))}</text>"
+           for i in chosen]
+    return (f"<g class='cities' font-size='{f:.4f}' fill='#333' stroke='#fff' stroke-width='2.5' "
+            f"paint-order='stroke' stroke-opacity='0.8'>{''.join(out)}</g>")
+
+
+def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndarray, view: View,
+                       labels: str = "") -> str:
+    """Cells, credible rings, the line to the true place, `labels`, then the markers on top."""
     colours = heat_colours(pred.p)
     tips = [f"{pred.tokens[k]}: {100 * pred.p[k]:.2f}%" for k in owner]
-    cells = svg_cells(polys, [colours[k] for k in owner], tips)
+    cells = svg_cells(polys, [colours[k] for k in owner], tips, opacity=0.65)  # land and names show through
     best = pred.top[0]
     rings = ""
     if pred.radii_km is not None:
@@ -343,7 +367,7 @@ def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndar
                 circle = geodesic_circle(best.lat, best.lon, r)
                 circle[:, 0] = wrap_near(circle[:, 0], best.lon)
                 rings += svg_line(circle, "#222", 1.3, dash, f"{name} credible radius: {r:,.0f} km", "radius")
-    layers = cells + rings
+    layers = cells + rings + labels
     marks = [svg_marker(q.lon, q.lat, "pred", view, q.label, q.tip) for q in reversed(pred.top)]
     if pred.refined is not None:
         marks.append(svg_marker(pred.refined.lon, pred.refined.lat, "refined", view, tip=pred.refined.tip))
@@ -356,8 +380,9 @@ def _prediction_layers(pred: Prediction, polys: list[np.ndarray], owner: np.ndar
     return "".join(f"<g transform='translate({s:g},0)'>{layers}{''.join(marks)}</g>" for s in _shifts(view))
 
 
-def prediction_section(pred: Prediction) -> str:
-    """Two maps side by side: the world, and a close-up of the most likely region."""
+def prediction_section(pred: Prediction, places: Any = None) -> str:
+    """Two maps side by side: the world, and a close-up of the most likely region (with the biggest
+    `places` of a gazetteer named on it)."""
     polys, owner = token_polygons(pred.tokens)
     near, _ = token_polygons(pred.tokens, copies=False)
     best = pred.top[0]
@@ -368,7 +393,8 @@ def prediction_section(pred: Prediction) -> str:
                       [view.west, view.north], [view.west, view.south]])
     frames = "".join(svg_line(frame + [s, 0], "#0b3d91", 1.2, "", "the close-up", "frame") for s in _shifts(view))
     world = svg_map(WORLD, _prediction_layers(pred, polys, owner, WORLD) + frames, "49%", "world")
-    zoom = svg_map(view, _prediction_layers(pred, polys, owner, view), "49%", "close-up")
+    cities = city_labels(view, places) if places is not None else ""
+    zoom = svg_map(view, _prediction_layers(pred, polys, owner, view, cities), "49%", "close-up")
     radii = (f"; 50% of the probability within {pred.radii_km[0]:,.0f} km of #1, 90% within "
              f"{pred.radii_km[1]:,.0f} km" if pred.radii_km else "")
     caption = (f"close-up: {view.height:.1f} degrees high, showing {100 * shown:.0f}% of the probability{radii}"
@@ -384,15 +410,16 @@ PREDICT_INTRO = ("Left: the world (blue frame: the close-up); right: a close-up 
                  "refined position; green cross: the true place (EXIF). Hover for details.")
 
 
-def prediction_page(preds: list[Prediction | tuple[str, str]], notes: str = "") -> str:
-    """A page of photos; a (title, error) pair stands for a photo that could not be predicted."""
+def prediction_page(preds: list[Prediction | tuple[str, str]], notes: str = "", places: Any = None) -> str:
+    """A page of photos; a (title, error) pair stands for a photo that could not be predicted; `places`
+    (a gazetteer) names cities on the close-ups."""
     body = []
     for pred in preds:
         if isinstance(pred, tuple):
             body.append(f"<section class='photo'><h2>{html.escape(pred[0])}</h2><p>error: "
                         f"{html.escape(pred[1])}</p></section>")
         else:
-            body.append(prediction_section(pred))
+            body.append(prediction_section(pred, places))
     return page("geoloc predictions", PREDICT_INTRO.format(legend=heat_legend()) + " " + html.escape(notes),
                 "".join(body))
 

@@ -156,3 +156,12 @@ def test_credible_cells():
     assert maps.credible_cells(p, 0.9).tolist() == [1, 2, 3]
     # the likeliest cells only (0.6 of a whole distribution): 90% of 1 takes all of them
     assert maps.credible_cells(np.array([0.4, 0.2]), 0.9, total=1.0).tolist() == [0, 1]
+
+
+def test_close_up_names_the_biggest_cities_inside():
+    from geoloc_cli import gazetteer
+
+    lat, lon = [45.76, 45.9, 45.6, -33.87], [4.84, 5.1, 4.6, 151.2]
+    section = maps.prediction_section(_prediction(lat, lon, [0.6, 0.2, 0.12, 0.08]), gazetteer.load())
+    names = re.findall(r"<text x='[^']+' y='[^']+'>([^<]+)</text>", section.split("class='cities'")[1])
+    assert "Lyon" in names and "Sydney" not in names and len(names) <= 12

@@ -354,4 +354,4 @@ def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any
             m.Point(truth["lat"], truth["lon"], f"EXIF: {_place_name(truth['place'])}, error "
                     f"{truth['error_km']:,.0f} km") if truth else None,
             (r["radius_50_km"], r["radius_90_km"]) if "radius_50_km" in r else None))
-    return m.leaflet_page(preds) if leaflet else m.prediction_page(preds, gazetteer.ATTRIBUTION)
+    return m.leaflet_page(preds) if leaflet else m.prediction_page(preds, gazetteer.ATTRIBUTION, gazetteer.load())
