@@ -246,7 +246,8 @@ def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
     html = page.read_text()
     assert html.count("<svg") == 2 * 3 + 1, "a world map and a close-up per photo, and the basemap once"
     assert html.count("class='heat'") == 2 * 3, "cells shaded by probability, in both maps"
-    assert html.count("<circle cx=") == 3 * 2 * 2, "a marker per candidate, in both maps"
+    assert html.count("<g class='pred'>") == 3 * 2 * 2, "a marker per candidate, in both maps"
+    assert html.count("class='cities'") == 3, "city names on each close-up"
     assert "src=" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", ""), \
         "self-contained: nothing to fetch"
     assert "id='ne-land'" in html and "no such file" in html
