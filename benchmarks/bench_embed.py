@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_segment import synthetic_jpegs  # noqa: E402 - benchmarks share their synthetic photos
 
 from geoloc_cli.config import load_config  # noqa: E402
-from geoloc_cli.store import DataRoot, ShardWriter  # noqa: E402
+from geoloc_cli.data.store import DataRoot, ShardWriter  # noqa: E402
 
 CELLS = {"coarse": 3298, "middle": 7202, "fine": 12893, "scene": 3}  # MP-16's published partitionings
 
@@ -59,7 +59,7 @@ def bench_embed(args: argparse.Namespace) -> dict[str, float]:
 
 def bench_model(args: argparse.Namespace, cfg) -> float:
     from geoloc_cli.dist import amp_dtype
-    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.model.network import build_model, model_spec
 
     model = build_model(model_spec(cfg, {})).to(args.device).eval()
     amp = amp_dtype("auto", args.device)
@@ -76,9 +76,9 @@ def bench_model(args: argparse.Namespace, cfg) -> float:
 
 
 def bench_heads(args: argparse.Namespace) -> dict[str, float]:
-    from geoloc_cli.data import EmbeddingDataset, EpochSampler
+    from geoloc_cli.data.dataset import EmbeddingDataset, EpochSampler
     from geoloc_cli.dist import amp_dtype
-    from geoloc_cli.model import HeadsOnly, ModelSpec, build_model
+    from geoloc_cli.model.network import HeadsOnly, ModelSpec, build_model
 
     g = torch.Generator().manual_seed(0)
     emb = torch.empty((args.n, args.dim), dtype=torch.float16)

@@ -221,7 +221,7 @@ from pathlib import Path
 from geoloc_cli.fetch import reader
 from geoloc_cli.config import load_config
 from geoloc_cli.stages import fetch as f
-from geoloc_cli.store import DataRoot
+from geoloc_cli.data.store import DataRoot
 cfg = load_config(None, [])
 t0 = time.perf_counter()
 meta = reader.MetaIndex(Path({str(meta)!r}))

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import s2sphere as s2
 
-from geoloc_cli import geo
-from geoloc_cli import partitioning as part
+from geoloc_cli.geo import partitioning as part
+from geoloc_cli.geo import sphere
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 MP16_IMAGES = 4_723_695
@@ -83,22 +83,22 @@ def s2sphere_rates(lat: np.ndarray, lon: np.ndarray, n: int) -> dict[str, float]
     for x, y in zip(a, b, strict=True):
         s2.Cell.from_lat_lng(s2.LatLng.from_degrees(x, y)).id().parent(13).to_token()
     rates["published"] = n / (time.perf_counter() - start)
-    assert np.array_equal(np.array(leaf, dtype=np.uint64), geo.cell_ids(lat[:n], lon[:n]))
+    assert np.array_equal(np.array(leaf, dtype=np.uint64), sphere.cell_ids(lat[:n], lon[:n]))
     return rates
 
 
 def vectorised_rates(lat: np.ndarray, lon: np.ndarray) -> dict[str, float]:
-    """geo.cell_ids points per second: wall clock with its threads, and CPU time on one thread."""
+    """sphere.cell_ids points per second: wall clock with its threads, and CPU time on one thread."""
     start = time.perf_counter()
-    geo.cell_ids(lat, lon)
+    sphere.cell_ids(lat, lon)
     rates = {"wall": lat.size / (time.perf_counter() - start)}
-    threads, geo._THREADS = geo._THREADS, 1
+    threads, sphere._THREADS = sphere._THREADS, 1
     try:
         start = time.process_time()
-        geo.cell_ids(lat, lon)
+        sphere.cell_ids(lat, lon)
         rates["cpu"] = lat.size / (time.process_time() - start)
     finally:
-        geo._THREADS = threads
+        sphere._THREADS = threads
     return rates
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     for step, seconds in times.items():
         print(f"  {step:18s} {seconds:7.2f} s")
     for name, p in built.items():
-        levels = geo.level_of(part.table_cell_ids(p.cells))
+        levels = sphere.level_of(part.table_cell_ids(p.cells))
         kept = int((p.labels >= 0).sum())
         print(f"  {name:7s} {len(p.cells):6,} cells, {kept:,} images kept, levels {levels.min()}-{levels.max()}")
     result = {

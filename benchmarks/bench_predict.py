@@ -40,9 +40,9 @@ def build_checkpoint(path: Path) -> None:
     import torch
 
     from geoloc_cli import config as cfgmod
-    from geoloc_cli.inference import CellSet
-    from geoloc_cli.model import ModelSpec, build_model, save_inference_checkpoint
-    from geoloc_cli.segmentation import Segmenter
+    from geoloc_cli.inference.geolocate import CellSet
+    from geoloc_cli.model.network import ModelSpec, build_model, save_inference_checkpoint
+    from geoloc_cli.model.segmentation import Segmenter
 
     tables = {n: pd.read_csv(REPO / "tests/data" / f, skiprows=2, dtype={"hex_id": str}) for n, f in TABLES.items()}
     rng = np.random.default_rng(0)

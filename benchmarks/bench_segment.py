@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from geoloc_cli.data.store import DataRoot, ShardWriter
 from geoloc_cli.dist import resolve_device
-from geoloc_cli.segmentation import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Segmenter
+from geoloc_cli.model.segmentation import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Segmenter
 from geoloc_cli.stages import segment as stage
-from geoloc_cli.store import DataRoot, ShardWriter
 
 
 def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:

@@ -53,10 +53,10 @@ def build_world(tmp: Path, args: argparse.Namespace) -> Path:
 def train_loader(cfg: Config, epoch: int = 0, device: str = "cpu"):
     """The DataLoader the train stage builds for one process (rank 0 of 1) on `device`."""
     from geoloc_cli import dist
-    from geoloc_cli.data import EpochSampler, GeoDataset, locate
-    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.data.dataset import EpochSampler, GeoDataset, locate
+    from geoloc_cli.data.store import DataRoot, read_parquet
+    from geoloc_cli.model.network import build_model, model_spec
     from geoloc_cli.stages import train
-    from geoloc_cli.store import DataRoot, read_parquet
 
     root = DataRoot(cfg.root)
     name = cfg.train.dataset
@@ -96,8 +96,8 @@ def data_rate(cfg: Config, epochs: int = 2) -> float:
 def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
     """Images/s of optimizer steps on ready tensors (model, loss, backward, AdamW, scheduler)."""
     from geoloc_cli.dist import DistInfo
-    from geoloc_cli.model import build_model, model_spec
-    from geoloc_cli.trainer import Trainer, TrainState, build_loss
+    from geoloc_cli.model.network import build_model, model_spec
+    from geoloc_cli.train.trainer import Trainer, TrainState, build_loss
 
     loader = train_loader(cfg)
     batch = next(iter(loader))

@@ -60,8 +60,8 @@ def setup(args: argparse.Namespace, device: torch.device):
     """The training stage's Trainer around a bare model (no data root) and a synthetic batch on the device."""
     from geoloc_cli.config import load_config
     from geoloc_cli.dist import DistInfo
-    from geoloc_cli.model import build_model, model_spec
-    from geoloc_cli.trainer import Trainer, TrainState, build_loss
+    from geoloc_cli.model.network import build_model, model_spec
+    from geoloc_cli.train.trainer import Trainer, TrainState, build_loss
 
     cfg = load_config(None, [
         f"model.backbone={args.backbone}", f"model.img_size={args.img_size}", "model.pretrained=none",

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from geoloc_cli.data.sources import PRESETS
 from geoloc_cli.errors import ConfigError, GeolocError
-from geoloc_cli.sources import PRESETS
 
 BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
 
@@ -356,12 +356,12 @@ def export(
 ) -> None:
     """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
     from geoloc_cli import console
+    from geoloc_cli.data.store import DataRoot
     from geoloc_cli.errors import require
-    from geoloc_cli.store import DataRoot
 
     cfg = _config(config, set_, root)
     require("torch", "onnx")
-    from geoloc_cli.export import export_onnx
+    from geoloc_cli.model.export import export_onnx
 
     for path in export_onnx(ckpt or DataRoot(cfg.root).model(cfg.train.run), output):
         console.info(f"wrote {path}")
@@ -389,7 +389,7 @@ def convert(
 
     cfg = _config(config, set_, root)
     require("torch", "timm")
-    from geoloc_cli.convert import convert as run_convert
+    from geoloc_cli.model.convert import convert as run_convert
 
     done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)
     console.info(f"wrote {output}: {done['backbone']}, heads {done['heads']}")

@@ -10,8 +10,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN
 
 from geoloc_cli.errors import ConfigError
-from geoloc_cli.model import ModelSpec, block_ids, build_model
-from geoloc_cli.segmentation import encode_seg_torch
+from geoloc_cli.model.network import ModelSpec, block_ids, build_model
+from geoloc_cli.model.segmentation import encode_seg_torch
 
 TINY_TOKENS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 HEADS = {"coarse": 5, "scene": 3}
@@ -50,7 +50,7 @@ def test_every_family_builds_offline_with_both_branches_and_its_own_preprocessin
         else None
     if want_mean is not None:
         assert pre["mean"] == pytest.approx(list(want_mean))
-    from geoloc_cli.inference import normalize
+    from geoloc_cli.inference.geolocate import normalize
 
     raw = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)  # the model normalises with its own mean/std
     assert torch.allclose(model.pixels(raw), torch.from_numpy(normalize(raw.numpy(), pre)))
@@ -96,7 +96,7 @@ def test_mlp_heads_and_a_shared_trunk():
 
 
 def test_a_geoloc_checkpoint_is_a_weights_source(tmp_path):
-    from geoloc_cli.model import save_inference_checkpoint
+    from geoloc_cli.model.network import save_inference_checkpoint
 
     torch.manual_seed(0)
     trained = build_model(family("vit-p8", seg_channels=3))

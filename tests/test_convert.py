@@ -14,10 +14,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from geoloc_cli.cli import app
-from geoloc_cli.convert import convert, read_state_dict
 from geoloc_cli.errors import InputError
-from geoloc_cli.model import load_inference_checkpoint
-from geoloc_cli.segmentation import encode_seg_torch, load_palette
+from geoloc_cli.model.convert import convert, read_state_dict
+from geoloc_cli.model.network import load_inference_checkpoint
+from geoloc_cli.model.segmentation import encode_seg_torch, load_palette
 
 DATA = Path(__file__).parent / "data"
 N_FINE, N_MIDDLE, N_COARSE = 12_893, 7_202, 3_298  # the published partitionings
@@ -184,7 +184,7 @@ def test_geoestimation_converts_to_the_same_logits_and_hierarchy(geoestimation, 
     probs = [torch.softmax(t.double(), 1).numpy() for t in theirs]  # float64: float32 products underflow
     parents = [_s2_parents(cells["fine"]["hex_id"], cells[n]["hex_id"]) for n in ("coarse", "middle")]
     expected = (probs[0][:, parents[0]] * probs[1][:, parents[1]] * probs[2]).argmax(1)
-    from geoloc_cli.inference import CellSet, decode
+    from geoloc_cli.inference.geolocate import CellSet, decode
 
     ours_probs = {k: torch.softmax(v.double(), 1).numpy() for k, v in ours.items()}
     assert (decode(ours_probs, CellSet.from_meta(meta["partitionings"]))["hierarchical"] == expected).all()

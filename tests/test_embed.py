@@ -17,8 +17,8 @@ from worlds import build_world
 
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
-from geoloc_cli.embeddings import RECORD, emb_shard_for, load_embedder, read_shard
-from geoloc_cli.store import DataRoot, ShardWriter
+from geoloc_cli.data.embeddings import RECORD, emb_shard_for, load_embedder, read_shard
+from geoloc_cli.data.store import DataRoot, ShardWriter
 
 runner = CliRunner()
 TRAIN = {"epochs": 2, "batch_size": 16, "source": "embeddings", "trainable_blocks": 0, "checkpoint_every": 1000}
@@ -39,7 +39,7 @@ def world(tmp_path_factory) -> tuple[Path, DataRoot]:
 
 
 def image_keys(shard: Path) -> list[str]:
-    from geoloc_cli.data import tar_offsets
+    from geoloc_cli.data.dataset import tar_offsets
 
     return [k for k, files in tar_offsets(shard).items() if "jpg" in files]
 
@@ -58,9 +58,9 @@ def test_one_fp16_shard_per_image_shard_aligned_by_key_with_a_record(world):
 
 
 def test_stored_embeddings_are_what_the_recorded_backbone_computes_on_the_eval_view(world):
-    from geoloc_cli.data import open_image, transform
-    from geoloc_cli.model import GeoModel, model_spec
-    from geoloc_cli.store import read_shard as read_tar
+    from geoloc_cli.data.dataset import open_image, transform
+    from geoloc_cli.data.store import read_shard as read_tar
+    from geoloc_cli.model.network import GeoModel, model_spec
 
     cfg, root = world
     model = GeoModel(model_spec(load_config(cfg), {}))
@@ -93,7 +93,7 @@ def test_a_rerun_skips_done_shards_and_redoes_the_rest_with_the_recorded_weights
 def test_damaged_or_outdated_embedding_shards_are_made_again_and_never_trusted(world):
     """A cut embedding shard and one older than its image shard (photos fetched again) are redone by embed;
     training refuses photos an embedding shard does not know."""
-    from geoloc_cli.embeddings import gather
+    from geoloc_cli.data.embeddings import gather
     from geoloc_cli.errors import InputError
 
     cfg, root = world
@@ -102,7 +102,7 @@ def test_damaged_or_outdated_embedding_shards_are_made_again_and_never_trusted(w
     good = [read_shard(f)[1] for f in files[:2]]
     files[0].write_bytes(files[0].read_bytes()[:-100])  # cut short
     keys, _, failed = read_shard(files[1])
-    from geoloc_cli.embeddings import write_shard
+    from geoloc_cli.data.embeddings import write_shard
 
     write_shard(files[1], keys[:-1], good[1][:-1], failed, shards[1].stat().st_size - 1)  # an older image shard
     with pytest.raises(InputError, match="no embedding of 1 photos.*run `geoloc embed` again"):
@@ -140,7 +140,7 @@ def test_heads_train_on_embeddings_and_the_checkpoint_works_on_photos(world):
     cfg, root = world
     r = geoloc(cfg, "train")
     assert r.exit_code == 0, r.output
-    from geoloc_cli.model import load_inference_checkpoint
+    from geoloc_cli.model.network import load_inference_checkpoint
 
     ckpt = root.model("demo")
     model, meta, _ = load_inference_checkpoint(ckpt)
@@ -185,9 +185,9 @@ def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
     checkpoint holds both branches."""
     from worlds import DATA_STAGES
 
-    from geoloc_cli.data import transform
-    from geoloc_cli.model import load_inference_checkpoint
-    from geoloc_cli.segmentation import encode_seg_torch
+    from geoloc_cli.data.dataset import transform
+    from geoloc_cli.model.network import load_inference_checkpoint
+    from geoloc_cli.model.segmentation import encode_seg_torch
 
     cfg, data = build_world(tmp_path, (*DATA_STAGES, ["segment"]), model={"seg_channels": 3, "fusion": "gated"},
                             train={**TRAIN, "epochs": 1}, embed={"batch_size": 16})
@@ -199,7 +199,7 @@ def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
     r = geoloc(cfg, "train")
     assert r.exit_code == 0, r.output
     model, _, _ = load_inference_checkpoint(root.model("demo"))
-    from geoloc_cli.store import iter_shard, seg_shard_for
+    from geoloc_cli.data.store import iter_shard, seg_shard_for
 
     photo = dict(iter_shard(shard))[keys[0]]["jpg"]
     seg_png = dict(iter_shard(root.seg("demo") / seg_shard_for(shard.name)))[keys[0]]["png"]
@@ -214,7 +214,7 @@ def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
 
 def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones(world):
     """train.trainable_blocks / train.layer_decay through `geoloc train` on photos (same world)."""
-    from geoloc_cli.model import build_model, load_inference_checkpoint, model_spec
+    from geoloc_cli.model.network import build_model, load_inference_checkpoint, model_spec
 
     cfg, root = world
     r = geoloc(cfg, "train", "--set", "train.source=images", "--set", "train.trainable_blocks=1", "--set",
@@ -233,7 +233,7 @@ def test_two_device_processes_write_the_same_shards_as_one(tmp_path):
     import functools
 
     from geoloc_cli.dist import run_on_devices
-    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.model.network import build_model, model_spec
     from geoloc_cli.stages import embed as stage
 
     root = DataRoot(tmp_path)

@@ -25,7 +25,7 @@ def geoloc(*args: str):
 
 
 def gc_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """The published haversine, written out independently of geoloc_cli.geo."""
+    """The published haversine, written out independently of geoloc_cli.geo.sphere."""
     p1, p2 = math.radians(lat1), math.radians(lat2)
     a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
     return 2 * R * math.asin(math.sqrt(a))
@@ -178,8 +178,8 @@ def test_test_time_crops(world):
 def test_crop_probabilities_reduce_per_crop_probabilities(world):
     import torch
 
-    from geoloc_cli.inference import crop_probabilities, probabilities
-    from geoloc_cli.model import load_inference_checkpoint
+    from geoloc_cli.inference.geolocate import crop_probabilities, probabilities
+    from geoloc_cli.model.network import load_inference_checkpoint
 
     _, a, _ = world
     model, meta, _ = load_inference_checkpoint(a)
@@ -198,7 +198,7 @@ def test_crop_probabilities_reduce_per_crop_probabilities(world):
 
 
 def test_crop_boxes_and_reduction():
-    from geoloc_cli.inference import crop_boxes, reduce_crops
+    from geoloc_cli.inference.geolocate import crop_boxes, reduce_crops
 
     five = crop_boxes(200, 100, "five")
     assert len(five) == 5 and not any(f for _, f in five)
@@ -216,7 +216,7 @@ def test_crop_boxes_and_reduction():
 def test_photo_and_map_are_cropped_alike():
     """Left half red / right half blue photo, and a half-resolution map labelling the halves 1 / 2: in every
     test-time crop (flips included) the map's label follows the photo's colour column by column."""
-    from geoloc_cli.inference import views
+    from geoloc_cli.inference.geolocate import views
 
     w, h = 160, 96
     rgb = np.zeros((h, w, 3), np.uint8)

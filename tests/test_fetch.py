@@ -19,14 +19,14 @@ from loopback import LoopbackServer, bomb_jpeg, make_jpeg
 from PIL import Image
 from typer.testing import CliRunner
 
-from geoloc_cli import places365
 from geoloc_cli.cli import app
 from geoloc_cli.config import FetchConfig, load_config
+from geoloc_cli.data import places365
+from geoloc_cli.data.store import DataRoot, iter_shard
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.fetch import downloader, reader, supervisor, writer
 from geoloc_cli.fetch.downloader import process_image
 from geoloc_cli.stages import fetch as stage
-from geoloc_cli.store import DataRoot, iter_shard
 
 FAST = ["fetch.read_timeout=0.4", "fetch.connect_timeout=0.5", "fetch.deadline=3", "fetch.retries=1",
         "fetch.max_bytes=200000", "fetch.shard_size=4", "fetch.processes=1", "fetch.concurrency=16"]
@@ -347,7 +347,7 @@ def test_kill_and_resume(server, tmp_path):
 
 
 def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
-    from geoloc_cli import sources
+    from geoloc_cli.data import sources
 
     p = sources.Preset("im2gps", "t", sources.MetaFile("im2gps_places365.csv", (
         sources.Remote(url=server.url("404/meta.csv")),)), urls=sources.MetaFile("im2gps_urls.csv", (
@@ -391,7 +391,7 @@ def test_folder_import_reads_exif_gps(tmp_path):
     assert m.loc["sub/rio.jpg", "lat"] == pytest.approx(-22.9) and m.loc["sub/rio.jpg", "lon"] == pytest.approx(-43.2)
     assert len(stored(root, "trip")) == 2
     # the metadata file holds only located photos, so partition can read it as points
-    from geoloc_cli.partitioning import read_points
+    from geoloc_cli.geo.partitioning import read_points
 
     assert len(read_points(root / "meta" / "trip_places365.csv").img_id) == 2
 
@@ -462,7 +462,7 @@ def test_cli_fetch_and_bad_part(server, tmp_path):
 
 
 def test_unreadable_tls_certificates_fail_the_run_not_every_item(server, tmp_path, monkeypatch):
-    from geoloc_cli import http
+    from geoloc_cli.fetch import http
 
     urls = write_list(tmp_path / "l.csv", [("c0", server.url("img/tls0.jpg"))])
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
@@ -486,7 +486,7 @@ def test_an_unusable_proxy_setting_fails_the_run(server, tmp_path, monkeypatch):
 def test_https_end_to_end_with_verified_certificates(tmp_path, monkeypatch):
     """The whole fetch over TLS: the parent loads the CA once, forked workers verify the server with it."""
     trustme = pytest.importorskip("trustme")
-    from geoloc_cli import http
+    from geoloc_cli.fetch import http
 
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -94,7 +94,7 @@ def test_resume_on_cuda_continues_the_uninterrupted_run(world, reference, monkey
     """Stop after the second resume state (mid-epoch), resume, compare with the uninterrupted run."""
     cfg_path, root = world
     saves = []
-    from geoloc_cli.trainer import Trainer
+    from geoloc_cli.train.trainer import Trainer
 
     real_save = Trainer.save
 
@@ -121,7 +121,7 @@ def test_resume_on_cuda_continues_the_uninterrupted_run(world, reference, monkey
 
 
 def test_segmenting_on_cuda_in_bf16_agrees_with_the_cpu():
-    from geoloc_cli.segmentation import Segmenter
+    from geoloc_cli.model.segmentation import Segmenter
 
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""geoloc_cli.http, the keep-alive client of fetch's hot loop, against scripted asyncio servers."""
+"""geoloc_cli.fetch.http, the keep-alive client of fetch's hot loop, against scripted asyncio servers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from geoloc_cli import http
 from geoloc_cli.config import FetchConfig
-from geoloc_cli.fetch import downloader
+from geoloc_cli.fetch import downloader, http
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 

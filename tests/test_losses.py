@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoloc_cli.losses import MultitaskLoss, smoothed_targets
+from geoloc_cli.train.losses import MultitaskLoss, smoothed_targets
 
 
 def _km(lat1, lon1, lat2, lon2):

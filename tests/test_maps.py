@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoloc_cli import geo, maps
-from geoloc_cli.inference import cell_radius_km, credible_radii_km
+from geoloc_cli.geo import maps, sphere
+from geoloc_cli.inference.geolocate import cell_radius_km, credible_radii_km
 
 KM_PER_DEG = 6371.0 * np.pi / 180  # along the equator
 
@@ -36,13 +36,13 @@ def test_credible_radii_hand_computed():
 
 
 def test_cell_radius_follows_the_s2_level():
-    token = geo.to_token(geo.cell_ids(np.array([48.86]), np.array([2.35]), 10))[0]
+    token = sphere.to_token(sphere.cell_ids(np.array([48.86]), np.array([2.35]), 10))[0]
     assert 3 < cell_radius_km(token) < 10  # a level-10 cell is ~8 km across
     assert cell_radius_km("not-a-token") == 0.0
 
 
 def test_packaged_basemap_is_small_and_whole():
-    path = Path(maps.__file__).parent / "resources" / maps.BASEMAP
+    path = Path(maps.__file__).parents[1] / "resources" / maps.BASEMAP
     assert path.stat().st_size < 150_000
     land, borders = maps.basemap()
     assert len(land) > 100 and len(borders) > 300
@@ -56,21 +56,21 @@ def test_packaged_basemap_is_small_and_whole():
 
 def test_cells_at_the_antimeridian():
     # S2 face 3 is centred on 180 degrees: its level-0 cell (135 E to 135 W) is drawn on both sides
-    face3 = geo.cell_ids(np.array([-17.0]), np.array([180.0]), 0)
+    face3 = sphere.cell_ids(np.array([-17.0]), np.array([180.0]), 0)
     polys, owner = maps.cell_polygons(face3)
     assert owner.tolist() == [0, 0]
     assert all(np.ptp(poly[:, 0]) < 100 for poly in polys), "not smeared across the whole map"
     assert sorted(round(poly[:, 0].mean() / 180) for poly in polys) == [-1, 1]
     assert len(maps.cell_polygons(face3, copies=False)[0]) == 1
     # finer cells only touch 180 degrees (an S2 edge): drawn once, small, on their own side
-    ids = geo.cell_ids(np.array([-17.0, -17.0, 66.0]), np.array([179.99, -179.99, -179.99]), 8)
+    ids = sphere.cell_ids(np.array([-17.0, -17.0, 66.0]), np.array([179.99, -179.99, -179.99]), 8)
     polys, owner = maps.cell_polygons(ids)
     assert owner.tolist() == [0, 1, 2] and all(np.ptp(poly[:, 0]) < 1 for poly in polys)
     assert polys[0][:, 0].min() > 179 and polys[1][:, 0].max() < -179
 
 
 def _prediction(lat: list[float], lon: list[float], p: list[float], level: int = 9) -> maps.Prediction:
-    tokens = geo.to_token(geo.cell_ids(np.array(lat), np.array(lon), level))
+    tokens = sphere.to_token(sphere.cell_ids(np.array(lat), np.array(lon), level))
     top = [maps.Point(a, o, f"#{k + 1}", str(k + 1)) for k, (a, o) in enumerate(zip(lat[:3], lon[:3], strict=True))]
     return maps.Prediction("photo.jpg", tokens, np.array(p), top, maps.Point(lat[0] + 0.1, lon[0] + 0.1, "refined"),
                            maps.Point(lat[0] - 0.2, lon[0], "truth"), (20.0, 60.0))
@@ -106,7 +106,7 @@ def test_close_up_across_the_antimeridian():
 def test_error_page_and_png(tmp_path):
     lat, lon = np.array([48.86, -33.87, 35.68]), np.array([2.35, 151.21, 139.69])
     plat, plon = lat + [0.1, 5.0, 30.0], lon + [0.1, -5.0, 30.0]
-    err = geo.haversine_km(lat, lon, plat, plon)
+    err = sphere.haversine_km(lat, lon, plat, plon)
     page = maps.error_page(lat, lon, plat, plon, err, [1, 25, 200, 750, 2500], "test", ["a", "b", "c"])
     assert page.count("class='dot'") == 3 and re.search(r"a: \d+ km", page)
     assert maps.error_bins(np.array([0.5, 1.0, 30, 3000]), [1, 25, 200, 750, 2500]).tolist() == [0, 0, 2, 5]
@@ -159,7 +159,7 @@ def test_credible_cells():
 
 
 def test_close_up_names_the_biggest_cities_inside():
-    from geoloc_cli import gazetteer
+    from geoloc_cli.geo import gazetteer
 
     lat, lon = [45.76, 45.9, 45.6, -33.87], [4.84, 5.1, 4.6, 151.2]
     section = maps.prediction_section(_prediction(lat, lon, [0.6, 0.2, 0.12, 0.08]), gazetteer.load())

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from geoloc_cli.errors import InputError
-from geoloc_cli.geo import haversine_km
-from geoloc_cli.metrics import accuracy, hierarchical_probs, trivial_baseline, validation_metrics
+from geoloc_cli.geo.sphere import haversine_km
+from geoloc_cli.inference.metrics import accuracy, hierarchical_probs, trivial_baseline, validation_metrics
 from geoloc_cli.stages.evaluate import metrics_from_predictions
 from geoloc_cli.stages.filter import build_index
 
@@ -75,7 +75,7 @@ def test_filter_rules_and_drop_counts():
 
 
 def test_scene_accuracy_counts_only_known_labels():
-    from geoloc_cli.inference import scene_accuracy
+    from geoloc_cli.inference.geolocate import scene_accuracy
 
     pred = pd.DataFrame({"scene_pred": [0, 1, 2, 2], "scene_true": [0, 2, -1, -1]})
     assert scene_accuracy(pred) == 0.5
@@ -83,7 +83,7 @@ def test_scene_accuracy_counts_only_known_labels():
 
 
 def test_geoscore_is_osv5m_s_definition():
-    from geoloc_cli.metrics import accuracy
+    from geoloc_cli.inference.metrics import accuracy
 
     d = np.array([0.0, 1492.7, 20000.0])
     expected = np.mean([5000.0, 5000.0 / np.e, 5000.0 * np.exp(-20000.0 / 1492.7)])
@@ -92,7 +92,7 @@ def test_geoscore_is_osv5m_s_definition():
 
 
 def test_admin_accuracy_compares_whole_chains_over_known_truths():
-    from geoloc_cli.metrics import admin_accuracy, admin_areas
+    from geoloc_cli.inference.metrics import admin_accuracy, admin_areas
 
     paris, versailles, sydney = (48.8566, 2.3522), (48.8049, 2.1204), (-33.8688, 151.2093)
     truth = admin_areas(np.array([paris[0], sydney[0]]), np.array([paris[1], sydney[1]]))

@@ -6,16 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from geoloc_cli.data import EpochSampler, transform
+from geoloc_cli.data.dataset import EpochSampler, transform
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.model import (
+from geoloc_cli.model.network import (
     ModelSpec,
     build_model,
     load_inference_checkpoint,
     read_checkpoint_meta,
     save_inference_checkpoint,
 )
-from geoloc_cli.segmentation import encode_seg_torch as seg_to_input
+from geoloc_cli.model.segmentation import encode_seg_torch as seg_to_input
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -75,7 +75,7 @@ def test_an_exchange_checkpoint_of_an_older_geoloc_still_loads(tmp_path):
 
 
 def test_uint8_pixels_are_normalised_on_the_device_exactly_as_numpy_does():
-    from geoloc_cli.inference import normalize
+    from geoloc_cli.inference.geolocate import normalize
 
     model = build_model(spec(0))
     pre = model.data_config()
@@ -87,7 +87,7 @@ def test_uint8_pixels_are_normalised_on_the_device_exactly_as_numpy_does():
 
 
 def test_one_hot_encoding_is_a_scatter_in_the_autocast_dtype():
-    from geoloc_cli.segmentation import encode_seg
+    from geoloc_cli.model.segmentation import encode_seg
 
     maps = torch.randint(0, 150, (2, 16, 16), dtype=torch.uint8)
     maps[0, 0, 0] = 255  # no map: all zeros
@@ -177,7 +177,7 @@ def test_epoch_sampler_splits_without_duplicates_and_resumes():
 def test_hub_backbones_pass_the_name_check_and_auto_does_not_hide_a_bad_override(monkeypatch):
     import timm
 
-    from geoloc_cli import model as model_mod
+    from geoloc_cli.model import network as model_mod
 
     seen = []
     monkeypatch.setattr(timm, "create_model", lambda name, **kw: seen.append(name) or torch.nn.Identity())

@@ -12,10 +12,10 @@ import pytest
 import s2sphere as s2
 from typer.testing import CliRunner
 
-from geoloc_cli import geo
-from geoloc_cli import partitioning as part
 from geoloc_cli.cli import app
 from geoloc_cli.errors import InputError
+from geoloc_cli.geo import partitioning as part
+from geoloc_cli.geo import sphere
 
 DATA = Path(__file__).parent / "data"
 PUBLISHED = {"coarse": "cells_50_5000.csv", "middle": "cells_50_2000.csv", "fine": "cells_50_1000.csv"}
@@ -90,7 +90,7 @@ def test_split_reaches_level_30_and_labels_equal_assignment() -> None:
     lat, lon = clustered_points(6000, seed=7)
     built = part.build_partitionings(lat, lon, {"a": (5, 100), "b": (5, 50)})
     for p in built.values():
-        levels = geo.level_of(part.table_cell_ids(p.cells))
+        levels = sphere.level_of(part.table_cell_ids(p.cells))
         assert levels.max() == 30  # the 300 duplicates cannot be split
         assert (p.cells["imgs_per_cell"] > 5).all()
         assert (p.labels >= 0).sum() == p.cells["imgs_per_cell"].sum()
@@ -154,10 +154,10 @@ def test_assignment_agrees_with_published_code_and_finds_level_30(published, yfc
     np.testing.assert_array_equal(part.assign_classes(yfcc.lat[:1500], yfcc.lon[:1500], fine), expected)
 
     ids = part.table_cell_ids(fine)
-    leaf_rows = np.flatnonzero(geo.level_of(ids) == 30)
+    leaf_rows = np.flatnonzero(sphere.level_of(ids) == 30)
     assert len(leaf_rows) == 3
     lat, lon = fine["latitude_mean"].to_numpy()[leaf_rows], fine["longitude_mean"].to_numpy()[leaf_rows]
-    inside = geo.cell_ids(lat, lon) == ids[leaf_rows]
+    inside = sphere.cell_ids(lat, lon) == ids[leaf_rows]
     assert inside.all()  # the mean of a leaf cell's images is in the leaf cell
     np.testing.assert_array_equal(part.assign_classes(lat, lon, fine), leaf_rows)
     assert [published_assign(a, b) for a, b in zip(lat.tolist(), lon.tolist(), strict=True)] == [-1, -1, -1]
@@ -165,7 +165,8 @@ def test_assignment_agrees_with_published_code_and_finds_level_30(published, yfc
 
 def test_nested_tables_pick_the_coarsest_cell() -> None:
     lat, lon = np.array([48.85, 40.0]), np.array([2.29, -3.0])
-    tokens = geo.to_token(np.concatenate([geo.cell_ids(lat[:1], lon[:1], 12), geo.cell_ids(lat[:1], lon[:1], 5)]))
+    tokens = sphere.to_token(np.concatenate([sphere.cell_ids(lat[:1], lon[:1], 12),
+                                             sphere.cell_ids(lat[:1], lon[:1], 5)]))
     cells = pd.DataFrame({"class_label": [0, 1], "hex_id": tokens, "imgs_per_cell": [60, 70],
                           "latitude_mean": [48.8, 48.0], "longitude_mean": [2.2, 2.0]})
     assert part.assign_classes(lat, lon, cells).tolist() == [1, -1]
@@ -303,8 +304,8 @@ def test_tau_min_is_checked_against_what_this_run_builds(tmp_path: Path) -> None
 
 
 def test_missing_partitions_name_only_real_places(tmp_path: Path) -> None:
+    from geoloc_cli.data.store import DataRoot
     from geoloc_cli.errors import InputError
-    from geoloc_cli.store import DataRoot
 
     with pytest.raises(InputError) as e:
         part.load_partitions(DataRoot(tmp_path).partitions("mp16"))

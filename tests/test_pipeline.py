@@ -130,7 +130,7 @@ def test_checkpoints_are_portable_files(world):
     import os
     import stat
 
-    from geoloc_cli.store import read_checkpoint_meta
+    from geoloc_cli.data.store import read_checkpoint_meta
 
     _, root = world
     ckpt = root / "runs/demo/model.safetensors"

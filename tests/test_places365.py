@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geoloc_cli import places365
+from geoloc_cli.data import places365
 from geoloc_cli.errors import InputError
 
 

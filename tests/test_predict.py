@@ -29,14 +29,14 @@ def tiny_checkpoint(path: Path, seed: int = 0, seg_channels: int = 3, fusion: st
     import torch
 
     from geoloc_cli import config as cfgmod
-    from geoloc_cli import geo
-    from geoloc_cli.inference import CellSet
-    from geoloc_cli.model import ModelSpec, build_model, save_inference_checkpoint
-    from geoloc_cli.segmentation import Segmenter
+    from geoloc_cli.geo import sphere
+    from geoloc_cli.inference.geolocate import CellSet
+    from geoloc_cli.model.network import ModelSpec, build_model, save_inference_checkpoint
+    from geoloc_cli.model.segmentation import Segmenter
 
     lat, lon = np.array(FINE_CENTRES).T
     levels = {"coarse": 2, "middle": 4, "fine": 7}
-    tokens = {n: geo.to_token(geo.cell_ids(lat, lon, lv)) for n, lv in levels.items()}
+    tokens = {n: sphere.to_token(sphere.cell_ids(lat, lon, lv)) for n, lv in levels.items()}
     uniq = {n: sorted(set(t)) for n, t in tokens.items()}
     idx = {n: np.array([uniq[n].index(t) for t in tokens[n]]) for n in levels}
     lats = {n: np.array([lat[idx[n] == k].mean() for k in range(len(uniq[n]))]) for n in levels}
@@ -72,7 +72,7 @@ def photo(path: Path, w: int = 96, h: int = 72, seed: int = 0, mode: str = "RGB"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny checkpoint exported to ONNX (model.onnx + model.seg.onnx beside it)."""
-    from geoloc_cli.export import export_onnx
+    from geoloc_cli.model.export import export_onnx
 
     path = tiny_checkpoint(tmp_path_factory.mktemp("model") / "model.safetensors")
     written = export_onnx(path)
@@ -94,10 +94,10 @@ def predict(*args: str):
 
 
 def test_onnx_export_gives_the_torch_top_k(ckpt, photos):
-    from geoloc_cli.inference import CellSet, rank_places
-    from geoloc_cli.onnx_runtime import OnnxModel
+    from geoloc_cli.data.store import read_checkpoint_meta as read_meta
+    from geoloc_cli.inference.geolocate import CellSet, rank_places
+    from geoloc_cli.inference.onnx_runtime import OnnxModel
     from geoloc_cli.stages.predict import TorchModel
-    from geoloc_cli.store import read_checkpoint_meta as read_meta
 
     meta = read_meta(ckpt)
     images = [Image.open(p).convert("RGB") for p in photos]
@@ -118,10 +118,10 @@ def test_onnx_export_gives_the_torch_top_k(ckpt, photos):
 
 @pytest.mark.parametrize("seg_channels, fusion", [(0, "late"), (150, "exchange")])
 def test_single_graph_exports_match_torch(tmp_path, photos, seg_channels, fusion):
-    from geoloc_cli.export import export_onnx
-    from geoloc_cli.onnx_runtime import OnnxModel
+    from geoloc_cli.data.store import read_checkpoint_meta as read_meta
+    from geoloc_cli.inference.onnx_runtime import OnnxModel
+    from geoloc_cli.model.export import export_onnx
     from geoloc_cli.stages.predict import TorchModel
-    from geoloc_cli.store import read_checkpoint_meta as read_meta
 
     path = tiny_checkpoint(tmp_path / "model.safetensors", seg_channels=seg_channels, fusion=fusion)
     assert "model.rgb.onnx" not in [p.name for p in export_onnx(path)]
@@ -135,8 +135,8 @@ def test_single_graph_exports_match_torch(tmp_path, photos, seg_channels, fusion
 
 
 def test_numpy_center_view_mirrors_data_transform():
-    from geoloc_cli.data import transform
-    from geoloc_cli.inference import normalize, view, views
+    from geoloc_cli.data.dataset import transform
+    from geoloc_cli.inference.geolocate import normalize, view, views
 
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 255, (70, 110, 3), dtype=np.uint8))
@@ -193,7 +193,7 @@ def test_backends_agree_through_the_cli(ckpt, photos):
 
 
 def test_place_names_come_from_the_packaged_gazetteer(ckpt, photos):
-    from geoloc_cli import gazetteer
+    from geoloc_cli.geo import gazetteer
 
     g = gazetteer.load()
     assert len(g) > 30_000
@@ -209,7 +209,7 @@ def test_place_names_come_from_the_packaged_gazetteer(ckpt, photos):
 
 
 def test_exif_gps_gives_the_true_place_and_the_error(ckpt, tmp_path):
-    from geoloc_cli.geo import haversine_km
+    from geoloc_cli.geo.sphere import haversine_km
 
     img = Image.fromarray(np.full((60, 80, 3), 120, np.uint8))
     exif = Image.Exif()
@@ -289,7 +289,7 @@ def test_bad_inputs_fail_one_by_one(ckpt, tmp_path):
 
 
 def test_alpha_is_composited_on_white():
-    from geoloc_cli.photo import to_rgb
+    from geoloc_cli.data.photo import to_rgb
 
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert np.asarray(to_rgb(clear)).min() == 255
@@ -323,7 +323,7 @@ def test_export_defaults_to_the_runs_checkpoint(ckpt, tmp_path):
 
 
 def test_exif_parsing_rejects_garbage():
-    from geoloc_cli.photo import dms
+    from geoloc_cli.data.photo import dms
 
     assert dms((10, 30, 36)) == pytest.approx(10.51)
     assert math.isclose(dms((0, 0, 0)), 0.0)
@@ -337,7 +337,7 @@ def test_an_export_is_self_describing(tmp_path, photos):
     import shutil
     import subprocess
 
-    from geoloc_cli.export import export_onnx
+    from geoloc_cli.model.export import export_onnx
 
     ckpt = tiny_checkpoint(tmp_path / "run" / "model.safetensors")
     export_onnx(ckpt)

@@ -17,13 +17,10 @@ import pytest
 from typer.testing import CliRunner
 from worlds import build_world
 
-from geoloc_cli import partitioning as part
-from geoloc_cli import store
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
-from geoloc_cli.errors import InputError, StorageError
-from geoloc_cli.fetch import reader
-from geoloc_cli.store import (
+from geoloc_cli.data import store
+from geoloc_cli.data.store import (
     ShardWriter,
     check_shard,
     drop_damaged,
@@ -33,6 +30,9 @@ from geoloc_cli.store import (
     shard_part,
     shard_record,
 )
+from geoloc_cli.errors import InputError, StorageError
+from geoloc_cli.fetch import reader
+from geoloc_cli.geo import partitioning as part
 
 REPO = Path(__file__).parents[1]
 
@@ -67,7 +67,7 @@ def test_shard_record_and_check(tmp_path: Path):
     record = json.loads(shard_record(path).read_text())
     assert record["members"] == 3 and record["keys"] == [f"{i:09d}" for i in range(3)]
     assert record["size"] == path.stat().st_size and check_shard(path) is None
-    from geoloc_cli.data import tar_offsets
+    from geoloc_cli.data.dataset import tar_offsets
 
     assert len(tar_offsets(path)) == 3
     shard_record(path).write_text(json.dumps(record | {"members": 4}))  # same size, other members
@@ -121,7 +121,7 @@ def test_a_shard_is_done_when_intact_with_its_part_and_old_layouts_move(tmp_path
 KILL_AT_RENAME = """
 import os, signal, sys
 from pathlib import Path
-from geoloc_cli import store
+from geoloc_cli.data import store
 
 folder, kill_at = Path(sys.argv[1]), int(sys.argv[2])
 real, calls = os.replace, [0]
@@ -191,7 +191,7 @@ def test_readers_refuse_an_interrupted_commit_and_a_mixed_set(tmp_path: Path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from geoloc_cli import store
+from geoloc_cli.data import store
 
 with store.locked(Path(sys.argv[1]), sys.argv[2], shared=sys.argv[3] == "shared"):
     print("locked", flush=True)
@@ -397,7 +397,7 @@ def test_exit_code_policy(tmp_path: Path):
 
 
 def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
-    from geoloc_cli import places365
+    from geoloc_cli.data import places365
 
     urls = tmp_path / "l.csv"
     urls.write_text("".join(f"id{k % 5},file:///x{k}.jpg\n" for k in range(9)))

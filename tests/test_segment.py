@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from geoloc_cli import segmentation as seg
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
+from geoloc_cli.data.store import DataRoot, ShardWriter, read_shard, write_parquet_atomic
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.model import segmentation as seg
 from geoloc_cli.stages import segment as stage
-from geoloc_cli.store import DataRoot, ShardWriter, read_shard, write_parquet_atomic
 
 INPUT = 64  # tiny inputs keep the stage tests fast; SegFormer maps are INPUT / 4 on a side
 CORRUPT_KEY = "000000002"
@@ -384,7 +384,7 @@ def test_gpus_that_cannot_be_used_fail_before_any_work(world: DataRoot):
 
 
 def test_damaged_seg_shard_is_redone_and_never_used(world: DataRoot, capsys):
-    from geoloc_cli.data import locate
+    from geoloc_cli.data.dataset import locate
 
     cfg = _cfg(world.path)
     stage.run(cfg, datasets=["demo"])

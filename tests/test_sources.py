@@ -17,12 +17,12 @@ import pytest
 from loopback import LoopbackServer, make_jpeg
 from test_fetch import kill_after, make_cfg, manifest, stored, write_meta
 
-from geoloc_cli import sources
+from geoloc_cli.data import sources
+from geoloc_cli.data.sources import Archive, MetaFile, Preset, Remote
+from geoloc_cli.data.store import DataRoot
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.fetch import remote
-from geoloc_cli.sources import Archive, MetaFile, Preset, Remote
 from geoloc_cli.stages import fetch as stage
-from geoloc_cli.store import DataRoot
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 JPEG = make_jpeg(320, 240)

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from geoloc_cli import store
+from geoloc_cli.data import store
 from geoloc_cli.errors import LockedError, StorageError
 
 

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 from worlds import build_world, weight_diff
 
-from geoloc_cli import trainer
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
-from geoloc_cli.data import EpochSampler, ShardReader
+from geoloc_cli.data.dataset import EpochSampler, ShardReader
 from geoloc_cli.errors import ConfigError, InputError
 from geoloc_cli.stages import train
+from geoloc_cli.train import trainer
 
 runner = CliRunner()
 
@@ -325,7 +325,7 @@ def test_labels_outside_a_heads_range_fail_before_any_device_sees_them(world, tm
     """On CUDA an out-of-range target is an asynchronous device-side assert; here it names the column."""
     import pandas as pd
 
-    from geoloc_cli.store import DataRoot
+    from geoloc_cli.data.store import DataRoot
 
     cfg, root = _world_copy(world, tmp_path)
     index = DataRoot(root).index(cfg.train.dataset)
@@ -392,7 +392,7 @@ def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, c
     with none known adds 0 to the loss instead of a NaN that would wreck the weights."""
     import pandas as pd
 
-    from geoloc_cli.store import DataRoot
+    from geoloc_cli.data.store import DataRoot
 
     cfg, root = _world_copy(world, tmp_path, "train.run=noscene", "train.epochs=1")
     index = DataRoot(root).index(cfg.train.dataset)
@@ -409,7 +409,7 @@ def test_images_without_scene_labels_train_with_finite_losses(world, tmp_path, c
 def test_validation_images_without_a_true_location_are_left_out(world, tmp_path, capsys):
     import pandas as pd
 
-    from geoloc_cli.store import DataRoot
+    from geoloc_cli.data.store import DataRoot
 
     cfg, root = _world_copy(world, tmp_path)
     manifest = DataRoot(root).manifest(cfg.train.val_dataset)

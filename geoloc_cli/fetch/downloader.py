@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geoloc_cli import http
 from geoloc_cli.config import FetchConfig
-from geoloc_cli.photo import ORIENTATION, to_rgb
+from geoloc_cli.data.photo import ORIENTATION, to_rgb
+from geoloc_cli.fetch import http
 
 try:  # the fast path of process_image; without them (no wheel for the platform) Pillow does it all
     import cv2 as _cv2

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from geoloc_cli import console, places365
+from geoloc_cli import console
+from geoloc_cli.data import places365
 from geoloc_cli.errors import InputError
 
 # Flickr file names: <id>_<secret>[_<size>].<ext>; the size part is what --size-suffix sets.

@@ -10,12 +10,13 @@ import urllib.parse
 import zipfile
 from pathlib import Path
 
-from geoloc_cli import console, sources
-from geoloc_cli.errors import storage_error
-from geoloc_cli.store import (
+from geoloc_cli import console
+from geoloc_cli.data import sources
+from geoloc_cli.data.store import (
     DataRoot,
     atomic_path,
 )
+from geoloc_cli.errors import storage_error
 
 MIRROR_TIMEOUT = 30.0
 

@@ -20,14 +20,15 @@ from typing import Any
 
 from PIL import Image
 
-from geoloc_cli import console, http
+from geoloc_cli import console
 from geoloc_cli.config import FetchConfig
-from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, worker_error
-from geoloc_cli.fetch.downloader import PILLOW_BLOCKS_CACHED, Fetcher, Network
-from geoloc_cli.fetch.writer import ShardJob, archive_shard, run_shard
-from geoloc_cli.store import (
+from geoloc_cli.data.store import (
     OK,
 )
+from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, worker_error
+from geoloc_cli.fetch import http
+from geoloc_cli.fetch.downloader import PILLOW_BLOCKS_CACHED, Fetcher, Network
+from geoloc_cli.fetch.writer import ShardJob, archive_shard, run_shard
 
 # Every item ends within fetch.deadline once it has a slot, so when none has finished for this many
 # deadlines while work is queued, a worker is stuck (a deadlock in a native library, say).

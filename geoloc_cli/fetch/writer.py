@@ -19,10 +19,8 @@ import pyarrow.parquet as pq
 
 from geoloc_cli import console
 from geoloc_cli.config import FetchConfig
-from geoloc_cli.errors import InputError
-from geoloc_cli.fetch.downloader import GONE, Fetcher, ItemFailure, attempt, from_bytes, nan_to_none
-from geoloc_cli.places365 import META_COLUMNS, META_TYPES
-from geoloc_cli.store import (
+from geoloc_cli.data.places365 import META_COLUMNS, META_TYPES
+from geoloc_cli.data.store import (
     OK,
     DataRoot,
     ShardWriter,
@@ -36,6 +34,8 @@ from geoloc_cli.store import (
     shard_part,
     write_json_atomic,
 )
+from geoloc_cli.errors import InputError
+from geoloc_cli.fetch.downloader import GONE, Fetcher, ItemFailure, attempt, from_bytes, nan_to_none
 
 
 def shard_paths(root: DataRoot, name: str, s: int) -> tuple[Path, Path]:

@@ -28,8 +28,7 @@ import numpy as np
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
-from geoloc_cli.embeddings import (
+from geoloc_cli.data.embeddings import (
     branch_weights,
     emb_shard_for,
     embedder_record,
@@ -40,8 +39,9 @@ from geoloc_cli.embeddings import (
     write_record,
     write_shard,
 )
+from geoloc_cli.data.store import DataRoot, iter_shard, locked, recover, seg_shard_for
+from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import DataRoot, iter_shard, locked, recover, seg_shard_for
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     """The embedder for this dataset: the recorded one when its record matches the config (a rerun goes on
     with the very weights it began with, even a random initialisation), else `model` or the configured
     backbone, recorded now. Refused when another model made some of the dataset's embeddings already."""
-    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.model.network import build_model, model_spec
 
     want = embedder_record(cfg)
     made = read_record(emb_dir)
@@ -129,7 +129,7 @@ def _pending(root: DataRoot, name: str, with_seg: bool) -> list[Job]:
 def _jpegs(shard: Path, keys_only: bool = False):
     """(key, JPEG bytes) of a shard's photos, in shard order (bytes None with keys_only: headers only)."""
     if keys_only:
-        from geoloc_cli.data import tar_offsets
+        from geoloc_cli.data.dataset import tar_offsets
 
         return [(k, None) for k, files in tar_offsets(shard).items() if "jpg" in files]
     return [(k, files["jpg"]) for k, files in iter_shard(shard) if "jpg" in files]
@@ -181,7 +181,7 @@ def _decode(data: bytes, seg_png: bytes | None, size: int, pre: dict[str, Any],
 
     from PIL import Image
 
-    from geoloc_cli.data import DECODE_ERRORS, open_image, transform
+    from geoloc_cli.data.dataset import DECODE_ERRORS, open_image, transform
 
     try:
         seg = Image.open(io.BytesIO(seg_png)) if seg_png is not None else None
@@ -196,7 +196,7 @@ def _embed(model: Any, pixels: np.ndarray, maps: np.ndarray, device: str, amp: A
     the RGB feature, then the map's)."""
     import torch
 
-    from geoloc_cli.segmentation import encode_seg_torch
+    from geoloc_cli.model.segmentation import encode_seg_torch
 
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp or torch.float32,
                                                 enabled=amp is not None):

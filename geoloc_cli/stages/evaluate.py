@@ -1,7 +1,7 @@
 """evaluate: great-circle accuracy of trained models on held-out datasets, or of predictions files.
 
 For each model and dataset (a dataset name under <root>/datasets/; the standard test sets are presets of
-geoloc_cli.sources, fetched by `geoloc fetch <name>`): accuracy at the configured thresholds,
+geoloc_cli.data.sources, fetched by `geoloc fetch <name>`): accuracy at the configured thresholds,
 median and mean error, for every partitioning, the hierarchical prediction and the trivial baseline
 (always the largest cell), overall and per scene (S3_Label: indoor / natural / urban). Test-time crops
 (evaluate.crops: center, five, ten; photo and segmentation map cropped alike) are combined by
@@ -29,12 +29,9 @@ import pandas as pd
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import InputError
-from geoloc_cli.geo import haversine_km
-from geoloc_cli.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
-from geoloc_cli.places365 import SCENE_COLUMNS, SCENES3
-from geoloc_cli.sources import PRESETS
-from geoloc_cli.store import (
+from geoloc_cli.data.places365 import SCENE_COLUMNS, SCENES3
+from geoloc_cli.data.sources import PRESETS
+from geoloc_cli.data.store import (
     OK,
     DataRoot,
     atomic_path,
@@ -43,6 +40,9 @@ from geoloc_cli.store import (
     write_json_atomic,
     write_text_atomic,
 )
+from geoloc_cli.errors import InputError
+from geoloc_cli.geo.sphere import haversine_km
+from geoloc_cli.inference.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
@@ -182,9 +182,9 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     """(metrics, one row per image) of one model on one dataset."""
     import torch
 
-    from geoloc_cli.data import GeoDataset, locate
+    from geoloc_cli.data.dataset import GeoDataset, locate
     from geoloc_cli.dist import amp_dtype, loader_workers
-    from geoloc_cli.inference import CellSet, run_geolocation, scene_accuracy, summarize
+    from geoloc_cli.inference.geolocate import CellSet, run_geolocation, scene_accuracy, summarize
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]
@@ -242,7 +242,7 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
 def _admin(pred: pd.DataFrame) -> dict[str, float] | None:
     """OSV-5M's country / region / sub-region / city accuracy of the hierarchical prediction (None, with a
     warning, without the reverse_geocoder package)."""
-    from geoloc_cli.metrics import admin_accuracy, admin_areas
+    from geoloc_cli.inference.metrics import admin_accuracy, admin_areas
 
     try:
         truth = admin_areas(pred["lat"].to_numpy(), pred["lon"].to_numpy())
@@ -281,7 +281,7 @@ def labels(paths: list[Path]) -> list[str]:
 
 def _write(out_dir: Path, results: dict[str, Any], pred: pd.DataFrame, kinds: list[str], thresholds: list[float],
            title: str) -> None:
-    from geoloc_cli.inference import HIER
+    from geoloc_cli.inference.geolocate import HIER
 
     write_json_atomic(out_dir / "metrics.json", results)
     published = pd.DataFrame({
@@ -295,8 +295,8 @@ def _write(out_dir: Path, results: dict[str, Any], pred: pd.DataFrame, kinds: li
 
 def _error_maps(out_dir: Path, pred: pd.DataFrame, thresholds: list[float], title: str) -> None:
     """errors.png and errors.html: each image's true place, coloured by its error, and a line to its prediction."""
-    from geoloc_cli import maps
-    from geoloc_cli.inference import HIER
+    from geoloc_cli.geo import maps
+    from geoloc_cli.inference.geolocate import HIER
 
     cols = [pred[c].to_numpy(np.float64) for c in ("lat", "lon", f"{HIER}_lat", f"{HIER}_lon", f"{HIER}_km")]
     maps.error_png(out_dir / "errors.png", *cols, thresholds, title)
@@ -338,7 +338,7 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
     import torch
 
     from geoloc_cli.dist import limit_cpu_threads, loader_workers, resolve_device
-    from geoloc_cli.model import load_inference_checkpoint
+    from geoloc_cli.model.network import load_inference_checkpoint
 
     device = resolve_device(cfg.runtime.device)
     if device.type == "cuda":  # cuda:N: its caching context, not one on GPU 0 as well

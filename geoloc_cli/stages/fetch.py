@@ -26,14 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from geoloc_cli import console, places365, sources
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
-from geoloc_cli.fetch.reader import MetaIndex, archive_members, count_rows, flickr_sized, read_list_chunks
-from geoloc_cli.fetch.remote import Gated, Unavailable, ensure_file, obtain_part
-from geoloc_cli.fetch.supervisor import run_archive_jobs, run_jobs
-from geoloc_cli.fetch.writer import ShardJob, check_layout, finish, plan_shards, remove_stale_temps, shard_paths
-from geoloc_cli.photo import exif_gps, photos_in
-from geoloc_cli.store import (
+from geoloc_cli import console
+from geoloc_cli.data import places365, sources
+from geoloc_cli.data.photo import exif_gps, photos_in
+from geoloc_cli.data.store import (
     OK,
     DataRoot,
     atomic_path,
@@ -44,6 +40,11 @@ from geoloc_cli.store import (
     write_parquet_atomic,
     write_text_atomic,
 )
+from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.fetch.reader import MetaIndex, archive_members, count_rows, flickr_sized, read_list_chunks
+from geoloc_cli.fetch.remote import Gated, Unavailable, ensure_file, obtain_part
+from geoloc_cli.fetch.supervisor import run_archive_jobs, run_jobs
+from geoloc_cli.fetch.writer import ShardJob, check_layout, finish, plan_shards, remove_stale_temps, shard_paths
 
 
 def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Path | None = None,
@@ -79,7 +80,7 @@ def run(cfg: Any, source: str | None = None, urls: Path | None = None, meta: Pat
         raise ConfigError(f"nothing to fetch: give a preset ({presets}), a folder of photos, "
                           "--urls LIST.csv --name NAME, or --archive FILE --meta META.csv")
     if source == "demo":
-        from geoloc_cli import demo
+        from geoloc_cli.data import demo
 
         return {n: fetch_list(cfg, root, n, u, m, **kw) for n, (u, m) in demo.generate(root, cfg).items()}
     folder = Path(source)

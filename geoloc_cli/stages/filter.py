@@ -12,10 +12,8 @@ import pandas as pd
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.errors import InputError
-from geoloc_cli.partitioning import GENERATION, load_labels
-from geoloc_cli.places365 import SCENES3
-from geoloc_cli.store import (
+from geoloc_cli.data.places365 import SCENES3
+from geoloc_cli.data.store import (
     ID,
     OK,
     DataRoot,
@@ -25,6 +23,8 @@ from geoloc_cli.store import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from geoloc_cli.errors import InputError
+from geoloc_cli.geo.partitioning import GENERATION, load_labels
 
 STATS_FILE = "filter.json"
 

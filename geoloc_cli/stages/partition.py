@@ -6,7 +6,7 @@ the output directory (default <root>/partitions/<dataset>/):
   labels.parquet            id (IMG_ID of the metadata) + one int64 column per partitioning (-1 = no class)
   hierarchy.json            {order: [coarse..fine], classes: {name: class per fine cell}} (2+ partitionings)
   partitions.json           {name: {file, tau_min, tau_max, num_cells, ...}}, written last: later stages
-                            find everything through it (geoloc_cli.partitioning.load_partitions)
+                            find everything through it (geoloc_cli.geo.partitioning.load_partitions)
 Partitionings an earlier run wrote to the same directory from the same images are kept (so
 `--cells fine` after `--cells all` rebuilds fine and keeps coarse and middle); from other images they
 are replaced, with a message.
@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc_cli import console, geo, maps, store
-from geoloc_cli import partitioning as part
+from geoloc_cli import console
+from geoloc_cli.data import store
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.geo import maps, sphere
+from geoloc_cli.geo import partitioning as part
 
 
 def run(
@@ -161,7 +163,7 @@ def _write(
         for name, (tmin, tmax) in specs.items():
             file = part.cells_filename(tmin, tmax)
             part.write_cells(tables[name], staged.path(file), num_images[name])
-            levels = geo.level_of(part.table_cell_ids(tables[name]))
+            levels = sphere.level_of(part.table_cell_ids(tables[name]))
             kept = int((labels[name] >= 0).sum())
             info[name] = {
                 "file": file, "tau_min": tmin, "tau_max": tmax, "num_cells": len(tables[name]),

@@ -21,9 +21,9 @@ import numpy as np
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
+from geoloc_cli.data.photo import exif_gps, photos_in, to_rgb
+from geoloc_cli.data.store import DataRoot
 from geoloc_cli.errors import ConfigError, GeolocError, InputError, require
-from geoloc_cli.photo import exif_gps, photos_in, to_rgb
-from geoloc_cli.store import DataRoot
 
 FORMATS = ("table", "json", "csv", "geojson")
 RADII = ("radius_50_km", "radius_90_km")  # credible radii around rank 1 (inference.rank_places)
@@ -81,14 +81,14 @@ class TorchModel:
     name = "torch"
 
     def __init__(self, ckpt: Path, meta: dict[str, Any], device: str) -> None:
-        from geoloc_cli.model import load_inference_checkpoint
+        from geoloc_cli.model.network import load_inference_checkpoint
 
         self.model, self.meta, seg_tensors = load_inference_checkpoint(ckpt, device)
         self.spec = meta["spec"]
         self.device = next(self.model.parameters()).device
         self.segmenter = None
         if self.spec["seg_channels"]:
-            from geoloc_cli.segmentation import Segmenter
+            from geoloc_cli.model.segmentation import Segmenter
 
             self.segmenter = Segmenter.from_state(seg_tensors, self.meta["segmenter"], device=str(self.device),
                                                   precision="fp32")
@@ -100,7 +100,7 @@ class TorchModel:
         import torch
         from PIL import Image
 
-        from geoloc_cli.inference import probabilities, views
+        from geoloc_cli.inference.geolocate import probabilities, views
 
         maps = self.segmenter(images) if self.segmenter is not None else [None] * len(images)
         pairs = [views(im, Image.fromarray(m) if m is not None else None, self.spec["img_size"],
@@ -116,8 +116,8 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
     auto: ONNX Runtime when a current export sits beside the checkpoint and no GPU was asked for."""
     import importlib.util
 
-    from geoloc_cli.onnx_runtime import NO_ONNXRUNTIME, OnnxModel, export_status
-    from geoloc_cli.store import read_checkpoint_meta as read_meta
+    from geoloc_cli.data.store import read_checkpoint_meta as read_meta
+    from geoloc_cli.inference.onnx_runtime import NO_ONNXRUNTIME, OnnxModel, export_status
 
     if Path(ckpt).suffix == ".onnx" or Path(ckpt).is_dir():  # an export on its own: no checkpoint, no torch
         if backend == "torch":
@@ -163,7 +163,7 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
     failed = sum("error" in r for r in results)
     show(results, fmt)
     if map_path is not None:
-        from geoloc_cli.store import write_text_atomic
+        from geoloc_cli.data.store import write_text_atomic
 
         leaflet = Path(map_path).name.lower().endswith(".leaflet.html")
         write_text_atomic(Path(map_path), html_map(results, maps, meta, leaflet=leaflet))
@@ -177,8 +177,8 @@ def predict_files(net: Any, meta: dict[str, Any], files: list[Path], top_k: int,
                   max_pixels: int) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
     """Per file a result ({"file", "top", "scene", "exif"?} or {"file", "error"}) and, for the map, the
     (finest class indices, probabilities) of its most likely cells."""
-    from geoloc_cli import gazetteer
-    from geoloc_cli.inference import CellSet
+    from geoloc_cli.geo import gazetteer
+    from geoloc_cli.inference.geolocate import CellSet
 
     cells = CellSet.from_meta(meta["partitionings"])
     with ThreadPoolExecutor(1) as pool:  # read the place names while the first batch runs
@@ -188,7 +188,7 @@ def predict_files(net: Any, meta: dict[str, Any], files: list[Path], top_k: int,
 
 def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_size: int, max_pixels: int,
                      names: Future) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
-    from geoloc_cli.inference import hierarchical_distribution, rank_places
+    from geoloc_cli.inference.geolocate import hierarchical_distribution, rank_places
 
     results: list[dict[str, Any]] = []
     maps: list[tuple[np.ndarray, np.ndarray] | None] = []
@@ -214,7 +214,7 @@ def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_
 
 
 def _describe(file: str, ranked: dict[str, Any], gps: tuple[float, float] | None, places: Any) -> dict[str, Any]:
-    from geoloc_cli.geo import haversine_km
+    from geoloc_cli.geo.sphere import haversine_km
 
     top = ranked["top"]
     named = places.nearest([t["lat"] for t in top], [t["lon"] for t in top])
@@ -316,7 +316,7 @@ def _table(results: list[dict[str, Any]]) -> None:
                          f"{_place_name(e['place'])} (true position: rank 1 is {e['error_km']:,.0f} km off)",
                          "", "", ""))
     if rows:
-        from geoloc_cli.gazetteer import ATTRIBUTION
+        from geoloc_cli.geo.gazetteer import ATTRIBUTION
 
         console.table("predictions", ["photo", "rank", "lat", "lon", "place", "cell", "p", "scene"], rows,
                       caption=ATTRIBUTION)
@@ -331,8 +331,8 @@ def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any
     likely region over Natural Earth coastlines and borders, cells shaded by probability, the top-k, the
     credible radii, the refined point (a result's "refined": {"lat", "lon"}) and the EXIF location.
     A name ending in .leaflet.html gets the interactive page on web tiles instead (maps.leaflet_page)."""
-    from geoloc_cli import gazetteer
-    from geoloc_cli import maps as m
+    from geoloc_cli.geo import gazetteer
+    from geoloc_cli.geo import maps as m
 
     fine = meta["partitionings"]["names"][-1]
     tokens = meta["partitionings"]["cells"][fine]["hex_id"]

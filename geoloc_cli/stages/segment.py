@@ -41,17 +41,8 @@ from PIL import Image
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.data import DECODE_ERRORS
-from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
-from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.segmentation import (
-    Segmenter,
-    colors_to_classes,
-    decode_png,
-    encode_png,
-    preview_image,
-)
-from geoloc_cli.store import (
+from geoloc_cli.data.dataset import DECODE_ERRORS
+from geoloc_cli.data.store import (
     OK,
     DataRoot,
     ShardWriter,
@@ -69,6 +60,15 @@ from geoloc_cli.store import (
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
+)
+from geoloc_cli.dist import check_devices, loader_workers, resolve_device, run_on_devices
+from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.model.segmentation import (
+    Segmenter,
+    colors_to_classes,
+    decode_png,
+    encode_png,
+    preview_image,
 )
 
 CORRUPT_IMAGE = "corrupt_image"

@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 
 from geoloc_cli import config as cfgmod
-from geoloc_cli import console, store
+from geoloc_cli import console
 from geoloc_cli.config import Config
+from geoloc_cli.data import store
+from geoloc_cli.data.places365 import SCENE_COLUMNS
+from geoloc_cli.data.store import OK, DataRoot, locked, parquet_meta, read_parquet, write_text_atomic
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
-from geoloc_cli.places365 import SCENE_COLUMNS
-from geoloc_cli.store import OK, DataRoot, locked, parquet_meta, read_parquet, write_text_atomic
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _nproc(cfg: Config) -> int:
 
 def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     """Inputs and settings that cannot work, before any heavy work; `world` = processes in all."""
-    from geoloc_cli.partitioning import load_partitions, partitions_generation, read_partitions_json
+    from geoloc_cli.geo.partitioning import load_partitions, partitions_generation, read_partitions_json
 
     root = DataRoot(cfg.root)
     tables = load_partitions(root.partitions(cfg.partition.dataset))
@@ -99,7 +100,7 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         if cfg.model.seg_channels and not _has_seg(root, v, val):
             raise InputError(f"validation dataset {v!r} has no segmentation maps: run `geoloc segment {v}`")
     if cfg.train.source == "embeddings":
-        from geoloc_cli.embeddings import check_record
+        from geoloc_cli.data.embeddings import check_record
 
         check_record(cfg, root.emb(name), name)
     if cfg.model.seg_channels:
@@ -109,7 +110,7 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
 
 
 def _check_best_metric(cfg: Config) -> None:
-    from geoloc_cli.metrics import validation_metrics
+    from geoloc_cli.inference.metrics import validation_metrics
 
     names = [*validation_metrics(cfg.model.partitionings, cfg.evaluate.thresholds_km), "train_loss"]
     if cfg.train.best_metric not in names:
@@ -147,7 +148,7 @@ def _check_seg_maker(cfg: Config, root: DataRoot, name: str, warn: bool) -> None
 
 
 def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
-    from geoloc_cli.store import seg_shard_for
+    from geoloc_cli.data.store import seg_shard_for
 
     return all((root.seg(name) / seg_shard_for(s)).is_file() for s in rows["shard"].unique())
 
@@ -234,8 +235,8 @@ def _targets(cfg: Config) -> dict[str, str]:
 
 
 def _cells(cfg: Config, root: DataRoot):
-    from geoloc_cli.inference import CellSet
-    from geoloc_cli.partitioning import load_partitions
+    from geoloc_cli.geo.partitioning import load_partitions
+    from geoloc_cli.inference.geolocate import CellSet
 
     tables = load_partitions(root.partitions(cfg.partition.dataset))
     return CellSet.from_partitions({p: tables[p] for p in cfg.model.partitionings})
@@ -263,8 +264,8 @@ def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
     import torch
 
     from geoloc_cli import dist
-    from geoloc_cli.data import EpochSampler
-    from geoloc_cli.trainer import Trainer, TrainState, build_loss
+    from geoloc_cli.data.dataset import EpochSampler
+    from geoloc_cli.train.trainer import Trainer, TrainState, build_loss
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = dist.loader_workers(cfg.runtime.num_workers, info.device, local_world)
@@ -283,7 +284,7 @@ def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
                               int(cfg.train.warmup_epochs * steps))
     net, train_workers, seg_channels = model, workers, None
     if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
-        from geoloc_cli.model import HeadsOnly
+        from geoloc_cli.model.network import HeadsOnly
 
         # the maps' features are cached beside the photos': nothing to encode per step
         net, train_workers, seg_channels = HeadsOnly(model), 0, 0
@@ -375,7 +376,7 @@ def _end_epoch(cfg: Config, plan: Plan, trainer, record: dict[str, Any], cells) 
 def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
     """(training dataset, each sample's shard for the shard-local order or None): photos from the image
     shards, or their cached embeddings (any order is cheap in memory)."""
-    from geoloc_cli.data import EmbeddingDataset, GeoDataset, locate
+    from geoloc_cli.data.dataset import EmbeddingDataset, GeoDataset, locate
 
     name = cfg.train.dataset
     if cfg.train.source == "embeddings":
@@ -407,14 +408,14 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
 def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
     """The model to train, frozen as train.trainable_blocks says; with train.source=embeddings its backbone
     is the one that made the embeddings (their record holds its weights)."""
-    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.model.network import build_model, model_spec
 
     spec = model_spec(cfg, heads)
     if cfg.train.source == "images":
         model = build_model(spec, cfg.model.pretrained)
         model.freeze(cfg.train.trainable_blocks)
         return model
-    from geoloc_cli.embeddings import check_record, load_branches, mismatch
+    from geoloc_cli.data.embeddings import check_record, load_branches, mismatch
 
     emb_dir = root.emb(cfg.train.dataset)
     model = build_model(spec, "none")
@@ -430,7 +431,7 @@ def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int):
     import torch
 
-    from geoloc_cli.data import EpochSampler, GeoDataset, locate
+    from geoloc_cli.data.dataset import EpochSampler, GeoDataset, locate
 
     v = cfg.train.val_dataset
     seg_dir = plan.root.seg(v) if cfg.model.seg_channels else None
@@ -464,7 +465,7 @@ def _export_onnx(ckpt: Path) -> None:
     except ImportError:
         console.warn("onnx is not installed: no ONNX export (pip install 'geoloc[train]')")
         return
-    from geoloc_cli.export import export_onnx
+    from geoloc_cli.model.export import export_onnx
 
     files = export_onnx(ckpt)
     console.info(f"exported {', '.join(f.name for f in files)} for torch-free prediction")
@@ -472,7 +473,7 @@ def _export_onnx(ckpt: Path) -> None:
 
 def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
     """The self-contained inference checkpoint (weights + cells + hierarchy + segmenter + config)."""
-    from geoloc_cli.model import save_inference_checkpoint
+    from geoloc_cli.model.network import save_inference_checkpoint
 
     # the config that made the model, without this machine's paths and devices (the file travels)
     config = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ("paths", "runtime")}
@@ -489,7 +490,7 @@ def export_checkpoint(path: Path, model, cells, cfg: Config) -> None:
 @functools.cache
 def _segmenter_state(name: str, input_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The segmenter that made the training maps, same input size, built once per run for embedding."""
-    from geoloc_cli.segmentation import Segmenter
+    from geoloc_cli.model.segmentation import Segmenter
 
     return Segmenter.from_name(name, device="cpu", input_size=input_size).state()
 

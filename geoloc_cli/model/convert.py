@@ -50,7 +50,7 @@ HF_LAYER_NORM_EPS = 1e-12  # transformers' ViT default; timm's ViTs use 1e-6
 
 def convert(kind: str, src: Path, out: Path, segmenter: str = "", segmenter_size: int = 0) -> dict[str, Any]:
     """Convert `src` into the inference checkpoint `out`; returns a summary (spec, heads, source)."""
-    from geoloc_cli.model import save_inference_checkpoint
+    from geoloc_cli.model.network import save_inference_checkpoint
 
     if kind not in KINDS:
         raise ConfigError(f"convert: unknown kind {kind!r} (known: {', '.join(KINDS)})")
@@ -61,7 +61,7 @@ def convert(kind: str, src: Path, out: Path, segmenter: str = "", segmenter_size
                             "protocol": PROTOCOLS[kind]}
     seg_tensors = None
     if model.spec.seg_channels:
-        from geoloc_cli.segmentation import Segmenter
+        from geoloc_cli.model.segmentation import Segmenter
 
         if not segmenter:
             raise ConfigError("convert seed-vit: the model reads segmentation maps: give the segmenter that "
@@ -130,7 +130,7 @@ def _load(path: Path, tries: int = 20) -> Any:
 
 def _published_tables(sizes: dict[str, int]) -> dict[str, Any]:
     """The published cell table for each head, matched by its number of classes."""
-    from geoloc_cli.partitioning import read_cells
+    from geoloc_cli.geo.partitioning import read_cells
 
     folder = resources.files("geoloc_cli") / "resources" / "published_cells"
     tables = {name: read_cells(Path(str(folder / f))) for name, f in PUBLISHED.items()}
@@ -218,8 +218,8 @@ VIT_B16 = {"embed_dim": 768, "depth": 12, "num_heads": 12, "patch_size": 16, "ml
 
 
 def _seed_vit(state: dict[str, torch.Tensor], path: Path):
-    from geoloc_cli.inference import CellSet
-    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.inference.geolocate import CellSet
+    from geoloc_cli.model.network import ModelSpec, build_model
 
     branches = {}
     for b in ("vit_RGB", "vit_Seg"):
@@ -255,8 +255,8 @@ _RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6":
 
 
 def _geoestimation(state: dict[str, torch.Tensor], path: Path):
-    from geoloc_cli.inference import MULTICROP_PCT, CellSet
-    from geoloc_cli.model import ModelSpec, build_model
+    from geoloc_cli.inference.geolocate import MULTICROP_PCT, CellSet
+    from geoloc_cli.model.network import ModelSpec, build_model
 
     ours: dict[str, torch.Tensor] = {}
     sizes: dict[int, int] = {}

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geoloc_cli import geo, store
+from geoloc_cli.data import store
 from geoloc_cli.errors import InputError
+from geoloc_cli.geo import sphere
 
 CELL_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean"]
 PARTITIONS_JSON = "partitions.json"
@@ -49,7 +50,7 @@ class SortedPoints:
     def __init__(self, lat: np.ndarray, lon: np.ndarray) -> None:
         self.lat = np.ascontiguousarray(lat, dtype=np.float64)
         self.lon = np.ascontiguousarray(lon, dtype=np.float64)
-        leaf = geo.cell_ids(self.lat, self.lon)
+        leaf = sphere.cell_ids(self.lat, self.lon)
         # Ties (duplicate coordinates) may come in any order: nothing below depends on it.
         self.order = np.argsort(leaf)  # sorted position -> input index
         self.leaf = leaf[self.order]
@@ -79,9 +80,9 @@ def partition_points(
     points: SortedPoints, tau_min: int, tau_max: int, lvl_min: int = 2, lvl_max: int = 30
 ) -> Partition:
     """The published algorithm on pre-sorted points; see the module docstring."""
-    if not 0 <= lvl_min <= lvl_max <= geo.MAX_LEVEL:
+    if not 0 <= lvl_min <= lvl_max <= sphere.MAX_LEVEL:
         raise ValueError(f"need 0 <= lvl_min <= lvl_max <= 30, got {lvl_min}, {lvl_max}")
-    cell = geo.parent(points.leaf, lvl_min)  # monotone, because leaf ids are sorted
+    cell = sphere.parent(points.leaf, lvl_min)  # monotone, because leaf ids are sorted
     _, counts = _runs(cell)
     kept = np.flatnonzero(np.repeat(counts > tau_min, counts))  # sorted positions still in play
     leaf, cell = points.leaf[kept], cell[kept]
@@ -93,7 +94,7 @@ def partition_points(
         level += 1
         # The children of an over-full cell hold all of its images, so counting runs among the
         # active images alone gives the new cells' full counts.
-        children = geo.parent(leaf[active], level)
+        children = sphere.parent(leaf[active], level)
         cell[active] = children
         _, counts = _runs(children)
         active = active[np.repeat(counts > tau_max, counts)]
@@ -125,7 +126,7 @@ def _cell_table(cell_ids: np.ndarray, labels: np.ndarray, lat: np.ndarray, lon: 
     return pd.DataFrame(
         {
             "class_label": np.arange(n, dtype=np.int64),
-            "hex_id": pd.array(geo.to_token(cell_ids), dtype=object),
+            "hex_id": pd.array(sphere.to_token(cell_ids), dtype=object),
             "imgs_per_cell": counts.astype(np.int64),
             "latitude_mean": lat_sum / np.maximum(counts, 1),
             "longitude_mean": lon_sum / np.maximum(counts, 1),
@@ -165,24 +166,24 @@ def _containing(query: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
     out = np.full(query.size, -1, dtype=np.int64)
     if table_ids.size == 0 or query.size == 0:
         return out
-    lo, hi = geo.cell_range(table_ids)
+    lo, hi = sphere.cell_range(table_ids)
     by_lo = np.argsort(lo, kind="stable")
     lo, hi = lo[by_lo], hi[by_lo]
-    q_lo, q_hi = geo.cell_range(query)
+    q_lo, q_hi = sphere.cell_range(query)
     if np.all(lo[1:] > hi[:-1]):  # disjoint ranges: the candidate is the last cell starting <= query
         k = np.searchsorted(lo, q_lo, side="right") - 1
         k_safe = np.maximum(k, 0)
         hit = (k >= 0) & (q_hi <= hi[k_safe])
         out[hit] = by_lo[k_safe[hit]]
         return out
-    levels = geo.level_of(table_ids)
-    q_level = geo.level_of(query)
+    levels = sphere.level_of(table_ids)
+    q_level = sphere.level_of(query)
     for level in np.unique(levels):  # coarse to fine
         rows = np.flatnonzero(levels == level)
         ids = table_ids[rows]
         by_id = np.argsort(ids)
         todo = np.flatnonzero((out < 0) & (q_level >= level))
-        anc = geo.parent(query[todo], int(level))
+        anc = sphere.parent(query[todo], int(level))
         k = np.minimum(np.searchsorted(ids[by_id], anc), ids.size - 1)
         hit = ids[by_id][k] == anc
         out[todo[hit]] = rows[by_id[k[hit]]]
@@ -190,7 +191,7 @@ def _containing(query: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
 
 
 def table_cell_ids(cells: pd.DataFrame) -> np.ndarray:
-    return geo.from_token(cells["hex_id"].tolist())
+    return sphere.from_token(cells["hex_id"].tolist())
 
 
 def assign_classes(lat: np.ndarray, lon: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
@@ -199,7 +200,7 @@ def assign_classes(lat: np.ndarray, lon: np.ndarray, cells: pd.DataFrame) -> np.
     The published assign_classes.py only tried levels 2..29 and so never found the level-30 cells of
     the fine partitioning; everything else agrees with it.
     """
-    leaf = geo.cell_ids(lat, lon)
+    leaf = sphere.cell_ids(lat, lon)
     row = _containing(leaf, table_cell_ids(cells))
     labels = cells["class_label"].to_numpy(dtype=np.int64)
     return np.where(row >= 0, labels[np.maximum(row, 0)], -1)
@@ -332,10 +333,10 @@ def _column_tokens(raw: pd.DataFrame, path: Path, first_line: int) -> np.ndarray
     parsed = np.zeros(len(tokens), dtype=bool)
     for row, token in enumerate(tokens.tolist()):
         try:
-            ids[row], parsed[row] = geo.token_to_id(token), True
+            ids[row], parsed[row] = sphere.token_to_id(token), True
         except ValueError:
             break
-    bad = ~(parsed & geo.is_valid(ids))
+    bad = ~(parsed & sphere.is_valid(ids))
     if bad.any():
         row = int(np.argmax(bad))
         raise _bad(path, first_line + row, "hex_id", tokens.iloc[row], "is not an S2 cell token")
@@ -370,7 +371,7 @@ class Points:
 def read_points(path: Path) -> Points:
     """IMG_ID, LAT, LON of every row of a metadata CSV (*_places365.csv; places365.read_points checks
     every value; errors name the file, the 1-based line and the column)."""
-    from geoloc_cli import places365
+    from geoloc_cli.data import places365
 
     return Points(*places365.read_points(Path(path)))
 

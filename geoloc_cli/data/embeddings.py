@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from geoloc_cli.data.store import atomic_path, write_json_atomic
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import atomic_path, write_json_atomic
 
 RECORD = "embedder.json"
 WEIGHTS = "embedder.safetensors"

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from geoloc_cli.data.store import CHECKPOINT_FORMAT, read_checkpoint_meta
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import CHECKPOINT_FORMAT, read_checkpoint_meta
 
 
 @dataclass
@@ -364,7 +364,7 @@ def save_inference_checkpoint(path: Path, model: GeoModel, meta: dict[str, Any],
     """
     from safetensors.torch import save_file
 
-    from geoloc_cli.store import atomic_path
+    from geoloc_cli.data.store import atomic_path
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for k, v in (segmenter_tensors or {}).items():

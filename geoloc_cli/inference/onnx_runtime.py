@@ -1,6 +1,6 @@
 """Running an exported checkpoint with ONNX Runtime: no torch, timm or transformers imported.
 
-The files come from `geoloc export` (geoloc_cli.export): CKPT.onnx (the network), CKPT.seg.onnx (its
+The files come from `geoloc export` (geoloc_cli.model.export): CKPT.onnx (the network), CKPT.seg.onnx (its
 segmenter) and CKPT.onnx.json; the checkpoint's fingerprint is in the JSON and in each model's
 metadata. Preprocessing is the numpy twin of the torch path (inference.views / segmenter_input /
 segmentation.encode_seg), so both backends see the same inputs.
@@ -99,7 +99,7 @@ def export_description(meta: dict[str, Any]) -> dict[str, Any]:
     """What a user of the ONNX files needs besides them, from the checkpoint's metadata: the spec, the
     photo's preprocessing, the cells (centres and the hierarchy), the segmenter's preprocessing and the
     palette that turns its class map into the network's seg input."""
-    from geoloc_cli.segmentation import load_palette
+    from geoloc_cli.model.segmentation import load_palette
 
     out = {"spec": meta["spec"], "preprocess": meta["preprocess"], "partitionings": meta["partitionings"],
            "protocol": meta.get("protocol", {}), "hierarchical": HIERARCHICAL_RULE}
@@ -182,7 +182,7 @@ class OnnxModel:
         return sess
 
     def class_maps(self, images: list[Image.Image]) -> list[np.ndarray]:
-        from geoloc_cli.inference import segmenter_input
+        from geoloc_cli.inference.geolocate import segmenter_input
 
         assert self.seg is not None
         x = segmenter_input(images, self.meta["segmenter"]["preprocess"])
@@ -192,8 +192,8 @@ class OnnxModel:
         """Softmax probabilities per head for a batch of RGB photos (centre crop, as evaluation)."""
         from PIL import Image
 
-        from geoloc_cli.inference import views
-        from geoloc_cli.segmentation import encode_seg
+        from geoloc_cli.inference.geolocate import views
+        from geoloc_cli.model.segmentation import encode_seg
 
         size, pre = self.spec["img_size"], self.meta["preprocess"]
         image = np.concatenate([views(im, None, size, pre)[0] for im in images])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from geoloc_cli.photo import IMAGE_SUFFIXES
+from geoloc_cli.data.photo import IMAGE_SUFFIXES
 
 _JHU = "http://www.cis.jhu.edu/~shraman/TransLocator"
 _RAW = "https://raw.githubusercontent.com"

@@ -83,9 +83,9 @@ def cell_polygons(ids: np.ndarray, points_per_edge: int = 3,
 
     An outline is unwrapped (continuous across the antimeridian, its centre within +-180); with `copies`,
     a cell that sticks out past one edge of the world map is drawn again on the other side."""
-    from geoloc_cli import geo
+    from geoloc_cli.geo import sphere
 
-    lat, lon = geo.cell_outlines(np.asarray(ids, dtype=np.uint64), points_per_edge)
+    lat, lon = sphere.cell_outlines(np.asarray(ids, dtype=np.uint64), points_per_edge)
     lon = np.degrees(np.unwrap(np.radians(lon), axis=1))
     mid = lon.mean(axis=1)
     lon = lon + np.where(mid > 180, -360.0, np.where(mid < -180, 360.0, 0.0))[:, None]
@@ -104,10 +104,10 @@ def cell_polygons(ids: np.ndarray, points_per_edge: int = 3,
 def token_polygons(tokens: list[str], points_per_edge: int = 3,
                    copies: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
     """`cell_polygons` of S2 tokens; none (no outlines) when they are not S2 tokens (a hand-made checkpoint)."""
-    from geoloc_cli import geo
+    from geoloc_cli.geo import sphere
 
     try:
-        ids = geo.from_token(tokens)
+        ids = sphere.from_token(tokens)
     except ValueError:
         return [], np.zeros(0, dtype=np.int64)
     return cell_polygons(ids, points_per_edge, copies)
@@ -314,7 +314,7 @@ def close_up(outlines: list[np.ndarray], p: np.ndarray, best: Point, extra: list
     credible set within `reach_km` of the best candidate (a far-away second mode belongs to the world
     view, not here), the best candidate and the `extra` points (the refined one), padded. `p` may be the
     likeliest cells only: shares are of a whole distribution (1) unless they add up to more."""
-    from geoloc_cli.geo import haversine_km
+    from geoloc_cli.geo.sphere import haversine_km
 
     total = max(float(p.sum()), 1.0)
     xs, ys, shown = [np.array([best.lon])], [np.array([best.lat])], 0.0
@@ -483,7 +483,7 @@ def error_png(path: Any, lat: np.ndarray, lon: np.ndarray, plat: np.ndarray, plo
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
 
-    from geoloc_cli.store import atomic_path
+    from geoloc_cli.data.store import atomic_path
 
     rows = _sample(len(lat), limit)
     rows = rows[np.argsort(-np.asarray(err_km)[rows], kind="stable")]

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from geoloc_cli import geo
 from geoloc_cli.errors import InputError
+from geoloc_cli.geo import sphere
 
 ID, LAT, LON = "IMG_ID", "LAT", "LON"
 SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
@@ -80,8 +80,8 @@ def _numbers(raw: Any, col: str, path: Path, line: int, allow_missing: bool) -> 
     if bad.any():
         row = int(bad.argmax())
         raise InputError(f"{path}: line {line + row}, column {col}: {raw.iloc[row]!r} is not a number")
-    if col in geo.COORDINATE_LIMITS:
-        geo.check_coordinates(values.to_numpy(), raw, col, path, line, allow_missing=allow_missing)
+    if col in sphere.COORDINATE_LIMITS:
+        sphere.check_coordinates(values.to_numpy(), raw, col, path, line, allow_missing=allow_missing)
     return values
 
 

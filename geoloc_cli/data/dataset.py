@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from geoloc_cli.data.store import check_members, member_key, require_intact, seg_shard_for
 from geoloc_cli.errors import InputError
-from geoloc_cli.inference import crop_boxes, view, views
-from geoloc_cli.store import check_members, member_key, require_intact, seg_shard_for
+from geoloc_cli.inference.geolocate import crop_boxes, view, views
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # a photo that does not decode
 
@@ -197,7 +197,7 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     def from_shards(cls, rows: pd.DataFrame, emb_dir: Path, targets: dict[str, str]) -> EmbeddingDataset:
         """The index rows' embeddings, shard by shard; rows whose photo did not decode at embedding time are
         left out (counted in `dropped`)."""
-        from geoloc_cli.embeddings import gather
+        from geoloc_cli.data.embeddings import gather
 
         rows = rows.sort_values("shard", kind="stable").reset_index(drop=True)  # shard by shard, as stored
         groups = rows.groupby("shard", sort=False).indices

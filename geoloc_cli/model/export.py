@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from geoloc_cli.data.store import write_json_atomic
 from geoloc_cli.errors import InputError
-from geoloc_cli.onnx_runtime import (
+from geoloc_cli.inference.onnx_runtime import (
     FINGERPRINT_KEY,
     META_KEY,
     export_description,
@@ -40,7 +41,6 @@ from geoloc_cli.onnx_runtime import (
     split_export,
     stamp_path,
 )
-from geoloc_cli.store import write_json_atomic
 
 OPSET = 17
 
@@ -49,7 +49,7 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
     """Export the network (and its segmenter, if any) of an inference checkpoint; returns the written files.
 
     `out` names the network's file (default: CKPT with suffix .onnx); the segmenter goes to <out stem>.seg.onnx."""
-    from geoloc_cli.model import load_inference_checkpoint
+    from geoloc_cli.model.network import load_inference_checkpoint
 
     ckpt_path = Path(ckpt_path)
     model, meta, seg_tensors = load_inference_checkpoint(ckpt_path, "cpu")
@@ -78,7 +78,7 @@ def export_onnx(ckpt_path: Path, out: Path | None = None) -> list[Path]:
         written += _export(_Probabilities(model, heads), inputs, ["image", "seg"][: len(inputs)], heads, net_path,
                            described)
     if channels:
-        from geoloc_cli.segmentation import Segmenter
+        from geoloc_cli.model.segmentation import Segmenter
 
         if "segmenter" not in meta:
             raise InputError(f"{ckpt_path}: the model has a segmentation branch but no embedded segmenter")

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from geoloc_cli.places365 import PUBLISHED_COLUMNS
-from geoloc_cli.store import DataRoot, write_bytes_atomic, write_text_atomic
+from geoloc_cli.data.places365 import PUBLISHED_COLUMNS
+from geoloc_cli.data.store import DataRoot, write_bytes_atomic, write_text_atomic
 
 # name, lat, lon, region, coastal, relative popularity
 PLACES: list[tuple[str, float, float, str, bool, float]] = [

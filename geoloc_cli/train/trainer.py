@@ -20,8 +20,8 @@ import torch
 
 from geoloc_cli import dist
 from geoloc_cli.config import Config, smoothing_km
+from geoloc_cli.data.store import atomic_path
 from geoloc_cli.errors import ConfigError, InputError
-from geoloc_cli.store import atomic_path
 
 # torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
 COMPILE_BACKEND = "inductor"
@@ -86,7 +86,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
 def build_loss(cfg: Config, heads: Iterable[str], cells: Any | None, device: torch.device):
     """The weighted multi-task loss, with haversine label smoothing where train.label_smoothing_km asks
     (`cells`: the inference.CellSet whose centres it smooths over)."""
-    from geoloc_cli.losses import MultitaskLoss
+    from geoloc_cli.train.losses import MultitaskLoss
 
     smoothing = {}
     for p in cfg.model.partitionings:
@@ -223,7 +223,7 @@ class Trainer:
         return dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))
 
     def _chunk_loss(self, batch: dict[str, Any], part: slice, known: dict[str, torch.Tensor]):
-        from geoloc_cli.segmentation import encode_seg_torch
+        from geoloc_cli.model.segmentation import encode_seg_torch
 
         dev = self.device
         image = batch["image"][part].to(dev, non_blocking=True)
@@ -271,7 +271,7 @@ class Trainer:
         """Great-circle accuracy of the eval model on the validation set (each rank its share, gathered)."""
         import pandas as pd
 
-        from geoloc_cli.inference import run_geolocation, scene_accuracy, summarize
+        from geoloc_cli.inference.geolocate import run_geolocation, scene_accuracy, summarize
 
         model = self.state.eval_model
         model.eval()

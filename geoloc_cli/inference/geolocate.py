@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geoloc_cli.geo import haversine_km
-from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, hierarchical_probs
-from geoloc_cli.places365 import SCENES3
+from geoloc_cli.data.places365 import SCENES3
+from geoloc_cli.geo.sphere import haversine_km
+from geoloc_cli.inference.metrics import THRESHOLDS_KM, accuracy, hierarchical_probs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,7 +69,7 @@ class CellSet:
     def from_partitions(cls, tables: dict[str, pd.DataFrame]) -> CellSet:
         """Cell tables of any number of partitionings, ordered coarse to fine by their number of cells, with
         the hierarchy anchored on the finest."""
-        from geoloc_cli.partitioning import build_hierarchy
+        from geoloc_cli.geo.partitioning import build_hierarchy
 
         order = sorted(tables, key=lambda p: len(tables[p]))
         hierarchy = build_hierarchy(tables, order)
@@ -94,7 +94,7 @@ def probabilities(model: torch.nn.Module, image: torch.Tensor, seg: torch.Tensor
     """Softmax probabilities of every head for one batch, as float32 numpy arrays."""
     import torch
 
-    from geoloc_cli.segmentation import encode_seg_torch
+    from geoloc_cli.model.segmentation import encode_seg_torch
 
     with torch.inference_mode():
         image = image.to(device, non_blocking=True)
@@ -302,10 +302,10 @@ def credible_radii_km(p: np.ndarray, lat: np.ndarray, lon: np.ndarray, at: tuple
 
 def cell_radius_km(token: str) -> float:
     """Half the longest diagonal of an S2 cell (km); 0 for a token that is not S2 (a hand-made checkpoint)."""
-    from geoloc_cli import geo
+    from geoloc_cli.geo import sphere
 
     try:
-        lat, lon = geo.cell_vertices(geo.from_token([token]))
+        lat, lon = sphere.cell_vertices(sphere.from_token([token]))
     except ValueError:
         return 0.0
     return float(max(haversine_km(lat[0, 0], lon[0, 0], lat[0, 2], lon[0, 2]),

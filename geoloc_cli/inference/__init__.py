@@ -1,0 +1,3 @@
+"""From network outputs to places and scores: cell probabilities to positions and rankings (geolocate),
+torch-free inference from an ONNX export (onnx_runtime), the metrics every table reports (metrics:
+add a metric here) and retrieval refinement (retrieval). Imports: geo, data, model."""

@@ -1,0 +1,2 @@
+"""Training: the Trainer and TrainState that own the loop's state (trainer) and the multi-task loss with
+haversine label smoothing (losses). Imports: model, data, inference, dist."""
