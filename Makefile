@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean gpu-wheels gpu-smoke
+.PHONY: install demo test test-fast lint clean gpu-wheels gpu-smoke
 
 $(BIN)/geoloc: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: install
 test: install
 	$(BIN)/ruff check geoloc_cli tests benchmarks
 	$(BIN)/pytest
+
+# The edit loop: everything but the tests marked slow (end-to-end runs, process launches); CI runs `make test`.
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 # What a lent GPU machine (Python 3.12, x86-64, no network) lacks, as wheels for the device tool to carry
 # (`carry: [".whl"]`); benchmarks/gpu_check.sh installs them with --no-deps beside the machine's torch.

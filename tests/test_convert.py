@@ -166,6 +166,7 @@ def _s2_parents(fine: list[str], coarser: list[str]) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_geoestimation_converts_to_the_same_logits_and_hierarchy(geoestimation, tmp_path):
     trunk, classifier, path = geoestimation
     out = tmp_path / "base_m.safetensors"
@@ -198,6 +199,7 @@ def test_geoestimation_converts_to_the_same_logits_and_hierarchy(geoestimation, 
     assert (mine.crops, mine.crop_reduce) == ("ten", "max")
 
 
+@pytest.mark.slow
 def test_a_converted_geoestimation_model_evaluates_with_its_protocol(geoestimation, tmp_path):
     """evaluate on a model without a scene head, with the recorded protocol (five crops, their maximum)."""
     from worlds import build_world

@@ -179,6 +179,7 @@ def test_photos_that_do_not_decode_are_recorded_and_left_out(tmp_path, monkeypat
     assert os.listdir(root.emb("x")) and not list(root.emb("x").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
     """With maps (model.seg_channels > 0, late or gated fusion) each row is the RGB feature then the class
     map's, as the branches compute them on the evaluation views; heads and fusion train on them, and the
@@ -212,6 +213,7 @@ def test_the_segmentation_branch_is_embedded_and_fused_by_the_heads(tmp_path):
     assert geoloc(cfg, "train", "--set", "model.fusion=exchange").exit_code == 2
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones(world):
     """train.trainable_blocks / train.layer_decay through `geoloc train` on photos (same world)."""
     from geoloc_cli.model.network import build_model, load_inference_checkpoint, model_spec
@@ -228,6 +230,7 @@ def test_fine_tuning_from_photos_trains_the_last_block_and_keeps_the_frozen_ones
     assert not torch.equal(trained.rgb.blocks[0].attn.qkv.weight, initial.rgb.blocks[0].attn.qkv.weight)
 
 
+@pytest.mark.slow
 def test_two_device_processes_write_the_same_shards_as_one(tmp_path):
     """The --gpus path (one spawned process per device, shard i -> device i % n), here with two CPU 'devices'."""
     import functools

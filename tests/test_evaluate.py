@@ -160,6 +160,7 @@ def test_evaluate_writes_metrics_predictions_plot_and_scenes(world):
     assert "by scene" in table.stdout and "median km" in table.stdout
 
 
+@pytest.mark.slow
 def test_test_time_crops(world):
     cfg, a, _ = world
     res = {}
@@ -234,6 +235,7 @@ def test_photo_and_map_are_cropped_alike():
         assert (s[k] == s[k, :1]).all(), "rows are identical"
 
 
+@pytest.mark.slow
 def test_models_side_by_side(world):
     cfg, a, b = world
     r = geoloc("evaluate", "-c", str(cfg), "--model", str(a), "--model", str(b))

@@ -211,6 +211,7 @@ def _stuck_worker(*args) -> None:
     time.sleep(3600)  # a worker deadlocked in native code: alive, silent
 
 
+@pytest.mark.slow
 def test_a_stuck_worker_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     import multiprocessing as mp
 
@@ -326,6 +327,7 @@ def kill_after(cmd: list[str], shards: Path, parts: int, timeout: float = 30) ->
     return len(list(shards.glob(".parts/*.parquet")))
 
 
+@pytest.mark.slow
 def test_kill_and_resume(server, tmp_path):
     root = tmp_path / "root"
     n = 48

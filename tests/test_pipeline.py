@@ -24,6 +24,7 @@ def world(tmp_path_factory) -> tuple[Path, Path]:
                        train={"epochs": 2, "batch_size": 16, "checkpoint_every": 5})
 
 
+@pytest.mark.slow
 def test_pipeline_outputs(world):
     _, root = world
     assert (root / "datasets/demo/manifest.parquet").is_file()
@@ -74,6 +75,7 @@ def test_predict_top_k_and_per_file_errors(world, tmp_path):
     assert ok.exit_code == 0 and "predictions" in ok.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_state(world):
     cfg, root = world
     r = geoloc("train", "-c", str(cfg), "-q", "--resume", "--set", "train.epochs=3")
@@ -97,6 +99,7 @@ def test_missing_inputs_fail_early_with_clear_messages(tmp_path):
     assert r.exit_code != 0 and "nope.csv" in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["late", "exchange", "gated"])
 def test_ddp_two_gloo_processes_match_one_process(world, fusion):
     """Same global batch on 1 and 2 processes: same losses, same weights, identical on both ranks (for

@@ -289,6 +289,7 @@ def _no_space_under(root: Path, monkeypatch: pytest.MonkeyPatch, err: int = errn
      ["export"]],
     ids=lambda c: c[0],
 )
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_a_rerun_completes(world, cmd, monkeypatch: pytest.MonkeyPatch):
     cfg, root = world
     with monkeypatch.context() as m:

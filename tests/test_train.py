@@ -132,6 +132,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(world, reference):
     cfg_path, root = world
     run_dir = root / "runs/killed"
@@ -269,6 +270,7 @@ def test_haversine_label_smoothing_trains(world, eager):
                                                                                          ["train_loss_fine"])
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(world, eager, monkeypatch):
     import torch._dynamo
 

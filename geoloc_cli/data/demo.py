@@ -167,7 +167,7 @@ def generate(root: DataRoot, cfg: Any = None, n_train: int = 900, n_val: int = 3
     params = {"n_train": n_train, "n_val": n_val, "seed": seed, "version": 1}
     src = root.path / "sources" / "demo"
     stamp = src / "world.json"
-    out = {name: (root.meta / f"{name}_urls.csv", root.meta / f"{name}_places365.csv")
+    out = {name: (root.urls_csv(name), root.meta_csv(name))
            for name in ("demo", "demo_val")}
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(
         u.is_file() and m.is_file() for u, m in out.values()

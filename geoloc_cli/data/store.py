@@ -57,6 +57,14 @@ class DataRoot:
     def meta(self) -> Path:
         return self.path / "meta"
 
+    def meta_csv(self, name: str) -> Path:
+        """A dataset's metadata in the published format (data.places365)."""
+        return self.meta / f"{name}_places365.csv"
+
+    def urls_csv(self, name: str) -> Path:
+        """A dataset's image_id,url list, no header (the published format)."""
+        return self.meta / f"{name}_urls.csv"
+
     def dataset(self, name: str) -> Path:
         return self.path / "datasets" / name
 
@@ -92,6 +100,10 @@ class DataRoot:
 
     def run(self, name: str) -> Path:
         return self.path / "runs" / name
+
+    def resume(self, run: str) -> Path:
+        """A training run's resume state (train.trainer.Trainer.save)."""
+        return self.run(run) / "resume.pt"
 
     def model(self, run: str) -> Path:
         """The inference checkpoint a training run writes (its best weights)."""

@@ -424,7 +424,7 @@ def import_folder(cfg: Any, root: DataRoot, name: str, folder: Path, meta: Path 
     console.info(f"{name}: {len(files):,} photos; positions "
                  + (f"from {Path(meta).name}: {len(known):,}, " if meta is not None else "")
                  + f"from EXIF GPS: {len(located):,}, none (listed as no_gps): {len(files) - len(rows):,}")
-    urls_csv, meta_csv = root.meta / f"{name}_urls.csv", root.meta / f"{name}_places365.csv"
+    urls_csv, meta_csv = root.urls_csv(name), root.meta_csv(name)
     uris = [p.resolve().as_uri() for p in files]
     write_text_atomic(urls_csv, pd.DataFrame({"id": ids, "url": uris}).to_csv(index=False, header=False))
     with atomic_path(meta_csv) as tmp:

@@ -48,7 +48,7 @@ def run(
     if map_path is not None and Path(map_path).suffix.lower() not in (".png", ".html", ".htm"):
         raise ConfigError(f"--map {map_path}: expected a .png or .html file")
     root = store.DataRoot(cfg.root)
-    meta_path = Path(input) if input is not None else root.meta / f"{cfg.partition.dataset}_places365.csv"
+    meta_path = Path(input) if input is not None else root.meta_csv(cfg.partition.dataset)
     out_dir = Path(output) if output is not None else root.partitions(cfg.partition.dataset)
     start = time.perf_counter()
     points = part.read_points(meta_path)  # checked before the output folder is touched

@@ -186,7 +186,7 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     from geoloc_cli.dist import check_devices
 
     check_devices(cfg.runtime.gpus, cfg.runtime.device, "train")
-    if resume and not (plan.run_dir / "resume.pt").is_file():
+    if resume and not plan.root.resume(cfg.train.run).is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
     if under_torchrun or world == 1:
         return [train(cfg, resume)]
@@ -325,7 +325,7 @@ def _start(cfg: Config, plan: Plan, trainer, resume: bool, steps: int, images: i
         store.recover(plan.run_dir)
     dist.barrier()
     if resume:
-        trainer.load(plan.run_dir / "resume.pt", steps)
+        trainer.load(plan.root.resume(cfg.train.run), steps)
     if info.main:
         write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
         _trim_metrics(plan.run_dir / "metrics.jsonl", state.epoch)
@@ -349,7 +349,7 @@ def _epoch(cfg: Config, plan: Plan, trainer, loader, epoch: int, steps: int, sta
         bar.advance(1, loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}", img_s=f"{losses['img_s']:.0f}")
 
     def save() -> None:
-        trainer.save(plan.run_dir / "resume.pt" if trainer.info.main else None)
+        trainer.save(plan.root.resume(cfg.train.run) if trainer.info.main else None)
 
     with console.progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps - start_batch,
                           unit="step", loss="-", lr="-", img_s="-") as bar:
@@ -370,7 +370,7 @@ def _end_epoch(cfg: Config, plan: Plan, trainer, record: dict[str, Any], cells) 
     with store.generation(plan.run_dir) if main else contextlib.nullcontext() as staged:
         if main:
             _write_epoch(plan.run_dir, staged, record, state.eval_model, cells, cfg, is_best)
-        trainer.save(staged.path("resume.pt") if main else None, epoch_done=True)
+        trainer.save(staged.path(plan.root.resume(cfg.train.run).name) if main else None, epoch_done=True)
 
 
 def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
