@@ -11,7 +11,7 @@ $(BIN)/geoloc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned to the builds this project is tested with (installed from local disk where present).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,predict,metrics,dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	# bytecode for the editable package, as a wheel install has (PYTHONDONTWRITEBYTECODE=1 shells never write it)
 	$(BIN)/python -m compileall -q geoloc_cli
 	touch $(BIN)/geoloc

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from geoloc_cli.errors import ConfigError, GeolocError
+from geoloc_cli.errors import ConfigError, GeolocError, require
 from geoloc_cli.sources import PRESETS
 
 BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
@@ -46,6 +46,8 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda
 # Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
 ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
+# fetch's own HTTP client and the Hub's (the `fetch` extra; simplejpeg/OpenCV are optional: Pillow stands in)
+FETCH_MODULES = ("h11", "certifi", "idna", "httpx", "huggingface_hub")
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
 
 
@@ -61,8 +63,17 @@ def _version(show: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (as each command's -q).")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True,
+        help="Debug detail: the traceback of every error and libraries' log messages (-vv: their debug ones).")] = 0,
 ) -> None:
     """The options before the command."""
+    from geoloc_cli import console
+
+    # set on every invocation: the state is module-wide and must not leak from one run into the next (tests)
+    console.set_quiet(quiet)
+    console.set_verbose(verbose)
 
 
 def _parse_gpus(text: str | None) -> list[int] | None:
@@ -95,18 +106,22 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from geoloc_cli import console
 
-        console.set_quiet(bool(kwargs.get("quiet", False)))
+        if kwargs.get("quiet"):  # the command's -q; `geoloc -q CMD` was set by the app's callback
+            console.set_quiet(True)
         try:
             return fn(*args, **kwargs)
         except GeolocError as e:
+            console.traceback()
             console.error(str(e))
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # the operating system refused a file operation no stage anticipated
             from geoloc_cli.errors import os_error_message
 
+            console.traceback()
             console.error(os_error_message(e))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
+            console.traceback()
             console.error("interrupted")
             raise typer.Exit(130) from None
 
@@ -141,6 +156,7 @@ def fetch(
     quiet: QuietOpt = False,
 ) -> None:
     """Download images (or import local photos) into tar shards with a manifest of statuses."""
+    require(*FETCH_MODULES, extra="fetch")
     from geoloc_cli.stages import fetch as stage
 
     cfg = _config(config, set_, root)
@@ -213,6 +229,7 @@ def segment(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute ADE20K semantic segmentation maps into seg shards aligned with the image shards."""
+    require("torch", "transformers")
     from geoloc_cli.stages import segment as stage
 
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
@@ -234,6 +251,7 @@ def embed(
     quiet: QuietOpt = False,
 ) -> None:
     """Store the frozen backbone's fp16 embedding of every photo (for train.source=embeddings)."""
+    require("torch", "timm")
     from geoloc_cli.stages import embed as stage
 
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
@@ -261,6 +279,7 @@ def train(
 ) -> None:
     """Train the multi-task network (RGB + segmentation branches) on the geo-cell and scene labels, from photos or
     from cached embeddings (train.source)."""
+    require("torch", "timm")
     from geoloc_cli.stages import train as stage
 
     cfg = _config(
@@ -298,6 +317,7 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Great-circle accuracy at 1/25/200/750/2500 km per partitioning and hierarchical prediction."""
+    require("torch", "timm", "matplotlib")
     from geoloc_cli.stages import evaluate as stage
 
     cfg = _config(config, set_, root, **{"runtime.device": device})
@@ -356,7 +376,6 @@ def export(
 ) -> None:
     """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
     from geoloc_cli import console
-    from geoloc_cli.errors import require
     from geoloc_cli.store import DataRoot
 
     cfg = _config(config, set_, root)
@@ -385,8 +404,6 @@ def convert(
 ) -> None:
     """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
     from geoloc_cli import console
-    from geoloc_cli.errors import require
-
     cfg = _config(config, set_, root)
     require("torch", "timm")
     from geoloc_cli.convert import convert as run_convert
