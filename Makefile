@@ -19,7 +19,7 @@ $(BIN)/geoloc: pyproject.toml
 install: $(BIN)/geoloc
 
 GEOLOC := $(BIN)/geoloc
-DEMO := -c configs/demo.yaml
+DEMO := -c demo
 # The cached-embedding recipe (configs/recipes/clip-frozen.yaml) at demo size: no weights can be downloaded
 # here, so the frozen backbone is the dual-branch run's trained RGB ViT (model.pretrained takes a geoloc
 # checkpoint); embed once, then train MLP heads on the fp16 embeddings.

@@ -156,10 +156,9 @@ def fetch(
     quiet: QuietOpt = False,
 ) -> None:
     """Download images (or import local photos) into tar shards with a manifest of statuses."""
+    cfg = _config(config, set_, root)
     require(*FETCH_MODULES, extra="fetch")
     from geoloc_cli.stages import fetch as stage
-
-    cfg = _config(config, set_, root)
     stage.run(cfg, source=source, urls=urls, meta=meta, name=name, retry_failed=retry_failed,
               retry_gone=retry_gone, part=part, archive=archive, split=split, via=via)
 
@@ -229,10 +228,9 @@ def segment(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute ADE20K semantic segmentation maps into seg shards aligned with the image shards."""
+    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
     require("torch", "transformers")
     from geoloc_cli.stages import segment as stage
-
-    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
     stage.run(cfg, datasets=datasets or None, preview=preview, import_from=import_)
 
 
@@ -251,10 +249,9 @@ def embed(
     quiet: QuietOpt = False,
 ) -> None:
     """Store the frozen backbone's fp16 embedding of every photo (for train.source=embeddings)."""
+    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
     require("torch", "timm")
     from geoloc_cli.stages import embed as stage
-
-    cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
     stage.run(cfg, datasets=datasets or None)
 
 
@@ -279,12 +276,11 @@ def train(
 ) -> None:
     """Train the multi-task network (RGB + segmentation branches) on the geo-cell and scene labels, from photos or
     from cached embeddings (train.source)."""
-    require("torch", "timm")
-    from geoloc_cli.stages import train as stage
-
     cfg = _config(
         config, set_, root, **{"train.run": run, "runtime.device": device, "runtime.gpus": _parse_gpus(gpus)}
     )
+    require("torch", "timm")
+    from geoloc_cli.stages import train as stage
     stage.launch(cfg, resume=resume, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                  master_port=master_port)
 
@@ -317,10 +313,11 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Great-circle accuracy at 1/25/200/750/2500 km per partitioning and hierarchical prediction."""
-    require("torch", "timm", "matplotlib")
-    from geoloc_cli.stages import evaluate as stage
-
     cfg = _config(config, set_, root, **{"runtime.device": device})
+    require("matplotlib", extra="plots")  # accuracy.png
+    if not from_predictions:  # scoring a predictions file runs no model
+        require("torch", "timm")
+    from geoloc_cli.stages import evaluate as stage
     stage.run(cfg, datasets=datasets or None, model=model or None, from_predictions=from_predictions or None,
               as_json=json_)
 
@@ -415,7 +412,7 @@ def convert(
                      "(evaluate.crops=auto)")
 
 
-@app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")
+@app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c demo --docs")
 @_handled
 def show_config(
     docs: Annotated[bool, typer.Option(help="Show every key with its documentation.")] = False,

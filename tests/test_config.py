@@ -228,3 +228,20 @@ def test_global_quiet_reaches_the_command(tmp_path: Path):
         assert console._state["quiet"] is True, args
     CliRunner().invoke(app, ["partition", "--root", str(tmp_path)])
     assert console._state["quiet"] is False
+
+
+@pytest.mark.parametrize(("args", "module", "extra"), [
+    (["fetch", "demo"], "h11", "fetch"),
+    (["evaluate", "--from-predictions", "x.csv"], "matplotlib", "plots"),
+    (["train"], "timm", "train"),
+    (["segment"], "transformers", "train"),
+])
+def test_a_missing_extra_is_named(tmp_path: Path, monkeypatch, args: list[str], module: str, extra: str):
+    """Each command checks what its extra installs before starting, and the hint names that extra."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    r = CliRunner().invoke(app, [*args, "--root", str(tmp_path)])
+    assert r.exit_code == 1 and f"this needs {module}, which is not installed: pip install 'geoloc[{extra}]'" in r.output
+    assert not any(tmp_path.iterdir())  # nothing started
