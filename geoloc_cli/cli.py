@@ -46,8 +46,11 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda
 # Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
 ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
-# fetch's own HTTP client and the Hub's (the `fetch` extra; simplejpeg/OpenCV are optional: Pillow stands in)
-FETCH_MODULES = ("h11", "certifi", "idna", "httpx", "huggingface_hub")
+# What each extra brings that commands check before starting (pyproject.toml): the pipeline's tables (`data`);
+# fetch's own HTTP client and the Hub's (`fetch`; simplejpeg/OpenCV are optional: Pillow stands in); the
+# deep-learning stack (`train`, which brings `data` too)
+DATA_MODULES = ("pandas", "pyarrow")
+FETCH_MODULES = (*DATA_MODULES, "h11", "certifi", "idna", "httpx", "huggingface_hub")
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
 
 
@@ -184,9 +187,9 @@ def partition(
     quiet: QuietOpt = False,
 ) -> None:
     """Build adaptive S2 geo-cell partitionings and assign each image its class."""
-    from geoloc_cli.stages import partition as stage
-
     cfg = _config(config, set_, root, **{"partition.tau_min": tau_min})
+    require(*DATA_MODULES, extra="data")
+    from geoloc_cli.stages import partition as stage
     stage.run(cfg, cells=cells, input=input, tau_max=tau_max, output=output, use_published=use_published,
               export_mapping=export_mapping, map_path=map)
 
@@ -203,9 +206,9 @@ def filter_(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the training index: downloaded items with a class in every partitioning."""
-    from geoloc_cli.stages import filter as stage
-
     cfg = _config(config, set_, root, **{"filter.scene_of_interest": scene, "filter.min_size": min_size})
+    require(*DATA_MODULES, extra="data")
+    from geoloc_cli.stages import filter as stage
     stage.run(cfg, dataset=dataset)
 
 
@@ -229,7 +232,7 @@ def segment(
 ) -> None:
     """Compute ADE20K semantic segmentation maps into seg shards aligned with the image shards."""
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
-    require("torch", "transformers")
+    require(*DATA_MODULES, "torch", "transformers")
     from geoloc_cli.stages import segment as stage
     stage.run(cfg, datasets=datasets or None, preview=preview, import_from=import_)
 
@@ -250,7 +253,7 @@ def embed(
 ) -> None:
     """Store the frozen backbone's fp16 embedding of every photo (for train.source=embeddings)."""
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
-    require("torch", "timm")
+    require(*DATA_MODULES, "torch", "timm")
     from geoloc_cli.stages import embed as stage
     stage.run(cfg, datasets=datasets or None)
 
@@ -279,7 +282,7 @@ def train(
     cfg = _config(
         config, set_, root, **{"train.run": run, "runtime.device": device, "runtime.gpus": _parse_gpus(gpus)}
     )
-    require("torch", "timm")
+    require(*DATA_MODULES, "torch", "timm")
     from geoloc_cli.stages import train as stage
     stage.launch(cfg, resume=resume, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                  master_port=master_port)
@@ -314,9 +317,10 @@ def evaluate(
 ) -> None:
     """Great-circle accuracy at 1/25/200/750/2500 km per partitioning and hierarchical prediction."""
     cfg = _config(config, set_, root, **{"runtime.device": device})
-    require("matplotlib", extra="plots")  # accuracy.png
     if not from_predictions:  # scoring a predictions file runs no model
-        require("torch", "timm")
+        require(*DATA_MODULES, "torch", "timm")
+    require(*DATA_MODULES, extra="data")
+    require("matplotlib", extra="plots")  # accuracy.png
     from geoloc_cli.stages import evaluate as stage
     stage.run(cfg, datasets=datasets or None, model=model or None, from_predictions=from_predictions or None,
               as_json=json_)
@@ -376,7 +380,7 @@ def export(
     from geoloc_cli.store import DataRoot
 
     cfg = _config(config, set_, root)
-    require("torch", "onnx")
+    require(*DATA_MODULES, "torch", "onnx")
     from geoloc_cli.export import export_onnx
 
     for path in export_onnx(ckpt or DataRoot(cfg.root).model(cfg.train.run), output):
@@ -402,7 +406,7 @@ def convert(
     """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
     from geoloc_cli import console
     cfg = _config(config, set_, root)
-    require("torch", "timm")
+    require(*DATA_MODULES, "torch", "timm")
     from geoloc_cli.convert import convert as run_convert
 
     done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)

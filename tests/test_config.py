@@ -233,6 +233,8 @@ def test_global_quiet_reaches_the_command(tmp_path: Path):
 @pytest.mark.parametrize(("args", "module", "extra"), [
     (["fetch", "demo"], "h11", "fetch"),
     (["evaluate", "--from-predictions", "x.csv"], "matplotlib", "plots"),
+    (["partition"], "pyarrow", "data"),
+    (["filter"], "pandas", "data"),
     (["train"], "timm", "train"),
     (["segment"], "transformers", "train"),
 ])
