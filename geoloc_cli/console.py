@@ -71,8 +71,9 @@ def set_verbose(level: int) -> None:
     INFO and above, 2: DEBUG too); 0 restores Python's default (warnings only)."""
     _state["verbose"] = level
     root = logging.getLogger()
-    root.removeHandler(_log_handler)
-    root.setLevel(logging.WARNING)
+    if _log_handler in root.handlers:  # undo only what an earlier verbose run did
+        root.removeHandler(_log_handler)
+        root.setLevel(logging.WARNING)
     if level:
         root.addHandler(_log_handler)
         root.setLevel(logging.INFO if level == 1 else logging.DEBUG)
