@@ -2,7 +2,7 @@
 
 Only this module knows typer. Heavy libraries (torch, timm, transformers) are imported inside the
 commands that need them, so `geoloc --help` stays fast. Every GeolocError becomes one line on stderr
-and its exit code (ConfigError: 2), never a traceback; so does an OSError (disk full, read-only, ...).
+and its exit code (ConfigError: 2), never a traceback (unless `geoloc -v`); so does an OSError (disk full, ...).
 """
 
 from __future__ import annotations
