@@ -11,7 +11,7 @@ $(BIN)/geoloc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned to the builds this project is tested with (installed from local disk where present).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,predict,metrics,dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	# bytecode for the editable package, as a wheel install has (PYTHONDONTWRITEBYTECODE=1 shells never write it)
 	$(BIN)/python -m compileall -q geoloc_cli
 	touch $(BIN)/geoloc
@@ -19,7 +19,7 @@ $(BIN)/geoloc: pyproject.toml
 install: $(BIN)/geoloc
 
 GEOLOC := $(BIN)/geoloc
-DEMO := -c configs/demo.yaml
+DEMO := -c demo
 # The cached-embedding recipe (configs/recipes/clip-frozen.yaml) at demo size: no weights can be downloaded
 # here, so the frozen backbone is the dual-branch run's trained RGB ViT (model.pretrained takes a geoloc
 # checkpoint); embed once, then train MLP heads on the fp16 embeddings.

@@ -2,7 +2,7 @@
 
 Only this module knows typer. Heavy libraries (torch, timm, transformers) are imported inside the
 commands that need them, so `geoloc --help` stays fast. Every GeolocError becomes one line on stderr
-and its exit code (ConfigError: 2), never a traceback; so does an OSError (disk full, read-only, ...).
+and its exit code (ConfigError: 2), never a traceback (unless `geoloc -v`); so does an OSError (disk full, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from geoloc_cli.data.sources import PRESETS
-from geoloc_cli.errors import ConfigError, GeolocError
+from geoloc_cli.errors import ConfigError, GeolocError, require
 
 BEST_HELP = "Inference checkpoint (default: the run's best, by validation accuracy at 2,500 km)"
 
@@ -46,6 +46,11 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda
 # Environment variables: a layer between the config file and --set / options (GEOLOC_CONFIG: the file)
 ENV_KEYS = {"GEOLOC_ROOT": "paths.root", "GEOLOC_DEVICE": "runtime.device"}
 GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1.")]
+# What each extra brings that commands check before starting (pyproject.toml): the pipeline's tables (`data`);
+# fetch's own HTTP client and the Hub's (`fetch`; simplejpeg/OpenCV are optional: Pillow stands in); the
+# deep-learning stack (`train`, which brings `data` too)
+DATA_MODULES = ("pandas", "pyarrow")
+FETCH_MODULES = (*DATA_MODULES, "h11", "certifi", "idna", "httpx", "huggingface_hub")
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
 
 
@@ -61,8 +66,17 @@ def _version(show: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (as each command's -q).")] = False,
+    verbose: Annotated[int, typer.Option(
+        "--verbose", "-v", count=True,
+        help="Debug detail: the traceback of every error and libraries' log messages (-vv: their debug ones).")] = 0,
 ) -> None:
     """The options before the command."""
+    from geoloc_cli import console
+
+    # set on every invocation: the state is module-wide and must not leak from one run into the next (tests)
+    console.set_quiet(quiet)
+    console.set_verbose(verbose)
 
 
 def _parse_gpus(text: str | None) -> list[int] | None:
@@ -95,18 +109,22 @@ def _handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from geoloc_cli import console
 
-        console.set_quiet(bool(kwargs.get("quiet", False)))
+        if kwargs.get("quiet"):  # the command's -q; `geoloc -q CMD` was set by the app's callback
+            console.set_quiet(True)
         try:
             return fn(*args, **kwargs)
         except GeolocError as e:
+            console.traceback()
             console.error(str(e))
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # the operating system refused a file operation no stage anticipated
             from geoloc_cli.errors import os_error_message
 
+            console.traceback()
             console.error(os_error_message(e))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
+            console.traceback()
             console.error("interrupted")
             raise typer.Exit(130) from None
 
@@ -141,9 +159,9 @@ def fetch(
     quiet: QuietOpt = False,
 ) -> None:
     """Download images (or import local photos) into tar shards with a manifest of statuses."""
-    from geoloc_cli.stages import fetch as stage
-
     cfg = _config(config, set_, root)
+    require(*FETCH_MODULES, extra="fetch")
+    from geoloc_cli.stages import fetch as stage
     stage.run(cfg, source=source, urls=urls, meta=meta, name=name, retry_failed=retry_failed,
               retry_gone=retry_gone, part=part, archive=archive, split=split, via=via)
 
@@ -169,9 +187,9 @@ def partition(
     quiet: QuietOpt = False,
 ) -> None:
     """Build adaptive S2 geo-cell partitionings and assign each image its class."""
-    from geoloc_cli.stages import partition as stage
-
     cfg = _config(config, set_, root, **{"partition.tau_min": tau_min})
+    require(*DATA_MODULES, extra="data")
+    from geoloc_cli.stages import partition as stage
     stage.run(cfg, cells=cells, input=input, tau_max=tau_max, output=output, use_published=use_published,
               export_mapping=export_mapping, map_path=map)
 
@@ -188,9 +206,9 @@ def filter_(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the training index: downloaded items with a class in every partitioning."""
-    from geoloc_cli.stages import filter as stage
-
     cfg = _config(config, set_, root, **{"filter.scene_of_interest": scene, "filter.min_size": min_size})
+    require(*DATA_MODULES, extra="data")
+    from geoloc_cli.stages import filter as stage
     stage.run(cfg, dataset=dataset)
 
 
@@ -213,9 +231,9 @@ def segment(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute ADE20K semantic segmentation maps into seg shards aligned with the image shards."""
-    from geoloc_cli.stages import segment as stage
-
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
+    require(*DATA_MODULES, "torch", "transformers")
+    from geoloc_cli.stages import segment as stage
     stage.run(cfg, datasets=datasets or None, preview=preview, import_from=import_)
 
 
@@ -234,9 +252,9 @@ def embed(
     quiet: QuietOpt = False,
 ) -> None:
     """Store the frozen backbone's fp16 embedding of every photo (for train.source=embeddings)."""
-    from geoloc_cli.stages import embed as stage
-
     cfg = _config(config, set_, root, **{"runtime.device": device, "runtime.gpus": _parse_gpus(gpus)})
+    require(*DATA_MODULES, "torch", "timm")
+    from geoloc_cli.stages import embed as stage
     stage.run(cfg, datasets=datasets or None)
 
 
@@ -261,11 +279,11 @@ def train(
 ) -> None:
     """Train the multi-task network (RGB + segmentation branches) on the geo-cell and scene labels, from photos or
     from cached embeddings (train.source)."""
-    from geoloc_cli.stages import train as stage
-
     cfg = _config(
         config, set_, root, **{"train.run": run, "runtime.device": device, "runtime.gpus": _parse_gpus(gpus)}
     )
+    require(*DATA_MODULES, "torch", "timm")
+    from geoloc_cli.stages import train as stage
     stage.launch(cfg, resume=resume, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                  master_port=master_port)
 
@@ -298,9 +316,12 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Great-circle accuracy at 1/25/200/750/2500 km per partitioning and hierarchical prediction."""
-    from geoloc_cli.stages import evaluate as stage
-
     cfg = _config(config, set_, root, **{"runtime.device": device})
+    if not from_predictions:  # scoring a predictions file runs no model
+        require(*DATA_MODULES, "torch", "timm")
+    require(*DATA_MODULES, extra="data")
+    require("matplotlib", extra="plots")  # accuracy.png
+    from geoloc_cli.stages import evaluate as stage
     stage.run(cfg, datasets=datasets or None, model=model or None, from_predictions=from_predictions or None,
               as_json=json_)
 
@@ -357,10 +378,9 @@ def export(
     """Export a checkpoint (network + segmenter) to ONNX, for fast torch-free `geoloc predict`."""
     from geoloc_cli import console
     from geoloc_cli.data.store import DataRoot
-    from geoloc_cli.errors import require
 
     cfg = _config(config, set_, root)
-    require("torch", "onnx")
+    require(*DATA_MODULES, "torch", "onnx")
     from geoloc_cli.model.export import export_onnx
 
     for path in export_onnx(ckpt or DataRoot(cfg.root).model(cfg.train.run), output):
@@ -385,10 +405,8 @@ def convert(
 ) -> None:
     """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
     from geoloc_cli import console
-    from geoloc_cli.errors import require
-
     cfg = _config(config, set_, root)
-    require("torch", "timm")
+    require(*DATA_MODULES, "torch", "timm")
     from geoloc_cli.model.convert import convert as run_convert
 
     done = run_convert(kind, checkpoint, output, cfg.segment.model, cfg.segment.input_size)
@@ -398,7 +416,7 @@ def convert(
                      "(evaluate.crops=auto)")
 
 
-@app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c configs/demo.yaml --docs")
+@app.command("config", epilog="Examples:  geoloc config  |  geoloc config -c demo --docs")
 @_handled
 def show_config(
     docs: Annotated[bool, typer.Option(help="Show every key with its documentation.")] = False,

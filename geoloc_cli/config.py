@@ -19,6 +19,8 @@ import yaml
 from geoloc_cli.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "geoloc.yaml"
+# The configs shipped with geoloc (the repository's configs/, linked into the package and so in the wheel)
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def doc(default: Any, text: str) -> Any:
@@ -422,6 +424,35 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with geoloc by name: `demo` and each recipe (`clip-frozen`, `translocator`, ...)."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.rglob("*.yaml"))}
+
+
+def find_config(path: Path) -> Path:
+    """`path` when it exists, else the shipped config of that name (`-c demo` from any folder)."""
+    if path.exists():
+        return path
+    named = packaged_configs()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml") if len(path.parts) == 1 else None
+    if name in named:
+        return named[name]
+    raise ConfigError(f"config file {path} does not exist (configs shipped with geoloc, by name: {', '.join(named)})")
+
+
+def _anchor_paths(data: dict[str, Any], path: Path) -> None:
+    """A relative paths.root in a config file names a folder beside that file, whatever the working directory;
+    in a config shipped with geoloc it stays relative to the working directory (its own folder is inside the
+    installation, no place for data)."""
+    section = data.get("paths")
+    root = section.get("root") if isinstance(section, dict) else None
+    if not isinstance(root, str) or not root.strip() or Path(root).expanduser().is_absolute():
+        return
+    if path.resolve().is_relative_to(PACKAGED_CONFIGS.resolve()):
+        return
+    section["root"] = str(path.parent / root)
+
+
 def load_config(
     path: Path | None = None,
     overrides: list[str] | None = None,
@@ -429,14 +460,18 @@ def load_config(
 ) -> Config:
     """Resolve the configuration: defaults < YAML < --set overrides < explicit options.
 
-    `path` None means ./geoloc.yaml when present, else defaults only. `options` maps dotted keys to
-    values from explicit command options (None values are ignored).
+    `path` None means ./geoloc.yaml when present, else defaults only; a path that does not exist may name a
+    shipped config (`demo`). `options` maps dotted keys to values from explicit command options (None values
+    are ignored). A relative paths.root in the file is relative to the file's folder (see `_anchor_paths`).
     """
     cfg = Config()
     if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
         path = Path(DEFAULT_CONFIG_FILE)
     if path is not None:
-        _merge(cfg, read_yaml(Path(path)))
+        path = find_config(Path(path))
+        data = read_yaml(path)
+        _anchor_paths(data, path)
+        _merge(cfg, data)
     for text in overrides or []:
         _merge(cfg, parse_override(text))
     for key, value in (options or {}).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-_state = {"quiet": False}
+_state = {"quiet": False, "verbose": 0}
 PIPE_WIDTH = 160  # columns when writing to a file or pipe (rich's default, 80, wraps paths and tables)
 
 
@@ -46,6 +47,42 @@ out, err = _console(False), _console(True)
 def set_quiet(quiet: bool) -> None:
     """Quiet: no progress bars; progress is logged as plain lines every few seconds instead."""
     _state["quiet"] = quiet
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log records to whatever sys.stderr is at the time (a handler keeping the stream it was made with would
+    write into a closed one after a test runner swapped stderr back)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+_log_handler = _StderrHandler()
+_log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+
+def set_verbose(level: int) -> None:
+    """Verbose (`geoloc -v`): errors come with their traceback, and libraries' log records are shown (level 1:
+    INFO and above, 2: DEBUG too); 0 restores Python's default (warnings only)."""
+    _state["verbose"] = level
+    root = logging.getLogger()
+    if _log_handler in root.handlers:  # undo only what an earlier verbose run did
+        root.removeHandler(_log_handler)
+        root.setLevel(logging.WARNING)
+    if level:
+        root.addHandler(_log_handler)
+        root.setLevel(logging.INFO if level == 1 else logging.DEBUG)
+
+
+def traceback() -> None:
+    """In verbose mode, the traceback of the exception being handled (before its one-line message)."""
+    if _state["verbose"] and is_main():
+        err.print_exception()
 
 
 def is_main() -> bool:

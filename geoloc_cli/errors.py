@@ -84,13 +84,18 @@ def os_error_message(e: OSError, action: str | None = None) -> str:
     return f"{cause} while {action}" if action else cause
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs one of geoloc's extras (pyproject.toml: fetch, plots, train, predict, metrics)."""
+    return f"pip install 'geoloc[{extra}]'"
+
+
 def require(*modules: str, extra: str = "train") -> None:
     """Fail with an install hint when an optional dependency (e.g. torch on a predict-only install) is missing."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise GeolocError(f"this needs {', '.join(missing)}, which is not installed: pip install 'geoloc[{extra}]'")
+        raise GeolocError(f"this needs {', '.join(missing)}, which is not installed: {install_hint(extra)}")
 
 
 def storage_error(e: OSError, action: str | None = None) -> StorageError:

@@ -21,7 +21,7 @@ def test_precedence_defaults_yaml_set_options(tmp_path: Path):
     cfg = load_config(f, ["train.lr=0.25"], {"train.epochs": 7, "paths.root": None})
     assert cfg.train.lr == 0.25  # --set beats YAML
     assert cfg.train.epochs == 7  # explicit option beats YAML
-    assert cfg.paths.root == "from-yaml"  # None option = not given
+    assert cfg.paths.root == str(tmp_path / "from-yaml")  # None option = not given; beside the file
     assert cfg.train.batch_size == Config().train.batch_size  # untouched default
 
 
@@ -167,3 +167,84 @@ def test_yaml_merge_keys_work_and_odd_keys_are_one_line_errors(tmp_path):
     path.write_text("? [a, b]\n: 1\n")
     with pytest.raises(ConfigError, match="unhashable key"):
         read_yaml(path)
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path: Path, monkeypatch):
+    """`-c demo` (and every recipe by its name) works outside the checkout, as from an installed wheel."""
+    from geoloc_cli.config import packaged_configs
+
+    monkeypatch.chdir(tmp_path)
+    names = packaged_configs()
+    assert {"demo", "clip-frozen", "dinov2-finetune", "geoestimation", "translocator"} <= set(names)
+    repo = Path(__file__).parents[1] / "configs"
+    assert {p.name for p in repo.rglob("*.yaml")} == {p.name for p in names.values()}  # the wheel ships them all
+    cfg = load_config(Path("demo"))
+    assert cfg.train.dataset == "demo"
+    assert cfg.paths.root == "geoloc-data/demo"  # a shipped config's root is relative to the working directory
+    assert load_config(Path("clip-frozen.yaml")).train.source == "embeddings"
+    r = CliRunner().invoke(app, ["config", "-c", "demp"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "config file demp does not exist" in r.output and "demo, " in r.output
+    (tmp_path / "demo").write_text("train: {epochs: 2}\n")  # a file of that name wins over the shipped one
+    assert load_config(Path("demo")).train.epochs == 2
+
+
+def test_relative_root_in_a_config_file_is_beside_the_file(tmp_path: Path, monkeypatch):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "c.yaml").write_text("paths: {root: data}\n")
+    (tmp_path / "abs.yaml").write_text(f"paths: {{root: {tmp_path / 'x'}}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Path("proj/c.yaml")).paths.root == str(Path("proj/data"))
+    monkeypatch.chdir(tmp_path / "proj")
+    assert load_config(Path("c.yaml")).paths.root == "data"
+    assert load_config(tmp_path / "proj" / "c.yaml").paths.root == str(tmp_path / "proj" / "data")
+    assert load_config(tmp_path / "abs.yaml").paths.root == str(tmp_path / "x")
+    # command-line and environment roots stay relative to the working directory
+    assert load_config(Path("c.yaml"), ["paths.root=here"]).paths.root == "here"
+
+
+def test_global_quiet_and_verbose(tmp_path: Path, monkeypatch):
+    from geoloc_cli import console
+
+    seen = {}
+    monkeypatch.setattr(console, "set_quiet", lambda q: seen.__setitem__("quiet", q))
+    for args, quiet in ((["-q", "config"], True), (["config"], False), (["partition", "-q", "--help"], False)):
+        seen.clear()
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert seen.get("quiet", False) is quiet, args
+    r = CliRunner().invoke(app, ["-v", "config", "--set", "train.epochs=0"])
+    assert r.exit_code == 2 and "Traceback" in r.output and "train.epochs: 0 is not allowed" in r.output
+    r = CliRunner().invoke(app, ["config", "--set", "train.epochs=0"])  # not verbose: one line again
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_global_quiet_reaches_the_command(tmp_path: Path):
+    """`geoloc -q CMD` and `geoloc CMD -q` both turn progress bars off for the command."""
+    from geoloc_cli import console
+
+    for args in (["-q", "partition", "--root", str(tmp_path)], ["partition", "-q", "--root", str(tmp_path)]):
+        console.set_quiet(False)
+        CliRunner().invoke(app, args)  # fails (no metadata); what matters is the state the command ran with
+        assert console._state["quiet"] is True, args
+    CliRunner().invoke(app, ["partition", "--root", str(tmp_path)])
+    assert console._state["quiet"] is False
+
+
+@pytest.mark.parametrize(("args", "module", "extra"), [
+    (["fetch", "demo"], "h11", "fetch"),
+    (["evaluate", "--from-predictions", "x.csv"], "matplotlib", "plots"),
+    (["partition"], "pyarrow", "data"),
+    (["filter"], "pandas", "data"),
+    (["train"], "timm", "train"),
+    (["segment"], "transformers", "train"),
+])
+def test_a_missing_extra_is_named(tmp_path: Path, monkeypatch, args: list[str], module: str, extra: str):
+    """Each command checks what its extra installs before starting, and the hint names that extra."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    r = CliRunner().invoke(app, [*args, "--root", str(tmp_path)])
+    assert r.exit_code == 1 and "this needs" in r.output and module in r.output, r.output
+    assert f"which is not installed: pip install 'geoloc[{extra}]'" in r.output
+    assert not any(tmp_path.iterdir())  # nothing started

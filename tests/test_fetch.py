@@ -371,9 +371,8 @@ def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch
 
 def _gps_jpeg(path: Path, lat: tuple | None, lon: tuple | None, refs: tuple[str, str] = ("N", "E")) -> None:
     exif = Image.Exif()
-    if lat is not None:
-        gps = exif.get_ifd(0x8825)
-        gps.update({1: refs[0], 2: lat, 3: refs[1], 4: lon})
+    if lat is not None:  # a dict set as the GPS tag: Pillow before 11.1 does not save a get_ifd() update
+        exif[0x8825] = {1: refs[0], 2: lat, 3: refs[1], 4: lon}
     Image.open(io.BytesIO(make_jpeg(480, 360))).save(path, "JPEG", exif=exif)
 
 

@@ -20,6 +20,7 @@ coordinates are summed in input order, the published summation order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -311,10 +312,23 @@ def read_cells(path: Path) -> pd.DataFrame:
     return cells
 
 
+def _floats(texts: np.ndarray) -> np.ndarray:
+    """Text -> float64, NaN where it is no number. Python's parser, correctly rounded: pandas' to_numeric before
+    3.0 can miss the last bit, and the published cell tables must come back byte for byte."""
+    try:
+        return texts.astype(np.float64)
+    except ValueError:
+        out = np.full(texts.size, np.nan)
+        for i, t in enumerate(texts):
+            with contextlib.suppress(ValueError):
+                out[i] = float(t)
+        return out
+
+
 def _column_numbers(
     raw: pd.DataFrame, column: str, path: Path, first_line: int, integer: bool = False, limit: float | None = None
 ) -> np.ndarray:
-    values = pd.to_numeric(raw[column].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    values = _floats(raw[column].str.strip().to_numpy(dtype=object))
     bad = ~np.isfinite(values)
     if integer:
         bad |= values != np.round(values)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geoloc_cli.errors import InputError
+from geoloc_cli.errors import InputError, install_hint
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,7 +89,7 @@ def export_status(ckpt: Path, meta: dict[str, Any]) -> str:
     return "ok"
 
 
-NO_ONNXRUNTIME = "onnxruntime is not installed (pip install 'geoloc[predict]')"
+NO_ONNXRUNTIME = f"onnxruntime is not installed ({install_hint('predict')})"
 
 
 META_KEY = "geoloc"  # the export's description in model.onnx's metadata and in model.onnx.json

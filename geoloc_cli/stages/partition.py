@@ -29,7 +29,7 @@ import pandas as pd
 
 from geoloc_cli import console
 from geoloc_cli.data import store
-from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.errors import ConfigError, InputError, install_hint
 from geoloc_cli.geo import maps, sphere
 from geoloc_cli.geo import partitioning as part
 
@@ -222,7 +222,7 @@ def _draw_png(tables: dict[str, pd.DataFrame], order: list[str], path: Path) -> 
         from matplotlib.collections import PolyCollection
         from matplotlib.colors import LogNorm
     except ImportError:
-        raise InputError("--map .png needs matplotlib (pip install matplotlib), or use --map cells.html") from None
+        raise InputError(f"--map .png needs matplotlib ({install_hint('plots')}), or use --map cells.html") from None
     fig, axes = plt.subplots(len(order), 1, figsize=(12, 6.2 * len(order)), squeeze=False)
     for ax, name in zip(axes[:, 0], order, strict=True):
         polys, owner = maps.cell_polygons(part.table_cell_ids(tables[name]), 6)
