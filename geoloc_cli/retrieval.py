@@ -121,7 +121,7 @@ def build_faiss(emb: np.ndarray, kind: str, nlist: int = 0, hnsw_m: int = 32, se
     elif kind == "ivf":
         nlist = nlist or max(1, int(4 * np.sqrt(len(emb))))
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16, ip)
-        sample = np.random.default_rng(seed).choice(len(emb), min(len(emb), 64 * nlist), replace=False)
+        sample = np.random.default_rng(seed).choice(len(emb), min(len(emb), 40 * nlist), replace=False)
         index.train(emb[np.sort(sample)].astype(np.float32))
     else:
         assert kind == "hnsw", kind

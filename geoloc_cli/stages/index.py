@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
@@ -56,8 +58,6 @@ def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
 def _exclude(cfg: Config, root: DataRoot, name: str, emb, items) -> tuple[Any, Any, dict[str, dict[str, int]]]:
     """The gallery without the photos of the evaluation datasets (by id; by author too where configured)."""
     from geoloc_cli import retrieval
-
-    import numpy as np
 
     drop = np.zeros(len(items), bool)
     excluded = {}
