@@ -11,7 +11,7 @@ $(BIN)/geoloc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned to the builds this project is tested with (installed from local disk where present).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,predict,metrics,dev]'
+	$(BIN)/pip install -q -e '.[train,predict,metrics,retrieval,dev]'
 	# bytecode for the editable package, as a wheel install has (PYTHONDONTWRITEBYTECODE=1 shells never write it)
 	$(BIN)/python -m compileall -q geoloc_cli
 	touch $(BIN)/geoloc
@@ -37,6 +37,10 @@ demo: install
 	# both runs side by side: the dual-branch ViT and the heads trained on its cached RGB embeddings
 	$(GEOLOC) evaluate $(DEMO) --model geoloc-data/demo/runs/demo/model.safetensors \
 		--model geoloc-data/demo/runs/demo-embeddings/model.safetensors
+	# retrieval refinement: a gallery of the training photos' cached RGB embeddings (the demo run's RGB ViT
+	# embedded them above), then the cell centre and the refined position side by side
+	$(GEOLOC) index $(DEMO)
+	$(GEOLOC) evaluate $(DEMO) --refine knn
 	# a held-out photo (the first of the demo_val URL list)
 	$(GEOLOC) predict $$(head -1 geoloc-data/demo/meta/demo_val_urls.csv | cut -d, -f2 | sed 's|^file://||') $(DEMO)
 
