@@ -162,8 +162,8 @@ class Gallery:
 
     def cell_groups(self, cells: CellSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(finest class of each row (-1 outside every cell), rows sorted by class, start of each class in that
-        order): positions assigned to the refining model's own cells, once per CellSet."""
-        key = id(cells)
+        order): positions assigned to the refining model's own cells, once per set of cells."""
+        key = hash(tuple(cells.hex_id[cells.finest]))
         if key not in self._cells:
             import pandas as pd
 
@@ -180,7 +180,9 @@ class Gallery:
 
 def eval_keys(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
     """(ids, authors) of a dataset's photos: what a gallery must not contain."""
-    ok = manifest[manifest["status"] == "ok"]
+    from geoloc_cli.store import OK
+
+    ok = manifest[manifest["status"] == OK]
     authors = ok["AUTHOR"].dropna().astype(str) if "AUTHOR" in ok else []
     return set(ok["id"].astype(str)), set(authors)
 
@@ -198,7 +200,9 @@ def gallery_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest's stored, located photos in shard order: key, shard, id, author, lat, lon."""
     import pandas as pd
 
-    ok = manifest[(manifest["status"] == "ok") & manifest["lat"].notna() & manifest["lon"].notna()]
+    from geoloc_cli.store import OK
+
+    ok = manifest[(manifest["status"] == OK) & manifest["lat"].notna() & manifest["lon"].notna()]
     author = ok["AUTHOR"] if "AUTHOR" in ok else pd.Series([None] * len(ok), index=ok.index)
     rows = pd.DataFrame({"key": ok["key"], "shard": ok["shard"], "id": ok["id"].astype(str),
                          "author": author.where(author.notna(), None), "lat": ok["lat"], "lon": ok["lon"]})
@@ -318,12 +322,12 @@ def neighbours(gallery: Gallery, cells: CellSet, queries: np.ndarray, top: np.nd
     out_i = np.full((len(queries), k), -1, np.int64)
     for q in range(len(queries)):  # exact: score only the rows of the query's cells
         rows = np.concatenate([order[starts[c]:starts[c + 1]] for c in top[q]])
-        rows = rows[allowed[rows]]
+        rows = np.sort(rows[allowed[rows]])  # ascending: memory-mapped reads in file order
         if not len(rows):
             continue
-        sims = gallery.emb[np.sort(rows)].astype(np.float32) @ queries[q].astype(np.float32)
+        sims = gallery.emb[rows].astype(np.float32) @ queries[q].astype(np.float32)
         best = np.argsort(-sims, kind="stable")[:k]
-        out_s[q, :len(best)], out_i[q, :len(best)] = sims[best], np.sort(rows)[best]
+        out_s[q, :len(best)], out_i[q, :len(best)] = sims[best], rows[best]
     return out_s, out_i
 
 
@@ -422,7 +426,9 @@ class Refiner:
 
     def leakage(self, rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
         """(gallery rows allowed, the check's counts) against one evaluation dataset's photos (manifest rows)."""
-        ok = rows.assign(status="ok") if "status" not in rows else rows
+        from geoloc_cli.store import OK
+
+        ok = rows.assign(status=OK) if "status" not in rows else rows
         leak = leaks(self.gallery.items, *eval_keys(ok), self.cfg.retrieval.exclude_authors)
         bad = leak["id"] | leak["author"]
         return ~bad, {"by_id": int(leak["id"].sum()), "by_author": int((leak["author"] & ~leak["id"]).sum())}

@@ -441,5 +441,9 @@ def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thr
     setups = {(r[d]["setup"]["crops"], r[d]["setup"]["crop_reduce"]) for r in per_model.values() for d in datasets}
     crops = "" if setups == {("center", "mean")} else ", crops " + "; ".join(f"{c} ({m})" for c, m in sorted(setups))
     for dataset in datasets:
-        _table(f"{dataset}: hierarchical prediction{crops}",
-               {label: runs[dataset]["hierarchical"] for label, runs in per_model.items()}, thresholds, first="model")
+        rows = {}
+        for label, runs in per_model.items():
+            rows[label] = runs[dataset]["hierarchical"]
+            if REFINED in runs[dataset]:  # --refine: the refined position under each model's cell centre
+                rows[f"{label} +knn"] = runs[dataset][REFINED]
+        _table(f"{dataset}: hierarchical prediction{crops}", rows, thresholds, first="model")
