@@ -173,3 +173,31 @@ def test_a_gallery_of_another_backbone_is_refused(world, tmp_path):
         assert r.exit_code == 2 and "another backbone" in r.output
     finally:
         record_path.write_text(saved)
+
+
+def test_without_faiss_small_and_large_galleries_search_exactly(monkeypatch):
+    from geoloc_cli.errors import ConfigError
+
+    monkeypatch.setattr(retrieval, "faiss_module", lambda: None)
+    assert retrieval.choose_index("auto", 10, 1000) == retrieval.choose_index("auto", 10**7, 1000) == "exact"
+    with pytest.raises(ConfigError, match="needs FAISS"):
+        retrieval.choose_index("ivf", 10, 1000)
+
+
+def test_a_faiss_gallery_refines_as_exact_search_does(world):
+    """FAISS's global candidates filtered to the top cells give the exact, cell-restricted neighbours."""
+    pytest.importorskip("faiss")
+    from geoloc_cli.inference import CellSet
+    from geoloc_cli.store import read_checkpoint_meta
+
+    cfg, root = world
+    conf = load_config(cfg)
+    cells = CellSet.from_meta(read_checkpoint_meta(root.model("demo"))["partitionings"])
+    gallery = retrieval.load(root.gallery("demo"))
+    queries = retrieval.normalise(np.random.default_rng(0).standard_normal((8, gallery.emb.shape[1])), np.float32)
+    top = np.tile(np.unique(gallery.cell_groups(cells)[0][gallery.cell_groups(cells)[0] >= 0])[:2], (8, 1))
+    exact = retrieval.refine(gallery, cells, queries, top, conf)
+    gallery.index = retrieval.build_faiss(gallery.emb, "flat")
+    approx = retrieval.refine(gallery, cells, queries, top, conf)
+    for a, b in zip(exact, approx, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
