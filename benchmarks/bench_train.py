@@ -95,31 +95,23 @@ def data_rate(cfg: Config, epochs: int = 2) -> float:
 
 def step_rate(cfg: Config, steps: int = 20, warmup: int = 3) -> float:
     """Images/s of optimizer steps on ready tensors (model, loss, backward, AdamW, scheduler)."""
-    from geoloc_cli.losses import MultitaskLoss
+    from geoloc_cli.dist import DistInfo
     from geoloc_cli.model import build_model, model_spec
-    from geoloc_cli.stages import train
+    from geoloc_cli.trainer import Trainer, TrainState, build_loss
 
     loader = train_loader(cfg)
     batch = next(iter(loader))
     heads = {"coarse": 40, "middle": 70, "fine": 150, "scene": 3}  # the demo world's order of size
     batch["targets"] = {h: torch.randint(0, n, (cfg.train.batch_size,)) for h, n in heads.items()}
-    spec = model_spec(cfg, heads)
-    model = build_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(enabled=False)
-    loss_fn = MultitaskLoss({h: cfg.train.loss_weights.get(h, 0.0) for h in heads})
     dev = torch.device("cpu")
-
-    def step() -> None:
-        train._step(model, model, opt, sched, scaler, batch, cfg.train.batch_size, loss_fn, None, dev,
-                    cfg.model.seg_channels, cfg.train.grad_clip)
-
+    model = build_model(model_spec(cfg, heads))
+    state = TrainState.create(cfg, model, dev, total_steps=10**6, warmup_steps=0)
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, dev), state, build_loss(cfg, heads, None, dev))
     for _ in range(warmup):
-        step()
+        trainer.step(batch)
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        trainer.step(batch)
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 

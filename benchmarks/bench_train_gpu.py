@@ -6,7 +6,7 @@
     python benchmarks/bench_train_gpu.py --smoke                  # tiny version on the CPU (checks the script)
     python benchmarks/bench_train_gpu.py --json out.json          # also write the numbers as JSON
 
-Times the training stage's own optimizer step (`stages.train._step`: autocast forward of both branches,
+Times the training stage's own optimizer step (`trainer.Trainer.step`: autocast forward of both branches,
 multi-task loss over the published partitionings - 3,298 / 7,202 / 12,893 cells - and 3 scene classes,
 backward, fused AdamW, scheduler) on synthetic batches already on the GPU, so the figure is the model's
 speed. FLOPs per step are counted once with torch.utils.flop_counter.FlopCounterMode (matmuls and
@@ -57,13 +57,22 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def setup(args: argparse.Namespace, device: torch.device):
-    from geoloc_cli.model import ModelSpec, build_model
+    """The training stage's Trainer around a bare model (no data root) and a synthetic batch on the device."""
+    from geoloc_cli.config import load_config
+    from geoloc_cli.dist import DistInfo
+    from geoloc_cli.model import build_model, model_spec
+    from geoloc_cli.trainer import Trainer, TrainState, build_loss
 
+    cfg = load_config(None, [
+        f"model.backbone={args.backbone}", f"model.img_size={args.img_size}", "model.pretrained=none",
+        f"model.seg_channels={args.seg_channels}", f"model.fusion={args.fusion}",
+        f"model.overrides={json.dumps(args.overrides)}", f"train.batch_size={args.batch_size}",
+        f"train.grad_accum={args.grad_accum}", f"train.precision={args.precision}",
+        f"train.compile={str(args.compile).lower()}", "train.grad_clip=1.0", "train.ema_decay=0"])
     heads = {**PUBLISHED_CELLS, "scene": 3}
-    spec = ModelSpec(args.backbone, args.img_size, args.seg_channels, args.fusion, heads, args.overrides)
-    model = build_model(spec).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model = build_model(model_spec(cfg, heads), "none").to(device)
+    state = TrainState.create(cfg, model, device, total_steps=10**6, warmup_steps=0)
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, device), state, build_loss(cfg, heads, None, device))
     b, s = args.batch_size, args.img_size
     batch = {
         "image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device),  # as the loader ships them
@@ -72,25 +81,17 @@ def setup(args: argparse.Namespace, device: torch.device):
         "lat": torch.rand(b, dtype=torch.float64, device=device) * 180 - 90,
         "lon": torch.rand(b, dtype=torch.float64, device=device) * 360 - 180,
     }
-    return model, opt, sched, batch, heads
+    return trainer, batch
 
 
 def step_fn(args: argparse.Namespace, device: torch.device):
-    from geoloc_cli.losses import MultitaskLoss
-    from geoloc_cli.stages import train
-
-    model, opt, sched, batch, heads = setup(args, device)
-    fwd = torch.compile(model) if args.compile else model
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-    loss_fn = MultitaskLoss({"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0})
-    micro = args.batch_size // args.grad_accum
+    """The public Trainer.step on one synthetic batch, and the model's parameter count."""
+    trainer, batch = setup(args, device)
 
     def step() -> None:
-        train._step(fwd, model, opt, sched, scaler, batch, micro, loss_fn, amp, device, args.seg_channels, 1.0)
+        trainer.step(batch)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    return step, n_params
+    return step, sum(p.numel() for p in trainer.state.model.parameters())
 
 
 def sync(device: torch.device) -> None:

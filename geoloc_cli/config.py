@@ -158,6 +158,11 @@ class TrainConfig:
         -1, "Fine-tuning depth: -1 = the whole backbone, 0 = backbone frozen (heads only), N = only the last N "
         "blocks (timm's block grouping; the final norm/pool counts with the last). Frozen parts run without "
         "autograd, in eval mode.")
+    best_metric: str = doc(
+        "val_hierarchical_acc_2500km", "Which validation number picks model.safetensors (the epoch where it is best: "
+        "highest for accuracies, lowest for *_median_km): val_<partitioning or hierarchical>_acc_<T>km with T one of "
+        "evaluate.thresholds_km, val_<...>_median_km, val_scene_acc, or train_loss; without a validation set, "
+        "train_loss.")
     layer_decay: float = doc(1.0, "Layer-wise learning-rate decay: block i of L gets lr * decay^(L+1-i), the heads "
                              "lr (1 = off; 0.65-0.85 is usual for fine-tuning ViTs).")
 
@@ -367,9 +372,19 @@ def _validate(cfg: Config) -> None:
     if isinstance(smoothing, dict) and set(smoothing) - set(cfg.model.partitionings):
         raise ConfigError(f"train.label_smoothing_km: {sorted(set(smoothing) - set(cfg.model.partitionings))} "
                           f"are no partitioning (model.partitionings: {', '.join(cfg.model.partitionings)})")
+    _validate_best_metric(cfg)
     unweighted = heads - set(cfg.train.loss_weights)
     if unweighted:
         raise ConfigError(f"train.loss_weights: no weight for {sorted(unweighted)} (0 turns a head off)")
+
+
+def _validate_best_metric(cfg: Config) -> None:
+    from geoloc_cli.metrics import validation_metrics
+
+    names = [*validation_metrics(cfg.model.partitionings, cfg.evaluate.thresholds_km), "train_loss"]
+    if cfg.train.best_metric not in names:
+        raise ConfigError(f"train.best_metric: {cfg.train.best_metric!r} is not a number training records "
+                          f"(e.g. {', '.join(names[:3])}, ..., train_loss)")
 
 
 def _validate_embeddings(cfg: Config) -> None:

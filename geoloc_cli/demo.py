@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from geoloc_cli.places365 import PUBLISHED_COLUMNS
 from geoloc_cli.store import DataRoot, write_bytes_atomic, write_text_atomic
 
 # name, lat, lon, region, coastal, relative popularity
@@ -67,11 +68,6 @@ REGIONS: dict[str, tuple[tuple[int, int, int], tuple[int, int]]] = {
     "oceania": ((60, 190, 180), (4, 3)),
 }
 
-SCENES = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2 as in the published metadata
-META_COLUMNS = [
-    "IMG_ID", "AUTHOR", "LAT", "LON", "S3_Label", "S16_Label", "S365_Label",
-    "Prob_indoor", "Prob_natural", "Prob_urban",
-]
 
 
 def climate(lat: float) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -192,6 +188,6 @@ def generate(root: DataRoot, cfg: Any = None, n_train: int = 900, n_val: int = 3
             urls.append(f"{row.IMG_ID},{path.resolve().as_uri()}")
         urls_csv, meta_csv = out[name]
         write_text_atomic(urls_csv, "\n".join(urls) + "\n")
-        write_bytes_atomic(meta_csv, meta[META_COLUMNS].to_csv(index=False).encode())
+        write_bytes_atomic(meta_csv, meta[PUBLISHED_COLUMNS].to_csv(index=False).encode())
     write_text_atomic(stamp, json.dumps(params))
     return out

@@ -135,15 +135,6 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not tdist.is_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run_on_devices(work: Callable[..., Any], jobs: list[Any], devices: list[str], report: Callable[[int], Any]) -> None:
     """work(share, device=..., report=...) with job i on device i % n: in this process for one device, else
     one spawned process per device (a picklable `work`). Workers' report(n) calls come back here through a

@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from geoloc_cli import http
 from geoloc_cli.errors import GeolocError, worker_error
 from geoloc_cli.photo import ORIENTATION, to_rgb
+from geoloc_cli.places365 import META_COLUMNS, META_TYPES
 from geoloc_cli.store import OK, ShardWriter, atomic_path, iter_shard, read_table
 
 try:  # the fast path of process_image; without them (no wheel for the platform) Pillow does it all
@@ -75,20 +76,15 @@ USER_AGENT = "geoloc/0.1 (photo geolocation research; +https://github.com/)"
 # Flickr answers a deleted photo with a redirect to this placeholder image instead of a 404.
 FLICKR_PLACEHOLDER = "photo_unavailable"
 
-# Administrative areas as some metadata gives them (OSV-5M; MP16-Pro's address columns): text, kept for
-# per-region metrics. Manifests written before they existed read them as nulls (fetch._conform).
-ADMIN_COLUMNS = ["country", "region", "sub-region", "city"]
-META_COLUMNS = ["AUTHOR", "S3_Label", "S16_Label", "S365_Label", "Prob_indoor", "Prob_natural", "Prob_urban",
-                *ADMIN_COLUMNS]
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("id", pa.string()), ("url", pa.string()),
     ("lat", pa.float64()), ("lon", pa.float64()),
     ("status", pa.string()), ("error", pa.string()), ("bytes", pa.int64()),
     ("width", pa.int32()), ("height", pa.int32()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
     ("shard", pa.string()),
-    ("AUTHOR", pa.string()), ("S3_Label", pa.int32()), ("S16_Label", pa.int32()), ("S365_Label", pa.int32()),
-    ("Prob_indoor", pa.float64()), ("Prob_natural", pa.float64()), ("Prob_urban", pa.float64()),
-    *[(c, pa.string()) for c in ADMIN_COLUMNS],
+    # the metadata's other columns (manifests written before the administrative areas existed read them
+    # as nulls: fetch._conform)
+    *META_TYPES.items(),
 ])
 
 

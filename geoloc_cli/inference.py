@@ -19,6 +19,7 @@ import numpy as np
 
 from geoloc_cli.geo import haversine_km
 from geoloc_cli.metrics import THRESHOLDS_KM, accuracy, hierarchical_probs
+from geoloc_cli.places365 import SCENES3
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 HIER = "hierarchical"
-SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
-SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}  # scene head size -> *_places365.csv column
 SEG_IGNORE = 255  # class-map value for "no map": encoded as zeros
 MULTICROP_PCT = 0.875  # five/ten-crop side as a fraction of the shorter side (Resize(256) + FiveCrop(224))
 

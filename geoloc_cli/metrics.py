@@ -67,10 +67,13 @@ def _km(t: float) -> str:
     return str(int(t)) if float(t).is_integer() else str(t)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def validation_metrics(partitionings: Sequence[str], thresholds: Sequence[float]) -> list[str]:
+    """The names of the numbers training's validation records (train.best_metric picks one of them, or
+    train_loss): per partitioning and for the hierarchical prediction, accuracy at each threshold and
+    the median error, then the scene accuracy."""
+    names = [*partitionings, "hierarchical"]
+    return [f"val_{n}_{k}" for n in names for k in [*(f"acc_{_km(t)}km" for t in thresholds), "median_km"]] \
+        + ["val_scene_acc"]
 
 
 def hierarchical_probs(probs: dict[str, np.ndarray], hierarchy: dict[str, list[int]],

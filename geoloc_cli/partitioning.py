@@ -367,43 +367,12 @@ class Points:
     lon: np.ndarray
 
 
-def read_points(path: Path, id_col: str = "IMG_ID", lat_col: str = "LAT", lon_col: str = "LON") -> Points:
-    """Read IMG_ID, LAT, LON from a metadata CSV (*_places365.csv), checking every value.
+def read_points(path: Path) -> Points:
+    """IMG_ID, LAT, LON of every row of a metadata CSV (*_places365.csv; places365.read_points checks
+    every value; errors name the file, the 1-based line and the column)."""
+    from geoloc_cli import places365
 
-    Errors name the file, the 1-based line (the header is line 1) and the column.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"metadata file not found: {path}")
-    try:
-        header = pd.read_csv(path, nrows=0).columns.tolist()
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable CSV: {str(e).strip()}") from None
-    missing = [c for c in (id_col, lat_col, lon_col) if c not in header]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(map(str, header))})")
-    try:
-        df = pd.read_csv(
-            path, usecols=[id_col, lat_col, lon_col], dtype={id_col: str}, keep_default_na=False,
-            na_values={lat_col: [""], lon_col: [""]},
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable CSV: {str(e).strip()}") from None
-    if df.empty:
-        raise InputError(f"{path}: no rows")
-    lat = _coordinates(df, lat_col, "LAT", path)
-    lon = _coordinates(df, lon_col, "LON", path)
-    ids = df[id_col].to_numpy(dtype=object)
-    empty = df[id_col].str.len().fillna(0).to_numpy() == 0
-    if empty.any():
-        raise _bad(path, int(np.argmax(empty)) + 2, id_col, "", "is empty")
-    return Points(ids, lat, lon)
-
-
-def _coordinates(df: pd.DataFrame, column: str, kind: str, path: Path) -> np.ndarray:
-    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-    geo.check_coordinates(values, df[column], kind, path, 2)  # NaN (empty or non-numeric) too
-    return values
+    return Points(*places365.read_points(Path(path)))
 
 
 def export_mapping(

@@ -3,14 +3,14 @@
 Layout (README, "Data root"):
   <root>/meta/                                  metadata CSVs as published
   <root>/datasets/<name>/shards/images-NNNNNN.tar   <key>.jpg + <key>.json (WebDataset-compatible)
-  <root>/datasets/<name>/shards/images-NNNNNN.parquet  per-shard manifest part (written after the tar)
+  <root>/datasets/<name>/shards/.parts/images-NNNNNN.parquet  per-shard manifest part (written after the tar)
   <root>/datasets/<name>/manifest.parquet       one row per requested item, with a status
   <root>/datasets/<name>/seg/seg-NNNNNN.tar     <key>.png class-index maps, same keys as the images
   <root>/datasets/<name>/emb/emb-NNNNNN.safetensors  fp16 backbone embeddings, same keys (see embeddings.py)
   <root>/datasets/<name>/index.parquet          training index written by `geoloc filter`
   <root>/partitions/<name>/cells_<tmin>_<tmax>.csv, labels.parquet
   <root>/runs/<run>/                            config.yaml, checkpoints, metrics.jsonl, eval/
-  <shard>.tar.json                              what a shard held when written (size, members, keys)
+  <shards>/.records/<shard>.tar.json            what a shard held when written (size, members, keys)
   <folder>/.<stage>.lock                        the lock of the process writing that folder
 
 Every file is written to a temporary name in the same directory and renamed into place, so a killed
@@ -394,8 +394,50 @@ class ShardWriter:
 
 
 def shard_record(path: Path) -> Path:
-    """images-000001.tar -> images-000001.tar.json: size, member count and keys as written."""
-    return Path(path).with_name(Path(path).name + ".json")
+    """images-000001.tar -> .records/images-000001.tar.json: size, member count and keys as written."""
+    path = Path(path)
+    return path.parent / ".records" / (path.name + ".json")
+
+
+def shard_part(path: Path) -> Path:
+    """images-000001.tar -> .parts/images-000001.parquet: the rows its stage wrote for it (fetch's manifest
+    rows, segment's statuses), merged into the dataset's table when the stage ends. Records and parts
+    are hidden so that a shard folder holds only shards (what Hugging Face's webdataset loader reads)."""
+    path = Path(path)
+    return path.parent / ".parts" / (path.stem + ".parquet")
+
+
+def migrate_shard_folder(folder: Path) -> None:
+    """Move the records and parts an older geoloc kept beside the shards (and segment's parts/) into the
+    hidden folders; call it holding the folder's writer lock."""
+    folder = Path(folder)
+    moves = [(p, shard_record(folder / p.name.removesuffix(".json"))) for p in folder.glob("*.tar.json")]
+    moves += [(p, shard_part(folder / f"{p.stem}.tar")) for p in folder.glob("*-[0-9]*.parquet")]
+    moves += [(p, shard_part(folder / f"{p.stem}.tar")) for p in folder.glob("parts/*.parquet")]
+    try:
+        for old, new in moves:
+            new.parent.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # moved by a --part run starting at the same time
+                os.replace(old, new)
+        if moves and (folder / "parts").is_dir() and not any((folder / "parts").iterdir()):
+            (folder / "parts").rmdir()
+    except OSError as e:
+        raise storage_error(e, f"moving shard records in {folder}") from None
+
+
+def remove_shard_temps(shards: list[Path]) -> None:
+    """Delete the temporaries killed writers left for these shards, their parts and records. Other
+    shards' are left alone: another `--part` process may be writing them right now."""
+    stems: dict[Path, set[str]] = {}
+    for shard in shards:
+        stems.setdefault(Path(shard).parent, set()).add(Path(shard).stem)
+    for folder, mine in stems.items():
+        for sub in (folder, folder / ".parts", folder / ".records"):
+            if not sub.is_dir():
+                continue
+            for tmp in sub.glob(".*.tmp"):  # atomic_path's ".<final name>.<random>.tmp"
+                if tmp.name[1:].split(".", 1)[0] in mine:
+                    tmp.unlink(missing_ok=True)
 
 
 END_OF_ARCHIVE = 1024  # a tar ends with two zero blocks (Python pads the last record with zeros too)
@@ -430,7 +472,9 @@ def check_shard(path: Path) -> str | None:
 
 
 def shard_done(path: Path) -> bool:
-    return check_shard(path) is None
+    """The one "shard done" rule of every stage that writes shards: the tar is intact (`check_shard`)
+    and its part, written after it, exists."""
+    return check_shard(path) is None and shard_part(path).is_file()
 
 
 def check_members(path: Path, members: int) -> None:
@@ -443,15 +487,15 @@ def check_members(path: Path, members: int) -> None:
                              "stage that made it again")
 
 
-def drop_damaged(path: Path, *companions: Path) -> str | None:
-    """When the shard exists but is damaged: delete it, its record and `companions` (so the stage makes
+def drop_damaged(path: Path) -> str | None:
+    """When the shard exists but is damaged: delete it, its record and its part (so the stage makes
     them again) and return why; None otherwise."""
     path = Path(path)
     if not path.exists():
         return None
     why = check_shard(path)
     if why is not None:
-        for p in (path, shard_record(path), *companions):
+        for p in (path, shard_record(path), shard_part(path)):
             Path(p).unlink(missing_ok=True)
     return why
 

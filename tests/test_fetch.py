@@ -19,7 +19,7 @@ from loopback import LoopbackServer, bomb_jpeg, make_jpeg
 from PIL import Image
 from typer.testing import CliRunner
 
-from geoloc_cli import download
+from geoloc_cli import download, places365
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.download import Options, process_image
@@ -264,9 +264,11 @@ def test_resume_skips_done_shards(server, tmp_path):
     cfg = make_cfg(root)
     stage.fetch_list(cfg, DataRoot(root), "r", urls)
     shards = DataRoot(root).shards("r")
-    first = {p.name: p.stat().st_mtime_ns for p in shards.glob("images-*") if p.suffix != ".json"}
-    assert len(first) == 6  # 3 shards of 4, 4, 2 items: tar + part each (+ the tar's record, a .json)
-    (shards / "images-000001.parquet").unlink()  # as if killed between the tar and its part
+    first = {p.name: p.stat().st_mtime_ns for p in [*shards.glob("images-*"), *shards.glob(".parts/images-*")]}
+    assert len(first) == 6  # 3 shards of 4, 4, 2 items: tar + part each
+    assert sorted(p.name for p in shards.iterdir() if not p.name.startswith(".")) == [
+        "images-000000.tar", "images-000001.tar", "images-000002.tar"]  # the folder holds only shards
+    (shards / ".parts/images-000001.parquet").unlink()  # as if killed between the tar and its part
     hits = dict(server.hits)
     stage.fetch_list(cfg, DataRoot(root), "r", urls)
     assert (shards / "images-000000.tar").stat().st_mtime_ns == first["images-000000.tar"]
@@ -316,11 +318,11 @@ def kill_after(cmd: list[str], shards: Path, parts: int, timeout: float = 30) ->
     """Run cmd, SIGKILL it once `parts` shards are done; return how many were done then."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < parts:
+    while time.monotonic() < deadline and len(list(shards.glob(".parts/*.parquet"))) < parts:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return len(list(shards.glob("*.parquet")))
+    return len(list(shards.glob(".parts/*.parquet")))
 
 
 def test_kill_and_resume(server, tmp_path):
@@ -338,8 +340,9 @@ def test_kill_and_resume(server, tmp_path):
     m = manifest(root, "k")
     assert len(m) == n and m["key"].is_unique and (m.status == "ok").all()
     assert sorted(stored(root, "k")) == [f"{k:09d}" for k in range(n)]
-    assert sorted(p.name for p in shards.iterdir()) == sorted(
-        [f"images-{s:06d}.{ext}" for s in range(n // 4) for ext in ("tar", "tar.json", "parquet")])
+    assert sorted(p.relative_to(shards).as_posix() for p in shards.rglob("*") if p.is_file()) == sorted(
+        [f"{d}images-{s:06d}.{ext}" for s in range(n // 4)
+         for d, ext in (("", "tar"), (".records/", "tar.json"), (".parts/", "parquet"))])  # no temporaries left
 
 
 def test_missing_preset_metadata_says_what_and_how(server, tmp_path, monkeypatch):
@@ -426,7 +429,7 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
     with pytest.raises(InputError, match="bad.csv: line 5, column S3_Label: 'urban' is not a number"):
         stage.MetaIndex(bad)  # a URL list's --meta is read by the same reader, line numbers across chunks
     with pytest.raises(InputError, match="line 5, column S3_Label"):
-        list(stage.read_meta_chunks(bad, chunksize=2))
+        list(places365.read_chunks(bad, chunksize=2))
     # a file name found in two sub-folders matches neither
     _gps_jpeg(photos / "1_a_1_x@N00.jpeg", None, None)
     (photos / "other").mkdir()

@@ -4,7 +4,7 @@ import pytest
 
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
-from geoloc_cli.metrics import accuracy, hierarchical_probs, softmax, trivial_baseline
+from geoloc_cli.metrics import accuracy, hierarchical_probs, trivial_baseline, validation_metrics
 from geoloc_cli.stages.evaluate import metrics_from_predictions
 from geoloc_cli.stages.filter import build_index
 
@@ -33,7 +33,6 @@ def test_hierarchical_probs_multiplies_parent_probabilities():
     p = hierarchical_probs({"fine": fine, "coarse": coarse}, parents, "fine")
     assert np.allclose(p, [[0.05, 0.27, 0.2]])
     assert p.argmax() == 1  # the coarse evidence overturns the fine argmax
-    assert np.allclose(softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
 
 
 def test_trivial_baseline_predicts_the_largest_cell():
@@ -106,3 +105,11 @@ def test_admin_accuracy_compares_whole_chains_over_known_truths():
     none_below = [("FR", None, None, None)]
     assert np.isnan(admin_accuracy([("FR", "FR,x", None, None)], none_below)["region_acc"])
     assert admin_accuracy([("FR", "FR,x", None, None)], none_below)["country_acc"] == 1.0
+
+
+def test_validation_metric_names_follow_the_thresholds():
+    names = validation_metrics(["coarse"], [1, 2.5])
+    assert names == ["val_coarse_acc_1km", "val_coarse_acc_2.5km", "val_coarse_median_km",
+                     "val_hierarchical_acc_1km", "val_hierarchical_acc_2.5km", "val_hierarchical_median_km",
+                     "val_scene_acc"]
+    assert accuracy(np.array([1.0]), [1, 2.5]).keys() >= {"acc_1km", "acc_2.5km", "median_km"}

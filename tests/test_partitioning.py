@@ -172,26 +172,6 @@ def test_nested_tables_pick_the_coarsest_cell() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("IMG_ID,LAT\na,1\n", "missing column(s) LON"),
-        ("IMG_ID,LAT,LON\na,1,2\nb,north,3\n", "line 3, column LAT"),
-        ("IMG_ID,LAT,LON\na,1,2\nb,91,3\n", "line 3, column LAT"),
-        ("IMG_ID,LAT,LON\na,1,2\nb,1,-180.5\n", "line 3, column LON"),
-        ("IMG_ID,LAT,LON\na,1,\n", "line 2, column LON"),
-        ("IMG_ID,LAT,LON\n", "no rows"),
-        ("", "not a readable CSV"),
-    ],
-)
-def test_bad_metadata_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "meta.csv"
-    path.write_text(content)
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
-        part.read_points(path)
-    assert str(path) in str(err.value)
-
-
-@pytest.mark.parametrize(
     ("row", "message"),
     [
         ("0,zz,60,1.0,2.0", "line 4, column hex_id"),

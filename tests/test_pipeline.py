@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from worlds import DATA_STAGES, build_world, free_port
+from worlds import DATA_STAGES, build_world, free_port, weight_diff
 
 from geoloc_cli.cli import app
 
@@ -112,9 +112,11 @@ def test_ddp_two_gloo_processes_match_one_process(world, fusion):
     double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=free_port())
     assert double[0]["history"][0]["step"] >= 2, "DDP must get past its second step"
     assert [r["rank"] for r in double] == [0, 1]
-    assert double[0]["param_sum"] == double[1]["param_sum"], "DDP ranks must hold identical weights"
+    assert weight_diff(double[0]["params"], double[1]["params"]) == 0, "DDP ranks must hold identical weights"
     if fusion != "gated":
-        assert double[0]["param_sum"] == pytest.approx(single[0]["param_sum"], rel=1e-4)
+        # summation order differs between one process and two (gradients all-reduced): rounding, which
+        # AdamW's normalised steps carry into the weights at up to ~1e-5 after 6 steps of lr 1e-3
+        assert weight_diff(double[0]["params"], single[0]["params"]) <= 1e-4
         assert double[0]["history"][0]["train_loss"] == pytest.approx(single[0]["history"][0]["train_loss"],
                                                                       rel=1e-3)
     assert (root / "runs/two/model.safetensors").is_file()

@@ -22,7 +22,16 @@ from geoloc_cli import store
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.errors import InputError, StorageError
-from geoloc_cli.store import ShardWriter, check_shard, drop_damaged, shard_record
+from geoloc_cli.store import (
+    ShardWriter,
+    check_shard,
+    drop_damaged,
+    migrate_shard_folder,
+    remove_shard_temps,
+    shard_done,
+    shard_part,
+    shard_record,
+)
 
 REPO = Path(__file__).parents[1]
 
@@ -75,9 +84,34 @@ def test_shard_record_and_check(tmp_path: Path):
     path.write_bytes(whole[:2048])
     assert "end-of-archive" in check_shard(path)
     assert check_shard(tmp_path / "nothing.tar") == "missing"
-    companion = tmp_path / "seg-000000.parquet"
-    companion.write_bytes(b"x")
-    assert drop_damaged(path, companion) and not path.exists() and not companion.exists()
+    part = shard_part(path)
+    part.parent.mkdir()
+    part.write_bytes(b"x")
+    assert not shard_done(path)  # damaged: its part does not make it done
+    assert drop_damaged(path) and not path.exists() and not part.exists()
+
+
+def test_a_shard_is_done_when_intact_with_its_part_and_old_layouts_move(tmp_path: Path):
+    path = _shard(tmp_path / "images-000000.tar")
+    assert check_shard(path) is None and not shard_done(path)  # killed between the tar and its part
+    shard_part(path).parent.mkdir(exist_ok=True)
+    shard_part(path).write_bytes(b"rows")
+    assert shard_done(path)
+    # an older geoloc's layout: record and part beside the shard (segment: parts/)
+    shard_record(path).rename(tmp_path / "images-000000.tar.json")
+    shard_part(path).rename(tmp_path / "images-000000.parquet")
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts/seg-000001.parquet").write_bytes(b"seg rows")
+    migrate_shard_folder(tmp_path)
+    assert shard_done(path) and shard_record(path).is_file()
+    assert shard_part(tmp_path / "seg-000001.tar").read_bytes() == b"seg rows"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["images-000000.tar"]
+    # temporaries of killed writers go, for the named shards only
+    for sub, name in (("", ".images-000000.tar.x1.tmp"), (".parts", ".images-000000.parquet.x2.tmp"),
+                      (".records", ".images-000000.tar.json.x3.tmp"), ("", ".images-000007.tar.x4.tmp")):
+        (tmp_path / sub / name).write_bytes(b"")
+    remove_shard_temps([path])
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == [".images-000007.tar.x4.tmp"]
 
 
 # -------------------------------------------------------------------------------- 3: generations
@@ -362,6 +396,7 @@ def test_exit_code_policy(tmp_path: Path):
 
 
 def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
+    from geoloc_cli import places365
     from geoloc_cli.stages import fetch
 
     urls = tmp_path / "l.csv"
@@ -374,13 +409,13 @@ def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
     meta = tmp_path / "m.csv"
     for row, where, shown in (("b,95,3", "line 3, column LAT", "95.0"), ("b,1,200.5", "line 3, column LON", "200.5")):
         meta.write_text(f"IMG_ID,LAT,LON\na,1,2\n{row}\n")
-        for read in (lambda p: list(fetch.read_meta_chunks(p)), part.read_points):  # every reader, one check
+        for read in (lambda p: list(places365.read_chunks(p)), part.read_points):  # every reader, one check
             with pytest.raises(InputError) as err:
                 read(meta)
             assert f"m.csv: {where}: {shown} is not a number in" in str(err.value), str(err.value)
             assert "np.float64" not in str(err.value)
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,,\n")  # a photo without a position is allowed in fetch's metadata
-    assert len(next(fetch.read_meta_chunks(meta))) == 2
+    assert len(next(places365.read_chunks(meta))) == 2
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\na,5,6\n")  # metadata: the documented rule, said aloud
     capsys.readouterr()
     assert fetch.MetaIndex(meta).lookup(np.array(["a"], dtype=object))["LAT"] == [1.0]

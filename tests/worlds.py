@@ -48,3 +48,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The largest absolute difference between two runs' weights (train results' "params"/"ema":
+    name -> numpy array), the same names in both."""
+    import numpy as np
+
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max(initial=0.0))
+               for k in a)

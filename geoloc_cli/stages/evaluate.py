@@ -32,8 +32,8 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import haversine_km
-from geoloc_cli.inference import SCENE_COLUMNS, SCENES3
 from geoloc_cli.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
+from geoloc_cli.places365 import SCENE_COLUMNS, SCENES3
 from geoloc_cli.retrieval import REFINED, Refiner
 from geoloc_cli.sources import PRESETS
 from geoloc_cli.store import (

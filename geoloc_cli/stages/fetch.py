@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geoloc_cli import console, download, geo, http, sources
-from geoloc_cli.download import GONE, MANIFEST_SCHEMA, META_COLUMNS, Options, drain, worker_main
+from geoloc_cli import console, download, http, places365, sources
+from geoloc_cli.download import GONE, MANIFEST_SCHEMA, Options, drain, worker_main
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
 from geoloc_cli.photo import exif_gps, photos_in
 from geoloc_cli.store import (
@@ -42,10 +42,13 @@ from geoloc_cli.store import (
     atomic_path,
     drop_damaged,
     locked,
+    migrate_shard_folder,
     read_table,
+    remove_shard_temps,
     remove_temps,
     shard_done,
     shard_name,
+    shard_part,
     write_json_atomic,
     write_parquet_atomic,
     write_text_atomic,
@@ -386,7 +389,7 @@ def _import_archive(cfg: Any, root: DataRoot, name: str, kind: str, rule: str, p
     _check_layout(root, name, Path(label), n_items, size, "archive")
     fetch, retry = plan_shards(root, name, n_items, size, (0, 1), retry_failed, retry_gone)
     wanted = set(fetch) | set(retry)  # a retried shard is read again from the archive
-    remove_stale_temps(root.shards(name), dict.fromkeys(wanted, False))
+    remove_stale_temps(root, name, dict.fromkeys(wanted, False))
     counts: Counter = Counter()
     if wanted:
         total = sum(min(size, n_items - s * size) for s in wanted)
@@ -416,7 +419,7 @@ def archive_plan(root: DataRoot, name: str, kind: str, rule: str, paths: list[Pa
     if plan_path.is_file() and info_path.is_file():
         return pd.read_parquet(plan_path), json.loads(info_path.read_text())
     console.info(f"{name}: reading the member names of {label}")
-    ids = list(dict.fromkeys(i for chunk in read_meta_chunks(meta_csv) for i in chunk["IMG_ID"]))
+    ids = list(dict.fromkeys(i for chunk in places365.read_chunks(meta_csv) for i in chunk["IMG_ID"]))
     by_key: dict[str, str] = {}
     for i in ids:
         by_key.setdefault(sources.meta_key(rule, i), i)
@@ -591,40 +594,7 @@ def flickr_sized(url: str, suffix: str) -> str:
 
 
 # Metadata columns as the manifest stores them.
-META_TYPES = {"LAT": pa.float64(), "LON": pa.float64()} | {c: MANIFEST_SCHEMA.field(c).type for c in META_COLUMNS}
-
-
-def read_meta_chunks(path: Path, chunksize: int = 500_000) -> Iterator[Any]:
-    """A *_places365.csv as pandas chunks: ids stay text even when they read "NA", numeric columns are
-    numbers (empty cells missing); a missing file, missing IMG_ID/LAT/LON columns, bad CSV or a non-number
-    are errors naming the file (and the line)."""
-    if not Path(path).is_file():
-        raise InputError(f"metadata file not found: {path}")
-    import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
-
-    text = [c for c, kind in META_TYPES.items() if pa.types.is_string(kind)]  # AUTHOR, admin areas
-    na = {c: [""] for c in META_TYPES if c != "AUTHOR"}
-    line = 2  # of the chunk's first row (the header is line 1)
-    try:
-        for chunk in pd.read_csv(path, dtype=dict.fromkeys(["IMG_ID", *text], str), keep_default_na=False,
-                                 na_values=na, chunksize=chunksize):
-            missing = {"IMG_ID", "LAT", "LON"} - set(chunk.columns)
-            if missing:
-                raise InputError(f"{path}: missing column(s) {sorted(missing)} (expected *_places365.csv)")
-            for col in [c for c in na if c in chunk and c not in text]:
-                values = pd.to_numeric(chunk[col], errors="coerce")
-                bad = (values.isna() & chunk[col].notna()).to_numpy()
-                if bad.any():
-                    row = int(bad.argmax())
-                    raise InputError(f"{path}: line {line + row}, column {col}: {chunk[col].iloc[row]!r} is not "
-                                     "a number")
-                if col in geo.COORDINATE_LIMITS:  # missing is allowed: such rows are listed as no_gps
-                    geo.check_coordinates(values.to_numpy(), chunk[col], col, path, line, allow_missing=True)
-                chunk[col] = values
-            line += len(chunk)
-            yield chunk
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: malformed metadata CSV: {e}") from None
+META_TYPES = {"LAT": pa.float64(), "LON": pa.float64(), **places365.META_TYPES}
 
 
 class MetaIndex:
@@ -637,7 +607,7 @@ class MetaIndex:
     def __init__(self, path: Path) -> None:
         hashes, cols = [], {c: [] for c in META_TYPES}
         try:
-            for chunk in read_meta_chunks(path):
+            for chunk in places365.read_chunks(path):
                 hashes.append(_hash_ids(chunk["IMG_ID"].to_numpy()))
                 for c in cols:  # as the manifest stores them: labels with gaps read as floats
                     kind = META_TYPES[c]
@@ -676,7 +646,7 @@ def _hash_ids(ids: np.ndarray) -> np.ndarray:
 
 def _shard_paths(root: DataRoot, name: str, s: int) -> tuple[Path, Path]:
     tar = root.shards(name) / shard_name(s)
-    return tar, tar.with_suffix(".parquet")
+    return tar, shard_part(tar)
 
 
 def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: tuple[int, int],
@@ -687,10 +657,10 @@ def plan_shards(root: DataRoot, name: str, n_items: int, shard_size: int, part: 
     fetch, retry = [], []
     for s in range(i, math.ceil(n_items / shard_size), n):
         tar, pq_part = _shard_paths(root, name, s)
-        damage = drop_damaged(tar, pq_part)
+        damage = drop_damaged(tar)
         if damage:
             console.warn(f"{tar} is damaged ({damage}): fetching it again")
-        if not (shard_done(tar) and pq_part.is_file()):
+        if not shard_done(tar):
             fetch.append(s)
         elif retry_failed and _has_retryable(pq_part, retry_gone):
             retry.append(s)
@@ -721,17 +691,9 @@ def _check_layout(root: DataRoot, name: str, source: Path, n_items: int, shard_s
     write_json_atomic(spec_path, {**spec, "urls": str(source), "kind": kind})
 
 
-def remove_stale_temps(folder: Path, shards: dict[int, bool]) -> None:
-    """Delete temp files a killed run left for the shards this run is about to write.
-
-    Temps of other shards are left alone: another --part may be writing them right now.
-    """
-    if not folder.is_dir():
-        return
-    for tmp in folder.glob(".images-*.tmp"):
-        m = re.match(r"\.images-(\d+)\.", tmp.name)
-        if m and int(m[1]) in shards:
-            tmp.unlink(missing_ok=True)
+def remove_stale_temps(root: DataRoot, name: str, shards: dict[int, bool]) -> None:
+    """Delete the temp files a killed run left for the shards this run is about to write."""
+    remove_shard_temps([root.shards(name) / shard_name(s) for s in shards])
 
 
 def iter_jobs(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta: MetaIndex | None,
@@ -760,7 +722,7 @@ def _shard_job(root: DataRoot, name: str, s: int, size: int, ids: list[str], url
         "keys": [f"{s * size + j:09d}" for j in range(len(ids))], "ids": ids, "urls": urls,
         "lat": [math.nan if v is None else v for v in info.get("LAT", nan)],
         "lon": [math.nan if v is None else v for v in info.get("LON", nan)],
-        "meta": {c: info[c] for c in META_COLUMNS if c in info},
+        "meta": {c: info[c] for c in places365.META_COLUMNS if c in info},
     }
 
 
@@ -780,6 +742,7 @@ def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[Non
     """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
     once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
     folder = root.dataset(name)
+    migrate_shard_folder(root.shards(name))  # (idempotent: parts starting together may both move files)
     if part != (0, 1):
         with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
             yield
@@ -801,7 +764,7 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
     _check_layout(root, name, urls_csv, n_items, size)
     fetch, retry = plan_shards(root, name, n_items, size, part, retry_failed, retry_gone)
     wanted = {s: False for s in fetch} | {s: True for s in retry}
-    remove_stale_temps(root.shards(name), wanted)
+    remove_stale_temps(root, name, wanted)
     total = sum(min(size, n_items - s * size) for s in wanted)
     if wanted:
         what = f"{len(fetch)} new" + (f" and {len(retry)} retried" if retry_failed else "")
@@ -812,7 +775,7 @@ def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: P
             counts = run_jobs(Options.from_config(cfg.fetch), jobs, len(wanted), total, cfg.fetch.processes,
                               f"fetch {name}")
         except BaseException:  # workers stopped in the middle of a shard leave its temporaries
-            remove_stale_temps(root.shards(name), wanted)
+            remove_stale_temps(root, name, wanted)
             raise
     else:
         counts = Counter()
@@ -930,7 +893,7 @@ def finish(root: DataRoot, name: str, n_items: int, shard_size: int, counts: Cou
     with atomic_path(root.manifest(name)) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
         for s in range(n_shards):
             tar, part = _shard_paths(root, name, s)
-            if not (part.is_file() and shard_done(tar)):
+            if not shard_done(tar):
                 continue
             table = read_table(part)
             if table.schema != MANIFEST_SCHEMA:  # (only then: cast imports pyarrow.compute)
@@ -1036,7 +999,7 @@ def _folder_meta(meta: Path, ids: list[str]) -> Any:
     by the whole relative path, else by file name. Rows without LAT/LON are dropped."""
     import pandas as pd
 
-    df = pd.concat(list(read_meta_chunks(meta)), ignore_index=True)
+    df = pd.concat(list(places365.read_chunks(meta)), ignore_index=True)
     paths = set(ids)
     names = Counter(i.rsplit("/", 1)[-1] for i in ids)
     by_name = {i.rsplit("/", 1)[-1]: i for i in ids}

@@ -14,6 +14,7 @@ from geoloc_cli import console
 from geoloc_cli.config import Config
 from geoloc_cli.errors import InputError
 from geoloc_cli.partitioning import GENERATION, load_labels
+from geoloc_cli.places365 import SCENES3
 from geoloc_cli.store import (
     OK,
     DataRoot,
@@ -24,7 +25,6 @@ from geoloc_cli.store import (
     write_parquet_atomic,
 )
 
-SCENES = {0: "indoor", 1: "natural", 2: "urban"}
 STATS_FILE = "filter.json"
 
 
@@ -61,7 +61,7 @@ def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: lis
     if scene_of_interest != 3:
         if "S3_Label" not in df.columns:
             raise InputError("scene_of_interest needs the S3_Label column: fetch with --meta *_places365.csv")
-        df = keep(df, df["S3_Label"] == scene_of_interest, f"scene is not {SCENES[scene_of_interest]}")
+        df = keep(df, df["S3_Label"] == scene_of_interest, f"scene is not {SCENES3[scene_of_interest]}")
     return df.reset_index(drop=True), drops
 
 

@@ -9,7 +9,8 @@ fails store.check_shard (cut short, size not as recorded) is made again, with a 
 An image that does not decode (status `corrupt_image`) or, on import, has no map (`missing_map`) is
 left out of its seg shard and recorded in `seg/status.parquet` (key, shard, status, error; `shard` is
 the image shard's file name, as in the manifest); readers skip keys without a map. Per-shard status
-parts live in `seg/parts/` and are written before their shard, so the merged table is always complete.
+parts live in `seg/.parts/` and are written after their shard: a shard with its part is done
+(store.shard_done, the rule fetch uses too).
 
 Modes: segment with the model (default; `runtime.gpus` splits shards across GPUs, one process per GPU,
 shard i -> GPU i % n), `--preview N` (side-by-side PNGs in `seg/preview/`, from the stored maps where a
@@ -57,10 +58,13 @@ from geoloc_cli.store import (
     drop_damaged,
     iter_shard,
     locked,
+    migrate_shard_folder,
     read_shard,
+    remove_shard_temps,
     require_intact,
     seg_shard_for,
     shard_done,
+    shard_part,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -102,18 +106,18 @@ class Job:
 
     @property
     def status_part(self) -> Path:
-        return self.seg_shard.parent / "parts" / self.seg_shard.with_suffix(".parquet").name
+        return shard_part(self.seg_shard)
 
 
 def plan(root: DataRoot, name: str) -> list[Job]:
     """All jobs of a dataset (finished or not); removes temporary files a killed run left behind."""
     seg_dir = root.seg(name)
-    for stale in [*seg_dir.glob(".seg-*.tmp"), *seg_dir.glob("parts/.seg-*.tmp")]:
-        stale.unlink(missing_ok=True)
+    migrate_shard_folder(seg_dir)
     jobs = [Job(name, s, seg_dir / seg_shard_for(s.name)) for s in root.image_shards(name)]
+    remove_shard_temps([j.seg_shard for j in jobs])
     for job in jobs:
         require_intact(job.image_shard)
-        damage = drop_damaged(job.seg_shard, job.status_part)
+        damage = drop_damaged(job.seg_shard)
         if damage:
             console.warn(f"{job.seg_shard} is damaged ({damage}): making it again")
     return jobs
@@ -131,7 +135,7 @@ def shard_keys(path: Path) -> list[str]:
 def write_status(root: DataRoot, name: str) -> pd.DataFrame:
     """Merge the status parts of finished seg shards into seg/status.parquet; return the table."""
     seg_dir = root.seg(name)
-    parts = [p for p in sorted((seg_dir / "parts").glob("seg-*.parquet")) if shard_done(seg_dir / f"{p.stem}.tar")]
+    parts = [shard_part(s) for s in sorted(seg_dir.glob("seg-*.tar")) if shard_done(s)]
     frames = [pd.read_parquet(p) for p in parts]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS)
     write_parquet_atomic(table, seg_dir / "status.parquet")
@@ -139,9 +143,9 @@ def write_status(root: DataRoot, name: str) -> pd.DataFrame:
 
 
 def _finish_shard(writer: ShardWriter, job: Job, rows: list[dict[str, str]]) -> None:
-    """Status part first, then the shard: a shard on disk always has its status part."""
-    write_parquet_atomic(pd.DataFrame(rows, columns=STATUS_COLUMNS), job.status_part)
+    """The shard, then its status part: the part marks it done (store.shard_done)."""
     writer.close()
+    write_parquet_atomic(pd.DataFrame(rows, columns=STATUS_COLUMNS), job.status_part)
 
 
 # -------------------------------------------------------------------------------------------- segment

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +31,8 @@ from geoloc_cli import config as cfgmod
 from geoloc_cli import console, store
 from geoloc_cli.config import Config
 from geoloc_cli.errors import USER_ERRORS, ConfigError, GeolocError, InputError, storage_error
-from geoloc_cli.inference import SCENE_COLUMNS
-from geoloc_cli.store import OK, DataRoot, atomic_path, locked, parquet_meta, read_parquet, write_text_atomic
-
-# torch.compile backend; the tests use "aot_eager" (inductor spends ~40 s compiling C++ on 2 CPU cores)
-COMPILE_BACKEND = "inductor"
+from geoloc_cli.places365 import SCENE_COLUMNS
+from geoloc_cli.store import OK, DataRoot, locked, parquet_meta, read_parquet, write_text_atomic
 
 
 @dataclass
@@ -158,7 +153,7 @@ def _visible_devices(gpus: list[int]) -> str:
 def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[dict[str, Any]]:
     """Train in this process or in one process per GPU / `runtime.nproc` (on each of `nnodes` nodes);
-    returns each local rank's summary (history, parameter checksum), in rank order."""
+    returns each local rank's summary (history, weights as numpy arrays), in rank order."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank {node_rank} with --nnodes {nnodes}: need 0 <= node rank < nodes")
     # one writer per run, checked first: only the process that writes (global rank 0, or the launcher of
@@ -227,16 +222,6 @@ def _targets(cfg: Config) -> dict[str, str]:
     return {**{p: p for p in cfg.model.partitionings}, "scene": SCENE_COLUMNS[cfg.model.scene_classes]}
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
 def _cells(cfg: Config, root: DataRoot):
     from geoloc_cli.inference import CellSet
     from geoloc_cli.partitioning import load_partitions
@@ -253,122 +238,127 @@ def _device_spec(cfg: Config) -> str:
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train on this process's device (one rank of the run); returns the rank's summary."""
+    from geoloc_cli import dist
+
+    info = dist.setup(_device_spec(cfg))
+    try:
+        return _train(cfg, info, resume)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from geoloc_cli import dist
     from geoloc_cli.data import EpochSampler
-    from geoloc_cli.dist import amp_dtype
+    from geoloc_cli.trainer import Trainer, TrainState, build_loss
 
-    info = dist.setup(_device_spec(cfg))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = dist.loader_workers(cfg.runtime.num_workers, info.device, local_world)
     dist.limit_cpu_threads(workers, local_world, info.device)
-    try:
-        plan = _check(cfg, info.world, warn=False)  # launch warned already
-        torch.manual_seed(cfg.runtime.seed)
-        cells = _cells(cfg, plan.root)
-        heads = {p: len(cells.hex_id[p]) for p in cfg.model.partitionings} | {"scene": cfg.model.scene_classes}
-        model = _build(cfg, plan.root, heads).to(info.device)
-        ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        pre = model.data_config()
-        ds, groups = _train_dataset(cfg, plan, pre, info.main)
-        net, train_workers, step_seg_channels = model, workers, cfg.model.seg_channels
-        if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
-            from geoloc_cli.model import HeadsOnly
+    plan = _check(cfg, info.world, warn=False)  # launch warned already
+    torch.manual_seed(cfg.runtime.seed)
+    cells = _cells(cfg, plan.root)
+    heads = {p: len(cells.hex_id[p]) for p in cfg.model.partitionings} | {"scene": cfg.model.scene_classes}
+    model = _build(cfg, plan.root, heads).to(info.device)
+    ds, groups = _train_dataset(cfg, plan, model.data_config(), info.main)
+    local_batch = cfg.train.batch_size // info.world
+    sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
+                           groups=groups, window=cfg.train.shuffle_window_shards)
+    steps = len(sampler.indices()) // local_batch  # per epoch
+    state = TrainState.create(cfg, model, info.device, steps * cfg.train.epochs,
+                              int(cfg.train.warmup_epochs * steps))
+    net, train_workers, seg_channels = model, workers, None
+    if cfg.train.source == "embeddings":  # a batch is one index into an array in memory: no workers
+        from geoloc_cli.model import HeadsOnly
 
-            # the maps' features are cached beside the photos': nothing to encode per step
-            net, train_workers, step_seg_channels = HeadsOnly(model), 0, 0
-        local_batch = cfg.train.batch_size // info.world
-        micro = local_batch // cfg.train.grad_accum
-        sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=True, seed=cfg.runtime.seed,
-                               groups=groups, window=cfg.train.shuffle_window_shards)
-        steps_per_epoch = len(sampler.indices()) // local_batch
-        total = steps_per_epoch * cfg.train.epochs
-        # DDP and torch.compile wrap the single-device model from outside; `model` stays the plain one
-        ddp = DDP(net, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if info.world > 1 else net
-        fwd = torch.compile(ddp, backend=COMPILE_BACKEND) if cfg.train.compile else ddp
-        opt = _optimizer(cfg, model, info.device)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _lr_lambda(total, int(cfg.train.warmup_epochs * steps_per_epoch)))
-        amp = amp_dtype(cfg.train.precision, info.device)
-        scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
-        loss_fn = _loss(cfg, heads, cells, info.device)
-        state: dict[str, Any] = {"step": 0, "epoch": 0, "best": float("-inf"), "sums": {}}
-        if info.main:  # (again for torchrun, whose launcher is not geoloc's)
-            plan.run_dir.mkdir(parents=True, exist_ok=True)
-            store.recover(plan.run_dir)
-        dist.barrier()  # every rank reads the resume state only once its commit is complete
-        if resume:
-            state = _load_resume(plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, info,
-                                 steps_per_epoch)
-        if info.main:
-            write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
-            _trim_metrics(plan.run_dir / "metrics.jsonl", state["epoch"])
-            extras = (f", EMA {cfg.train.ema_decay}" if ema else "") + (", compiled" if cfg.train.compile else "")
-            if state["epoch"] >= cfg.train.epochs:
-                console.info(f"{plan.run_dir.name}: all {cfg.train.epochs} epochs are done already; nothing to "
-                             "train (raise train.epochs to continue)")
-            else:
-                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                console.info(f"training {trainable:,} parameters on "
-                             f"{info.world} x {info.device.type}, {len(ds):,} images, {steps_per_epoch} "
-                             f"steps/epoch" + extras)
-        if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
-            _segmenter_state(cfg.segment.model, cfg.segment.input_size)
-        val_loader = _val_loader(cfg, plan, info, pre, workers) if plan.val_rows is not None else None
-        eval_model = ema.module if ema is not None else model  # validated and exported
-        history = []
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            start_batch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-            sampler.set_epoch(epoch, start_batch * local_batch)
-            ds.set_epoch(epoch)
-            loader = _epoch_loader(ds, sampler, local_batch, train_workers, cfg.runtime.seed, info, epoch)
-            ddp.train()
-            sums: dict[str, float] = state["sums"] if start_batch > 0 else {}  # restored mid-epoch sums
-            t0, seen = time.perf_counter(), 0
-            with console.progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch - start_batch,
-                                  unit="step", loss="-", lr="-", img_s="-") as bar:
-                for batch in loader:
-                    losses = _step(fwd, ddp, opt, sched, scaler, batch, micro, loss_fn, amp, info.device,
-                                   step_seg_channels, cfg.train.grad_clip)
-                    if ema is not None:
-                        ema.update(model)
-                    state["step"] += 1
-                    seen += local_batch * info.world
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    bar.advance(1, loss=f"{losses['loss']:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                    mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch end saves anyway
-                    if state["step"] % cfg.train.checkpoint_every == 0 and mid_epoch:
-                        _save_resume(info, plan.run_dir / "resume.pt", model, opt, sched, scaler, ema, state, epoch,
-                                     sums)
-            sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
-            record = {"epoch": epoch + 1, "step": state["step"],
-                      **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                      "images_per_s": seen / (time.perf_counter() - t0)}
-            if val_loader is not None:
-                record.update(_validate(eval_model, val_loader, cells, cfg, info, amp))
-            history.append(record)
-            score = record.get("val_hierarchical_acc_2500km", -record.get("train_loss", 0.0))
-            is_best = score > state["best"]
-            state["best"] = max(score, state["best"])
-            # the epoch's outputs and its resume state are one generation: a kill leaves the last epoch's
-            # set or this one's, never checkpoints of one epoch beside the resume state of another
-            with store.generation(plan.run_dir) if info.main else contextlib.nullcontext() as staged:
-                if info.main:
-                    _write_epoch(plan.run_dir, staged, record, eval_model, cells, cfg, is_best)
-                _save_resume(info, staged.path("resume.pt") if info.main else None, model, opt, sched, scaler,
-                             ema, state, epoch + 1, {})
-        if info.main:
-            _export_onnx(plan.run_dir / "model.safetensors")
-        dist.barrier()
-        return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
-                "param_sum": _checksum(model), "ema_sum": _checksum(ema.module) if ema is not None else None}
-    finally:
-        dist.teardown()
+        # the maps' features are cached beside the photos': nothing to encode per step
+        net, train_workers, seg_channels = HeadsOnly(model), 0, 0
+    trainer = Trainer(cfg, info, state, build_loss(cfg, heads, cells, info.device), net, seg_channels)
+    _start(cfg, plan, trainer, resume, steps, len(ds))
+    val_loader = _val_loader(cfg, plan, info, model.data_config(), workers) if plan.val_rows is not None else None
+    history = []
+    for epoch in range(state.epoch, cfg.train.epochs):
+        start_batch = state.step - epoch * steps  # > 0 only when resuming mid-epoch
+        sampler.set_epoch(epoch, start_batch * local_batch)
+        ds.set_epoch(epoch)
+        loader = _epoch_loader(ds, sampler, local_batch, train_workers, cfg.runtime.seed, info, epoch)
+        record = _epoch(cfg, plan, trainer, loader, epoch, steps, start_batch)
+        if val_loader is not None:
+            record.update(trainer.validate(val_loader, cells))
+        history.append(record)
+        _end_epoch(cfg, plan, trainer, record, cells)
+    if info.main:
+        _export_onnx(plan.run_dir / "model.safetensors")
+    dist.barrier()
+    return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
+            "params": _weights(model), "ema": _weights(state.ema.module) if state.ema else None}
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    """The weights as numpy arrays: what tests compare between runs and ranks (picklable across processes)."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _start(cfg: Config, plan: Plan, trainer, resume: bool, steps: int, images: int) -> None:
+    """Recover and resume the run's files (every rank reads the resume state once its commit is complete),
+    write its config; rank 0 says what will be trained."""
+    from geoloc_cli import dist
+
+    info, state = trainer.info, trainer.state
+    if info.main:  # (again for torchrun, whose launcher is not geoloc's)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        store.recover(plan.run_dir)
+    dist.barrier()
+    if resume:
+        trainer.load(plan.run_dir / "resume.pt", steps)
+    if info.main:
+        write_text_atomic(plan.run_dir / "config.yaml", cfgmod.dump_yaml(cfg))
+        _trim_metrics(plan.run_dir / "metrics.jsonl", state.epoch)
+        extras = (f", EMA {cfg.train.ema_decay}" if state.ema else "") + (", compiled" if cfg.train.compile else "")
+        if state.epoch >= cfg.train.epochs:
+            console.info(f"{plan.run_dir.name}: all {cfg.train.epochs} epochs are done already; nothing to "
+                         "train (raise train.epochs to continue)")
+        else:
+            trainable = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+            console.info(f"training {trainable:,} parameters on {info.world} x {info.device.type}, {images:,} "
+                         f"images, {steps} steps/epoch" + extras)
+    if info.main and cfg.model.seg_channels:  # built now: a segmenter that cannot load fails before epoch 1
+        _segmenter_state(cfg.segment.model, cfg.segment.input_size)
+
+
+def _epoch(cfg: Config, plan: Plan, trainer, loader, epoch: int, steps: int, start_batch: int) -> dict[str, Any]:
+    """One epoch's steps with a progress bar; returns its metrics record (losses averaged over ranks)."""
+    from geoloc_cli import dist
+
+    def shown(losses: dict[str, float]) -> None:
+        bar.advance(1, loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}", img_s=f"{losses['img_s']:.0f}")
+
+    def save() -> None:
+        trainer.save(plan.run_dir / "resume.pt" if trainer.info.main else None)
+
+    with console.progress(f"epoch {epoch + 1}/{cfg.train.epochs}", steps - start_batch,
+                          unit="step", loss="-", lr="-", img_s="-") as bar:
+        sums, seen, seconds = trainer.train_epoch(loader, steps, start_batch > 0, shown, save)
+    sums = {k: float(np.mean([s[k] for s in dist.gather(sums)])) for k in sums}  # mean over ranks
+    return {"epoch": epoch + 1, "step": trainer.state.step, **{f"train_{k}": v / steps for k, v in sums.items()},
+            "images_per_s": seen / seconds}
+
+
+def _end_epoch(cfg: Config, plan: Plan, trainer, record: dict[str, Any], cells) -> None:
+    """The epoch's outputs and its resume state as one generation: a kill leaves the last epoch's set or
+    this one's, never checkpoints of one epoch beside the resume state of another."""
+    state, main = trainer.state, trainer.info.main
+    score = trainer.score(record)
+    is_best = score > state.best
+    state.best = max(score, state.best)
+    state.epoch = record["epoch"]
+    with store.generation(plan.run_dir) if main else contextlib.nullcontext() as staged:
+        if main:
+            _write_epoch(plan.run_dir, staged, record, state.eval_model, cells, cfg, is_best)
+        trainer.save(staged.path("resume.pt") if main else None, epoch_done=True)
 
 
 def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
@@ -405,10 +395,6 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
         generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def _checksum(module) -> float:
-    return float(sum(p.detach().double().sum() for p in module.parameters()))
-
-
 def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
     """The model to train, frozen as train.trainable_blocks says; with train.source=embeddings its backbone
     is the one that made the embeddings (their record holds its weights)."""
@@ -432,108 +418,6 @@ def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
     return model
 
 
-def _optimizer(cfg: Config, model, device):
-    import torch
-
-    groups = [{"params": g["params"], "lr": cfg.train.lr * g["lr_scale"]}
-              for g in model.param_groups(cfg.train.layer_decay)]
-    if cfg.train.optimizer == "adamw":  # fused: one kernel for all parameters on the GPU
-        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                 fused=device.type == "cuda")
-    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-
-
-class Ema:
-    """Exponential moving average of a model's weights, kept in a twin module that is validated and
-    exported instead of the trained weights. The decay warms up as min(decay, (1+n)/(10+n)) after n
-    updates, so the random initialisation is forgotten quickly in short runs."""
-
-    def __init__(self, model, decay: float) -> None:
-        import copy
-
-        self.decay, self.updates = decay, 0
-        self._moving: list[str] | None = None  # floating-point entries that can change (set at the first update)
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def update(self, model) -> None:
-        import torch
-
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            mine, theirs = self.module.state_dict(), model.state_dict()
-            if self._moving is None:  # frozen weights never move: a frozen ViT-L would cost most of the step
-                moving = {n for n, p in model.named_parameters() if p.requires_grad}
-                moving |= {n for n, _ in model.named_buffers()}
-                self._moving = [k for k, v in mine.items() if v.is_floating_point() and k in moving]
-            floats = self._moving
-            torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], 1.0 - d)
-            for k, v in mine.items():  # integer buffers (counters) are copied
-                if not v.is_floating_point():
-                    v.copy_(theirs[k])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
-
-
-def _step(fwd, ddp, opt, sched, scaler, batch, micro: int, loss_fn, amp, device,
-          seg_channels: int, grad_clip: float) -> dict[str, float]:
-    """One optimizer step over a local batch, in `len(batch) / micro` accumulation chunks; `fwd` is the
-    (possibly compiled) forward, `ddp` the DDP wrapper or the model itself, `loss_fn` a losses.MultitaskLoss."""
-    import torch
-
-    from geoloc_cli.segmentation import encode_seg_torch
-
-    n = batch["image"].shape[0]
-    chunks = range(0, n, micro)
-    totals: dict[str, Any] = {}  # detached device tensors: read back once per step (one GPU sync)
-    # Each head's loss is the mean over the known targets (-1 = unknown) of the whole local batch, so
-    # accumulation chunks add up to it exactly, and a chunk without known targets adds 0, not NaN.
-    known = {h: (batch["targets"][h] >= 0).sum().clamp(min=1).to(device) for h in loss_fn.weights}
-    opt.zero_grad(set_to_none=True)
-    for j, s in enumerate(chunks):
-        image = batch["image"][s:s + micro].to(device, non_blocking=True)
-        seg = encode_seg_torch(batch["seg"][s:s + micro].to(device, non_blocking=True), seg_channels, amp) \
-            if seg_channels else None
-        # DDP: sync gradients only on the last micro-batch
-        sync = ddp.no_sync() if hasattr(ddp, "no_sync") and j < len(chunks) - 1 else contextlib.nullcontext()
-        with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = fwd(image, seg)
-            targets = {h: batch["targets"][h][s:s + micro].to(device, non_blocking=True) for h in loss_fn.weights}
-            lat, lon = (batch[k][s:s + micro].to(device, torch.float32, non_blocking=True) for k in ("lat", "lon"))
-            loss, parts = loss_fn(logits, targets, known, lat, lon)
-            for h, lh in parts.items():
-                totals[f"loss_{h}"] = totals.get(f"loss_{h}", 0.0) + lh.detach()
-            scaler.scale(loss).backward()
-        totals["loss"] = totals.get("loss", 0.0) + loss.detach()
-    if grad_clip > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    return dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))
-
-
-def _loss(cfg: Config, heads: dict[str, int], cells, device):
-    """The weighted multi-task loss, with haversine label smoothing where train.label_smoothing_km asks."""
-    import torch
-
-    from geoloc_cli.losses import MultitaskLoss
-
-    smoothing = {}
-    for p in cfg.model.partitionings:
-        tau = cfgmod.smoothing_km(cfg, p)
-        if tau > 0:
-            lat, lon = (torch.tensor(c[p], dtype=torch.float32, device=device) for c in (cells.lat, cells.lon))
-            smoothing[p] = (tau, lat, lon)
-    return MultitaskLoss({h: cfg.train.loss_weights.get(h, 0.0) for h in heads}, smoothing)
-
-
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int):
     import torch
 
@@ -548,23 +432,6 @@ def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int
     return torch.utils.data.DataLoader(ds, batch_size=max(cfg.train.batch_size // info.world, 1),
                                        sampler=sampler, num_workers=workers, collate_fn=collate,
                                        pin_memory=info.device.type == "cuda")
-
-
-def _validate(model, loader, cells, cfg: Config, info, amp) -> dict[str, float]:
-    """Great-circle accuracy on the validation set (each rank its share, gathered on all ranks)."""
-    from geoloc_cli import dist
-    from geoloc_cli.inference import run_geolocation, scene_accuracy, summarize
-
-    model.eval()
-    pred = run_geolocation(model, loader, cells, cfg.model.seg_channels, info.device, amp)
-    pred = pd.concat(dist.gather(pred), ignore_index=True)
-    model.train()
-    out: dict[str, float] = {}
-    for name, m in summarize(pred, cells).items():
-        out.update({f"val_{name}_{k}": v for k, v in m.items() if k.startswith("acc_") or k == "median_km"})
-    if "scene_pred" in pred and (acc := scene_accuracy(pred)) is not None:
-        out["val_scene_acc"] = acc
-    return out
 
 
 def _write_epoch(run_dir: Path, staged: store.Staged, record: dict[str, Any], model, cells, cfg: Config,
@@ -616,70 +483,6 @@ def _segmenter_state(name: str, input_size: int) -> tuple[dict[str, Any], dict[s
     from geoloc_cli.segmentation import Segmenter
 
     return Segmenter.from_name(name, device="cpu", input_size=input_size).state()
-
-
-def _rng_state(device) -> dict[str, Any]:
-    import torch
-
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _save_resume(info, path: Path | None, model, opt, sched, scaler, ema: Ema | None, state: dict[str, Any],
-                 epoch: int, sums: dict[str, float]) -> None:
-    """Everything an exact continuation needs; every rank calls this (its RNG and running loss sums are
-    gathered), rank 0 writes it to `path`."""
-    import torch
-
-    from geoloc_cli import dist
-
-    ranks = dist.gather({"rng": _rng_state(info.device), "sums": dict(sums)})
-    if not info.main:
-        return
-    blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "step": state["step"], "epoch": epoch, "best": state["best"], "ranks": ranks}
-    assert path is not None
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-
-
-def _load_resume(path: Path, model, opt, sched, scaler, ema: Ema | None, info,
-                 steps_per_epoch: int) -> dict[str, Any]:
-    import torch
-
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-        raise InputError(f"cannot read resume state {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    step, epoch = int(blob["step"]), int(blob["epoch"])
-    if not epoch * steps_per_epoch <= step <= (epoch + 1) * steps_per_epoch:
-        raise ConfigError(f"{path}: step {step} of epoch {epoch + 1} does not fit {steps_per_epoch} steps per "
-                          "epoch: resume with the train.batch_size and dataset the run started with")
-    try:
-        model.load_state_dict(model.upgrade_state(blob["model"]))
-    except RuntimeError as e:  # shapes or names differ: the model config changed since the run started
-        raise ConfigError(f"{path} does not fit the configured model (model.* changed since the run started?): "
-                          f"{' '.join(str(e).split())[:300]}") from None
-    try:
-        opt.load_state_dict(blob["optimizer"])
-    except ValueError as e:  # parameter groups of another size: a run started by an older geoloc, or model.*
-        raise ConfigError(f"{path}: its optimizer state does not fit the model ({e}); resume with the geoloc and "
-                          "model.* settings the run started with, or start a new run") from None
-    sched.load_state_dict(blob["scheduler"])
-    scaler.load_state_dict(blob["scaler"])
-    if ema is not None:
-        if blob.get("ema") is not None:
-            ema.load_state_dict({**blob["ema"], "module": model.upgrade_state(blob["ema"]["module"])})
-        else:  # EMA switched on for the rest of a run: start it from the current weights
-            ema.module.load_state_dict(model.state_dict())
-    # resume states written before per-rank RNG and loss sums were kept hold rank 0's CPU RNG only
-    ranks = blob.get("ranks") or [{"rng": {"cpu": blob["torch_rng"], "cuda": None}, "sums": {}}]
-    mine = ranks[info.rank] if len(ranks) == info.world else ranks[0]
-    torch.set_rng_state(mine["rng"]["cpu"])
-    if info.device.type == "cuda" and mine["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(mine["rng"]["cuda"], info.device)
-    return {"step": step, "epoch": epoch, "best": float(blob["best"]), "sums": dict(mine["sums"])}
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
