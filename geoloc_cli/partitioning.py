@@ -453,6 +453,7 @@ def load_labels(root_or_dir: Path, dataset: str = "mp16") -> pd.DataFrame:
     directory, info = read_partitions_json(root_or_dir, dataset)
     path = directory / LABELS_FILE
     labels = store.read_parquet(path, "partition labels", "run `geoloc partition --cells all`")
+    labels = labels.rename(columns={"IMG_ID": store.ID})  # written so by geoloc before 0.2
     labels.attrs[GENERATION] = partitions_generation(info)
     _same_generation(directory, LABELS_FILE, store.parquet_meta(path).get(GENERATION), labels.attrs[GENERATION])
     return labels

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pandas costs ~0.4 s to import; the torch-free predict path 
 from geoloc_cli.errors import InputError, LockedError, StorageError, storage_error
 
 OK = "ok"  # manifest status of a successfully stored item
+ID = "id"  # the image id's column in every table geoloc writes (the published formats keep IMG_ID / img_id)
 CHECKPOINT_FORMAT = 1  # version of the inference checkpoint's metadata (model.save_inference_checkpoint)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -165,16 +166,19 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path, meta: dict[str, Any] | None = None) -> None:
-    """`meta` (JSON) goes into the file's schema metadata; `parquet_meta` reads it back."""
-    with atomic_path(path) as tmp:
-        if meta is None:
-            df.to_parquet(tmp, index=False)
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    """`meta` (JSON) goes into the file's schema metadata; `parquet_meta` reads it back. Text columns
+    are Arrow `string` in every file (pandas' own writer gives `large_string`, fetch's Arrow writer
+    `string`: one type, so tables concatenate and compare across stages)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(df, preserve_index=False)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    schema = pa.schema([f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema],
+                       metadata=table.schema.metadata)
+    table = table.cast(schema)
+    if meta is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"geoloc": json.dumps(meta)})
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 

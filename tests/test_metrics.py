@@ -58,7 +58,7 @@ def test_filter_rules_and_drop_counts():
         "key": ["0", "1", "2", "3", "4"], "id": ["a", "b", "c", "d", "e"],
         "status": ["ok", "ok", "http_404", "ok", "ok"], "width": [400, 100, 0, 400, 400],
         "height": [320, 80, 0, 320, 320], "S3_Label": [0, 1, 1, 2, 1]})
-    labels = pd.DataFrame({"IMG_ID": ["a", "b", "c", "d", "e"], "coarse": [0, 1, 1, -1, 2], "fine": [0, 3, 1, 4, 5]})
+    labels = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "coarse": [0, 1, 1, -1, 2], "fine": [0, 3, 1, 4, 5]})
     index, drops = build_index(manifest, labels, ["coarse", "fine"])
     assert index["id"].tolist() == ["a", "b", "e"]
     assert dict(drops) == {"not downloaded": 1, "no class in every partitioning": 1}

@@ -218,7 +218,7 @@ def test_cli_custom_partitioning(tmp_path: Path, yfcc) -> None:
     info = json.loads((out / "partitions.json").read_text())
     assert info["custom"]["file"] == "cells_5_100.csv" and info["custom"]["num_cells"] == len(cells)
     labels = pd.read_parquet(out / "labels.parquet")
-    assert labels["IMG_ID"].tolist() == yfcc.img_id.tolist()
+    assert labels["id"].tolist() == yfcc.img_id.tolist()
     np.testing.assert_array_equal(labels["custom"], part.assign_classes(yfcc.lat, yfcc.lon, cells))
     assert not (out / "hierarchy.json").exists()
     assert list(part.load_partitions(out)) == ["custom"]
@@ -259,7 +259,7 @@ def test_one_partitioning_rebuilt_keeps_the_others(tmp_path: Path, yfcc) -> None
     info = json.loads((out / "partitions.json").read_text())
     assert list(info) == ["coarse", "middle", "fine"] and info["fine"]["tau_max"] == 500
     labels = pd.read_parquet(out / "labels.parquet")
-    pd.testing.assert_frame_equal(labels[["IMG_ID", "coarse", "middle"]], before[["IMG_ID", "coarse", "middle"]])
+    pd.testing.assert_frame_equal(labels[["id", "coarse", "middle"]], before[["id", "coarse", "middle"]])
     fine = part.read_cells(out / info["fine"]["file"])
     assert info["fine"]["file"].endswith("_500.csv") and info["fine"]["num_cells"] == len(fine)
     np.testing.assert_array_equal(labels["fine"], part.assign_classes(yfcc.lat, yfcc.lon, fine))

@@ -16,6 +16,7 @@ from geoloc_cli.errors import InputError
 from geoloc_cli.partitioning import GENERATION, load_labels
 from geoloc_cli.places365 import SCENES3
 from geoloc_cli.store import (
+    ID,
     OK,
     DataRoot,
     locked,
@@ -53,7 +54,7 @@ def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: lis
     df = keep(manifest, manifest["status"] == OK, "not downloaded")
     if min_size:
         df = keep(df, _shorter_side(df) >= min_size, f"shorter side < {min_size} px")
-    labels = labels.drop_duplicates("IMG_ID").set_index("IMG_ID")[partitionings]
+    labels = labels.drop_duplicates(ID).set_index(ID)[partitionings]
     df = df.join(labels, on="id")
     has_all = df[partitionings].notna().all(axis=1) & (df[partitionings].fillna(-1) >= 0).all(axis=1)
     df = keep(df, has_all, "no class in every partitioning")

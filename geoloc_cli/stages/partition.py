@@ -3,7 +3,7 @@
 Reads a metadata CSV (IMG_ID, LAT, LON; default <root>/meta/<dataset>_places365.csv) and writes into
 the output directory (default <root>/partitions/<dataset>/):
   cells_<tmin>_<tmax>.csv   one GeoEstimation-compatible cell table per partitioning
-  labels.parquet            IMG_ID + one int64 column per partitioning (-1 = no class)
+  labels.parquet            id (IMG_ID of the metadata) + one int64 column per partitioning (-1 = no class)
   hierarchy.json            {order: [coarse..fine], classes: {name: class per fine cell}} (2+ partitionings)
   partitions.json           {name: {file, tau_min, tau_max, num_cells, ...}}, written last: later stages
                             find everything through it (geoloc_cli.partitioning.load_partitions)
@@ -131,7 +131,7 @@ def _earlier(out_dir: Path, specs: dict[str, tuple[int, int]], img_ids: np.ndarr
     import pyarrow as pa
 
     old = store.read_table(labels_path)
-    old_ids = old.column("IMG_ID").combine_chunks()
+    old_ids = old.column(store.ID if store.ID in old.column_names else "IMG_ID").combine_chunks()
     if not old_ids.equals(pa.array(img_ids.astype(str), old_ids.type)):
         console.info(f"{out_dir}: replacing partitioning(s) {', '.join(keep)} built from other images")
         return {}
@@ -169,7 +169,7 @@ def _write(
                 "level_min": int(levels.min()) if levels.size else None,
                 "level_max": int(levels.max()) if levels.size else None, part.GENERATION: staged.id,
             }
-        frame = pd.DataFrame({"IMG_ID": img_ids.astype(str)} | {name: labels[name] for name in specs})
+        frame = pd.DataFrame({store.ID: img_ids.astype(str)} | {name: labels[name] for name in specs})
         store.write_parquet_atomic(frame, staged.path(part.LABELS_FILE), meta={part.GENERATION: staged.id})
         if hierarchy is not None:
             doc = part.hierarchy_to_json(hierarchy, order) | {part.GENERATION: staged.id}
