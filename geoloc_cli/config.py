@@ -372,19 +372,9 @@ def _validate(cfg: Config) -> None:
     if isinstance(smoothing, dict) and set(smoothing) - set(cfg.model.partitionings):
         raise ConfigError(f"train.label_smoothing_km: {sorted(set(smoothing) - set(cfg.model.partitionings))} "
                           f"are no partitioning (model.partitionings: {', '.join(cfg.model.partitionings)})")
-    _validate_best_metric(cfg)
     unweighted = heads - set(cfg.train.loss_weights)
     if unweighted:
         raise ConfigError(f"train.loss_weights: no weight for {sorted(unweighted)} (0 turns a head off)")
-
-
-def _validate_best_metric(cfg: Config) -> None:
-    from geoloc_cli.metrics import validation_metrics
-
-    names = [*validation_metrics(cfg.model.partitionings, cfg.evaluate.thresholds_km), "train_loss"]
-    if cfg.train.best_metric not in names:
-        raise ConfigError(f"train.best_metric: {cfg.train.best_metric!r} is not a number training records "
-                          f"(e.g. {', '.join(names[:3])}, ..., train_loss)")
 
 
 def _validate_embeddings(cfg: Config) -> None:

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from geoloc_cli.errors import InputError
-from geoloc_cli.inference import crop_boxes, view
-from geoloc_cli.store import check_members, require_intact, seg_shard_for
+from geoloc_cli.inference import crop_boxes, view, views
+from geoloc_cli.store import check_members, member_key, require_intact, seg_shard_for
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # a photo that does not decode
 
@@ -44,7 +44,7 @@ def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
         with tarfile.open(path, "r") as tar:
             for m in tar:
                 if m.isfile():
-                    key, _, ext = m.name.rpartition("/")[2].partition(".")
+                    key, ext = member_key(m.name)
                     out.setdefault(key, {})[ext] = (m.offset_data, m.size)
                     members += 1
     except (tarfile.TarError, OSError) as e:
@@ -140,11 +140,14 @@ def open_image(data: bytes, size_hint: int | None = None) -> Image.Image:
 
 
 class GeoDataset(torch.utils.data.Dataset):
-    """Samples from located rows: image, seg map, targets per head (-1 = unknown), lat, lon."""
+    """Samples from located rows: image, seg map, targets per head (-1 = unknown), lat, lon. `crops`
+    other than center (evaluation only): every test-time view, image (K,3,S,S) and seg (K,S,S)."""
 
     def __init__(self, rows: pd.DataFrame, shards_dir: Path, seg_dir: Path | None, size: int,
-                 pre: dict[str, Any], targets: dict[str, str], train: bool, seed: int = 0) -> None:
-        self.rows = rows
+                 pre: dict[str, Any], targets: dict[str, str], train: bool, seed: int = 0,
+                 crops: str = "center") -> None:
+        assert crops == "center" or not train, "test-time crops are for evaluation"
+        self.rows, self.crops = rows, crops
         self.shards_dir, self.seg_dir = str(shards_dir), str(seg_dir) if seg_dir else None
         self.size, self.pre, self.train, self.seed = size, pre, train, seed
         # head name -> column of rows; a missing column or value (no --meta at fetch) is -1, unknown
@@ -167,8 +170,11 @@ class GeoDataset(torch.utils.data.Dataset):
         if self.seg_dir is not None and r["seg_len"] > 0:
             seg_path = os.path.join(self.seg_dir, seg_shard_for(r["shard"]))
             seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
-        x, s = transform(img, seg, self.size, self.pre, self.train, rng)
+        if self.crops == "center":
+            rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+            x, s = transform(img, seg, self.size, self.pre, self.train, rng)
+        else:  # uint8 as well: the model normalises
+            x, s = (torch.from_numpy(a) for a in views(img, seg, self.size, self.pre, self.crops, raw=True))
         return {
             "image": x, "seg": s, "index": i,
             "targets": {h: int(t[i]) for h, t in self.targets.items()},
@@ -286,15 +292,3 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return max(len(self.indices()) - self.start, 0)
-
-
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    heads = batch[0]["targets"].keys()
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "seg": torch.stack([b["seg"] for b in batch]),
-        "targets": {h: torch.tensor([b["targets"][h] for b in batch]) for h in heads},
-        "lat": torch.tensor([b["lat"] for b in batch], dtype=torch.float64),
-        "lon": torch.tensor([b["lon"] for b in batch], dtype=torch.float64),
-        "index": torch.tensor([b["index"] for b in batch]),
-    }

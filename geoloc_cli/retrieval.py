@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.store import ID, OK
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,16 +181,14 @@ class Gallery:
 
 def eval_keys(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
     """(ids, authors) of a dataset's photos: what a gallery must not contain."""
-    from geoloc_cli.store import OK
-
     ok = manifest[manifest["status"] == OK]
     authors = ok["AUTHOR"].dropna().astype(str) if "AUTHOR" in ok else []
-    return set(ok["id"].astype(str)), set(authors)
+    return set(ok[ID].astype(str)), set(authors)
 
 
 def leaks(items: pd.DataFrame, ids: set[str], authors: set[str], by_author: bool) -> dict[str, np.ndarray]:
     """Masks over gallery rows: sharing an id with the evaluation photos, and (by_author) an author."""
-    out = {"id": items["id"].astype(str).isin(ids).to_numpy()}
+    out = {"id": items[ID].astype(str).isin(ids).to_numpy()}
     has = items["author"].notna().to_numpy()
     out["author"] = (has & items["author"].astype(str).isin(authors).to_numpy()) if by_author and authors \
         else np.zeros(len(items), bool)
@@ -200,11 +199,9 @@ def gallery_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest's stored, located photos in shard order: key, shard, id, author, lat, lon."""
     import pandas as pd
 
-    from geoloc_cli.store import OK
-
     ok = manifest[(manifest["status"] == OK) & manifest["lat"].notna() & manifest["lon"].notna()]
     author = ok["AUTHOR"] if "AUTHOR" in ok else pd.Series([None] * len(ok), index=ok.index)
-    rows = pd.DataFrame({"key": ok["key"], "shard": ok["shard"], "id": ok["id"].astype(str),
+    rows = pd.DataFrame({"key": ok["key"], "shard": ok["shard"], ID: ok[ID].astype(str),
                          "author": author.where(author.notna(), None), "lat": ok["lat"], "lon": ok["lon"]})
     return rows.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
 
@@ -228,7 +225,7 @@ def save(folder: Path, emb: np.ndarray, items: pd.DataFrame, record: dict[str, A
     with generation(folder) as staged:
         with open(staged.path(EMBEDDINGS), "wb") as f:
             np.save(f, emb)
-        items[["id", "author", "lat", "lon"]].to_parquet(staged.path(ITEMS), index=False)
+        items[[ID, "author", "lat", "lon"]].to_parquet(staged.path(ITEMS), index=False)
         if index is not None:
             faiss_module().write_index(index, str(staged.path(FAISS)))
         else:
@@ -426,8 +423,6 @@ class Refiner:
 
     def leakage(self, rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
         """(gallery rows allowed, the check's counts) against one evaluation dataset's photos (manifest rows)."""
-        from geoloc_cli.store import OK
-
         ok = rows.assign(status=OK) if "status" not in rows else rows
         leak = leaks(self.gallery.items, *eval_keys(ok), self.cfg.retrieval.exclude_authors)
         bad = leak["id"] | leak["author"]

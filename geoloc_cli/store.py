@@ -512,6 +512,13 @@ def require_intact(path: Path) -> None:
         raise InputError(f"shard {path} is damaged ({why}): run `geoloc {stage}` again to redo it")
 
 
+def member_key(name: str) -> tuple[str, str]:
+    """A tar member's (key, extension), as WebDataset splits them: "dir/000000012.jpg" -> ("000000012",
+    "jpg"); everything after the base name's first dot is the extension ("x.seg.png" -> "seg.png")."""
+    key, _, ext = name.rpartition("/")[2].partition(".")
+    return key, ext
+
+
 def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) for each sample of a tar shard, grouping consecutive members by key."""
     key: str | None = None
@@ -521,7 +528,7 @@ def iter_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             for member in tar:
                 if not member.isfile():
                     continue
-                base, _, ext = member.name.rpartition("/")[2].partition(".")
+                base, ext = member_key(member.name)
                 if key is not None and base != key:
                     yield key, files
                     files = {}

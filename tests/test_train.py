@@ -305,6 +305,8 @@ def test_configs_that_cannot_work_fail_before_any_heavy_work(world, tmp_path, mo
         train.launch(cfg("model.seg_channels=3"))
     with pytest.raises(ConfigError, match="not divisible by 3 processes"):
         train.launch(cfg("runtime.nproc=3"))
+    with pytest.raises(ConfigError, match=r"train.best_metric: 'val_hierarchical_acc_2500km' is not a number"):
+        train.launch(cfg("evaluate.thresholds_km=[1, 25]"))  # the default best metric needs the 2500 km one
     with pytest.raises(ConfigError, match="not divisible by 2 processes x 3"):
         train.launch(cfg("train.grad_accum=3"), nnodes=2)
     with pytest.raises(InputError, match="--resume: no resume state"):

@@ -21,7 +21,6 @@ counts as correct at t km when its error is <= t.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,6 @@ from geoloc_cli.store import (
     DataRoot,
     atomic_path,
     read_parquet,
-    seg_shard_for,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -180,43 +178,13 @@ def plot_accuracy(path: Path, curves: dict[str, np.ndarray], thresholds: list[fl
 # --------------------------------------------------------------------------- model evaluation
 
 
-def _crop_dataset(base: type) -> type:
-    """GeoDataset that returns every test-time crop of a sample: image (K,3,S,S), seg (K,S,S)."""
-    import torch
-
-    from geoloc_cli.data import open_image
-    from geoloc_cli.inference import views
-
-    class CropDataset(base):
-        crops = "five"
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            import io
-
-            from PIL import Image
-
-            r = self.rows.iloc[i]
-            img = open_image(self.reader.read(os.path.join(self.shards_dir, r["shard"]), int(r["img_off"]),
-                                              int(r["img_len"])), self.size)
-            seg = None
-            if self.seg_dir is not None and r["seg_len"] > 0:
-                seg_path = os.path.join(self.seg_dir, seg_shard_for(r["shard"]))
-                seg = Image.open(io.BytesIO(self.reader.read(seg_path, int(r["seg_off"]), int(r["seg_len"]))))
-            x, s = views(img, seg, self.size, self.pre, self.crops, raw=True)  # uint8: the model normalises
-            return {"image": torch.from_numpy(x), "seg": torch.from_numpy(s), "index": i,
-                    "targets": {h: int(t[i]) for h, t in self.targets.items()},
-                    "lat": float(r["lat"]), "lon": float(r["lon"])}
-
-    return CropDataset
-
-
 def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, device,
                      refiner: Any = None) -> tuple[dict, pd.DataFrame]:
     """(metrics, one row per image) of one model on one dataset (with a `retrieval.Refiner`, the refined
     positions too)."""
     import torch
 
-    from geoloc_cli.data import GeoDataset, collate, locate
+    from geoloc_cli.data import GeoDataset, locate
     from geoloc_cli.dist import amp_dtype, loader_workers
     from geoloc_cli.inference import CellSet, run_geolocation, scene_accuracy, summarize
 
@@ -242,12 +210,10 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     # a scene target only for a model with a scene head (a converted GeoEstimation model has none)
     targets = {"scene": SCENE_COLUMNS[spec["heads"]["scene"]]} if "scene" in spec["heads"] else {}
     crops = cfg.evaluate.crops
-    cls = GeoDataset if crops == "center" else _crop_dataset(GeoDataset)
-    ds = cls(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"], targets, train=False)
-    if crops != "center":
-        ds.crops = crops
+    ds = GeoDataset(rows, root.shards(dataset), seg_dir, spec["img_size"], meta["preprocess"], targets, train=False,
+                    crops=crops)
     workers = loader_workers(cfg.runtime.num_workers, device)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.evaluate.batch_size, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.evaluate.batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     cells = CellSet.from_meta(meta["partitionings"])
     amp = amp_dtype(cfg.train.precision, device)

@@ -58,6 +58,7 @@ from geoloc_cli.store import (
     drop_damaged,
     iter_shard,
     locked,
+    member_key,
     migrate_shard_folder,
     read_shard,
     remove_shard_temps,
@@ -127,7 +128,7 @@ def shard_keys(path: Path) -> list[str]:
     """Keys of the images in a shard, in order, from the tar headers only (no image data is read)."""
     try:
         with tarfile.open(path, "r") as tar:
-            return [PurePosixPath(m.name).name.split(".", 1)[0] for m in tar if m.name.endswith(".jpg")]
+            return [key for key, ext in (member_key(m.name) for m in tar) if ext == "jpg"]
     except (tarfile.TarError, OSError) as e:
         raise InputError(f"cannot read shard {path}: {e}") from None
 

@@ -77,6 +77,7 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
     if warn and rows[scene_col].isna().all():
         console.warn(f"{name}: no image has a scene label ({scene_col}; fetched without --meta): "
                      "the scene head is not trained")
+    _check_best_metric(cfg)
     if cfg.train.batch_size % (world * cfg.train.grad_accum):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                           f"{world} processes x {cfg.train.grad_accum} accumulation steps")
@@ -105,6 +106,16 @@ def _check(cfg: Config, world: int, warn: bool = True) -> Plan:
         for dataset in {name, *([cfg.train.val_dataset] if cfg.train.val_dataset else [])}:
             _check_seg_maker(cfg, root, dataset, warn)
     return Plan(root, root.run(cfg.train.run), rows, val, _nproc(cfg))
+
+
+def _check_best_metric(cfg: Config) -> None:
+    from geoloc_cli.metrics import validation_metrics
+
+    names = [*validation_metrics(cfg.model.partitionings, cfg.evaluate.thresholds_km), "train_loss"]
+    if cfg.train.best_metric not in names:
+        raise ConfigError(f"train.best_metric: {cfg.train.best_metric!r} is not a number training records with "
+                          f"evaluate.thresholds_km={cfg.evaluate.thresholds_km} (e.g. {', '.join(names[:3])}, ..., "
+                          "train_loss)")
 
 
 def _check_labels(rows: pd.DataFrame, classes: dict[str, int]) -> None:
@@ -382,11 +393,9 @@ def _train_dataset(cfg: Config, plan: Plan, pre: dict[str, Any], main: bool):
 def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, epoch: int):
     import torch
 
-    from geoloc_cli.data import collate
-
     return torch.utils.data.DataLoader(
         ds, batch_size=local_batch, sampler=sampler, num_workers=workers,
-        collate_fn=getattr(ds, "collate_fn", collate),  # EmbeddingDataset's batches come whole
+        collate_fn=getattr(ds, "collate_fn", None),  # torch's default_collate; EmbeddingDataset's come whole
         drop_last=True, pin_memory=info.device.type == "cuda",
         # 2 batches ahead per worker: more only fills /dev/shm (14 workers x 2 x ~26 MB uint8 batches of 128 at
         # 224 px ~ 730 MB; a container's 64 MB default is far too small at any setting: give it --shm-size)
@@ -421,7 +430,7 @@ def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
 def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int):
     import torch
 
-    from geoloc_cli.data import EpochSampler, GeoDataset, collate, locate
+    from geoloc_cli.data import EpochSampler, GeoDataset, locate
 
     v = cfg.train.val_dataset
     seg_dir = plan.root.seg(v) if cfg.model.seg_channels else None
@@ -430,7 +439,7 @@ def _val_loader(cfg: Config, plan: Plan, info, pre: dict[str, Any], workers: int
                     {"scene": SCENE_COLUMNS[cfg.model.scene_classes]}, train=False)
     sampler = EpochSampler(len(ds), info.rank, info.world, shuffle=False)
     return torch.utils.data.DataLoader(ds, batch_size=max(cfg.train.batch_size // info.world, 1),
-                                       sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       sampler=sampler, num_workers=workers,
                                        pin_memory=info.device.type == "cuda")
 
 
