@@ -218,14 +218,15 @@ def memory_check(rows: int, work: Path) -> None:
     code = f"""
 import math, resource, time
 from pathlib import Path
+from geoloc_cli.fetch import reader
 from geoloc_cli.config import load_config
 from geoloc_cli.stages import fetch as f
 from geoloc_cli.store import DataRoot
 cfg = load_config(None, [])
 t0 = time.perf_counter()
-meta = f.MetaIndex(Path({str(meta)!r}))
+meta = reader.MetaIndex(Path({str(meta)!r}))
 t1 = time.perf_counter()
-n = f.count_rows(Path({str(urls)!r}))
+n = reader.count_rows(Path({str(urls)!r}))
 wanted = {{s: False for s in range(math.ceil(n / cfg.fetch.shard_size))}}
 items = found = 0
 for job in f.iter_jobs(cfg, DataRoot(Path({str(work / 'mem-root')!r})), "mem", Path({str(urls)!r}), meta,

@@ -184,8 +184,9 @@ def scene_accuracy(pred: pd.DataFrame) -> float | None:
 
 
 def rank_places(probs: dict[str, np.ndarray], cells: CellSet, top_k: int) -> list[dict[str, Any]]:
-    """Per image: the top-k cells of the (renormalised) hierarchical distribution and the scene
-    probabilities: {"top": [{"rank", "lat", "lon", "cell", "probability"}], "scene": {name: p}}."""
+    """Per image: the top-k cells of the (renormalised) hierarchical distribution, the scene
+    probabilities and the radii (km) around rank 1 that hold 50% and 90% of the probability:
+    {"top": [{"rank", "lat", "lon", "cell", "probability"}], "scene": {name: p}, "radius_50_km", "radius_90_km"}."""
     hier = hierarchical_distribution(probs, cells)
     fine = cells.finest
     out = []
@@ -197,8 +198,16 @@ def rank_places(probs: dict[str, np.ndarray], cells: CellSet, top_k: int) -> lis
             "top": [{"rank": r + 1, "lat": float(cells.lat[fine][c]), "lon": float(cells.lon[fine][c]),
                      "cell": cells.hex_id[fine][c], "probability": float(hier[i, c])} for r, c in enumerate(top)],
             "scene": {n: float(p) for n, p in zip(names, scene, strict=True)},
+            **_radii(hier[i], cells, int(top[0])),
         })
     return out
+
+
+def _radii(p: np.ndarray, cells: CellSet, best: int) -> dict[str, float]:
+    fine = cells.finest
+    r50, r90 = credible_radii_km(p, cells.lat[fine], cells.lon[fine], (cells.lat[fine][best], cells.lon[fine][best]),
+                                 (0.5, 0.9), cell_radius_km(cells.hex_id[fine][best]))
+    return {"radius_50_km": round(r50, 1), "radius_90_km": round(r90, 1)}
 
 
 def hierarchical_distribution(probs: dict[str, np.ndarray], cells: CellSet) -> np.ndarray:
@@ -275,3 +284,33 @@ def segmenter_input(images: list[Image.Image], pre: dict[str, Any]) -> np.ndarra
     mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1) * 255.0
     std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1) * 255.0
     return ((batch.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std).astype(np.float32)
+
+
+def credible_radii_km(p: np.ndarray, lat: np.ndarray, lon: np.ndarray, at: tuple[float, float],
+                      levels: Iterable[float] = (0.5, 0.9), floor_km: float = 0.0) -> list[float]:
+    """Per level, the smallest radius around `at` (lat, lon) whose disc holds that share of the
+    probability mass, each cell's mass counted at its centre (lat, lon); at least `floor_km`.
+
+    The floor is the predicted cell's own size: with the mass placed at cell centres, a top cell holding
+    50% alone would otherwise claim a radius of 0 km, a precision the cell cannot give."""
+    d = haversine_km(at[0], at[1], np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))
+    order = np.argsort(d, kind="stable")
+    cum = np.cumsum(np.asarray(p, dtype=np.float64)[order])
+    cum /= max(float(cum[-1]), 1e-30)
+    out = []
+    for level in levels:
+        k = min(int(np.searchsorted(cum, level - 1e-9)), len(cum) - 1)  # first k with cum[k] >= level
+        out.append(max(float(d[order[k]]), floor_km))
+    return out
+
+
+def cell_radius_km(token: str) -> float:
+    """Half the longest diagonal of an S2 cell (km); 0 for a token that is not S2 (a hand-made checkpoint)."""
+    from geoloc_cli import geo
+
+    try:
+        lat, lon = geo.cell_vertices(geo.from_token([token]))
+    except ValueError:
+        return 0.0
+    return float(max(haversine_km(lat[0, 0], lon[0, 0], lat[0, 2], lon[0, 2]),
+                     haversine_km(lat[0, 1], lon[0, 1], lat[0, 3], lon[0, 3]))) / 2

@@ -48,8 +48,10 @@ def read_chunks(path: Path, chunksize: int = 500_000, columns: Sequence[str] | N
     wanted = None if columns is None else list(dict.fromkeys([ID, LAT, LON, *columns]))
     line = 2  # of the chunk's first row (the header is line 1)
     try:
+        # an empty cell is missing, except in the id and the author (text as given, "NA" included)
+        empty = {c: [""] for c in [*numeric, *text] if c != "AUTHOR"}
         reader = pd.read_csv(path, dtype=dict.fromkeys([ID, *text], str), keep_default_na=False,
-                             na_values={c: [""] for c in numeric}, chunksize=chunksize,
+                             na_values=empty, chunksize=chunksize,
                              usecols=(lambda c: c in wanted) if wanted else None)
         for chunk in reader:
             _check_columns(chunk, path)

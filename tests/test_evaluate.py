@@ -144,6 +144,9 @@ def test_evaluate_writes_metrics_predictions_plot_and_scenes(world):
     assert scenes.get("urban", {"hierarchical": {"n": 0}})["hierarchical"]["n"] == urban
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(out / "accuracy.png").size[0] > 300
+    assert Image.open(out / "errors.png").size[0] > 600, "the per-image error map"
+    page = (out / "errors.html").read_text()
+    assert "id='ne-land'" in page and page.count("class='dot'") == len(pd.read_csv(out / "predictions.csv"))
     pred = pd.read_csv(out / "predictions.csv")
     assert list(pred.columns) == ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long",
                                   "great_circle_distance"]

@@ -19,11 +19,12 @@ from loopback import LoopbackServer, bomb_jpeg, make_jpeg
 from PIL import Image
 from typer.testing import CliRunner
 
-from geoloc_cli import download, places365
+from geoloc_cli import places365
 from geoloc_cli.cli import app
-from geoloc_cli.config import load_config
-from geoloc_cli.download import Options, process_image
+from geoloc_cli.config import FetchConfig, load_config
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.fetch import downloader, reader, supervisor, writer
+from geoloc_cli.fetch.downloader import process_image
 from geoloc_cli.stages import fetch as stage
 from geoloc_cli.store import DataRoot, iter_shard
 
@@ -123,7 +124,7 @@ def test_every_status_one_row_each_and_readable_shards(server, tmp_path):
 
 
 def test_process_image_guards_and_resize():
-    opts = Options(resize_shorter=320, max_pixels=10_000_000)
+    opts = FetchConfig(resize_shorter=320, max_pixels=10_000_000)
     jpeg, w, h, ow, oh = process_image(make_jpeg(1024, 768), opts)
     assert (w, h, ow, oh) == (427, 320, 1024, 768) and Image.open(io.BytesIO(jpeg)).size == (427, 320)
     _, w, h, ow, oh = process_image(make_jpeg(200, 300), opts)  # small images are scaled up to the same size
@@ -131,9 +132,9 @@ def test_process_image_guards_and_resize():
     with pytest.raises(Exception) as e:
         process_image(bomb_jpeg(), opts)
     assert e.value.status == "decompression_bomb"
-    _, w, h, _, _ = process_image(make_jpeg(300, 200), Options(resize_shorter=0))
+    _, w, h, _, _ = process_image(make_jpeg(300, 200), FetchConfig(resize_shorter=0))
     assert (w, h) == (300, 200)
-    with pytest.raises(download.ItemFailure, match="after resizing"):  # a sliver blown up to gigapixels
+    with pytest.raises(downloader.ItemFailure, match="after resizing"):  # a sliver blown up to gigapixels
         process_image(make_jpeg(2, 4000), opts)
 
 
@@ -143,24 +144,24 @@ def _pixels(jpeg: bytes) -> np.ndarray:
 
 def test_opencv_and_pillow_paths_agree(monkeypatch):
     pytest.importorskip("cv2")
-    assert download._cv2.getNumThreads() == 1, "OpenCV's thread pool in a parent deadlocks forked workers"
-    opts = Options(resize_shorter=320)
+    assert downloader._cv2.getNumThreads() == 1, "OpenCV's thread pool in a parent deadlocks forked workers"
+    opts = FetchConfig(resize_shorter=320)
     # DCT scale 1/2, 1/4, 1, upscaling, and a long side that DCT rounding would shift by pixels
     for w, h in [(1024, 768), (3000, 2000), (500, 400), (200, 300), (522, 4493)]:
         src = make_jpeg(w, h)
         fast = process_image(src, opts)
-        monkeypatch.setattr(download, "_cv2", None)
+        monkeypatch.setattr(downloader, "_cv2", None)
         slow = process_image(src, opts)
         monkeypatch.undo()
-        assert fast[1:3] == slow[1:3] == download._target_size(w, h, 320), (w, h)
+        assert fast[1:3] == slow[1:3] == downloader._target_size(w, h, 320), (w, h)
         assert fast[3:] == slow[3:] == (w, h)
         assert np.abs(_pixels(fast[0]) - _pixels(slow[0])).mean() < 3, (w, h)  # same image, both in RGB order
 
 
 def test_pillow_handles_what_opencv_would_get_wrong():
-    opts = Options(resize_shorter=320)
+    opts = FetchConfig(resize_shorter=320)
     whole = make_jpeg(1024, 768)
-    with pytest.raises(download.ItemFailure) as e:  # libjpeg alone would return a grey-filled image
+    with pytest.raises(downloader.ItemFailure) as e:  # libjpeg alone would return a grey-filled image
         process_image(whole[: len(whole) * 2 // 3], opts)
     assert e.value.status == "truncated"
     im = Image.open(io.BytesIO(whole))
@@ -173,37 +174,37 @@ def test_pillow_handles_what_opencv_would_get_wrong():
 
 
 def test_manifest_table_keeps_every_value():
-    row = {name: None for name in download.MANIFEST_SCHEMA.names}
+    row = {name: None for name in writer.MANIFEST_SCHEMA.names}
     row.update(key="000000001", id='a "quoted",\nid', url="http://x/é.jpg", lat=float("nan"),
                lon=float("inf"), status="ok", bytes=2**40, width=427, S3_Label=2, Prob_urban=0.25)
     gone = {**row, "key": "000000002", "status": "io_error", "error": "no such file /p/\udce9t\u00e9.jpg"}
-    table = download.manifest_table([row, gone])
-    assert table.schema == download.MANIFEST_SCHEMA
+    table = writer.manifest_table([row, gone])
+    assert table.schema == writer.MANIFEST_SCHEMA
     first, second = table.to_pylist()
     assert first == {**row, "lat": None, "lon": None}
     assert second["status"] == "io_error" and second["error"] == "no such file /p/?t\u00e9.jpg"
     old = table.drop_columns(["orig_width", "orig_height"])  # a part from before they were kept
-    conformed = stage._conform(old)
-    assert conformed.schema == download.MANIFEST_SCHEMA and conformed.column("orig_width").null_count == 2
+    conformed = writer._conform(old)
+    assert conformed.schema == writer.MANIFEST_SCHEMA and conformed.column("orig_width").null_count == 2
 
 
 def test_list_reading_chunks_exactly_and_names_bad_rows(tmp_path):
     n = 120_000  # > one 4 MB read block, so chunks are cut across Arrow batches
     big = write_list(tmp_path / "big.csv", [(f"id{i:06d}", f"http://h/{i}_{'x' * 30}.jpg") for i in range(n)])
-    chunks = list(stage.read_list_chunks(big, 50_000))
+    chunks = list(reader.read_list_chunks(big, 50_000))
     assert [len(c) for c in chunks] == [50_000, 50_000, 20_000]
     ids = [i for c in chunks for i in c.column("id").to_pylist()]
-    assert ids == [f"id{i:06d}" for i in range(n)] and stage.count_rows(big) == n
+    assert ids == [f"id{i:06d}" for i in range(n)] and reader.count_rows(big) == n
     quoted = tmp_path / "quoted.csv"
     quoted.write_text('007,"http://h/a,b.jpg"\nNA,http://h/c.jpg\n')
-    (table,) = stage.read_list_chunks(quoted, 10)
+    (table,) = reader.read_list_chunks(quoted, 10)
     assert table.to_pylist() == [{"id": "007", "url": "http://h/a,b.jpg"}, {"id": "NA", "url": "http://h/c.jpg"}]
     bad = tmp_path / "bad.csv"
     bad.write_text("a,http://h/a.jpg\nb,http://h/b.jpg,extra\n")
     with pytest.raises(InputError, match="bad.csv.*malformed URL list"):
-        stage.count_rows(bad)
+        reader.count_rows(bad)
     with pytest.raises(InputError, match="not found"):
-        stage.count_rows(tmp_path / "missing.csv")
+        reader.count_rows(tmp_path / "missing.csv")
 
 
 def _stuck_worker(*args) -> None:
@@ -216,9 +217,9 @@ def test_a_stuck_worker_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
     photo = tmp_path / "p.jpg"
     photo.write_bytes(make_jpeg(64, 48))
     urls = write_list(tmp_path / "l.csv", [("a", photo.as_uri())])
-    monkeypatch.setattr(stage, "worker_main", _stuck_worker)
-    monkeypatch.setattr(stage, "STALL_MIN_S", 0.0)
-    monkeypatch.setattr(stage, "worker_context", lambda: mp.get_context("fork"))  # the patch reaches the child
+    monkeypatch.setattr(supervisor, "worker_main", _stuck_worker)
+    monkeypatch.setattr(supervisor, "STALL_MIN_S", 0.0)
+    monkeypatch.setattr(supervisor, "worker_context", lambda: mp.get_context("fork"))  # the patch reaches the child
     t0 = time.monotonic()
     with pytest.raises(InputError, match="stuck.*again to resume"):
         stage.run(make_cfg(tmp_path / "root", "fetch.deadline=0.5"), urls=urls, name="s")
@@ -227,35 +228,35 @@ def test_a_stuck_worker_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
 
 def test_workers_fork_only_without_other_threads(monkeypatch):
     # A lone main thread cannot hold a lock at fork time; with a server thread around, a fork server is used.
-    monkeypatch.setattr(stage.threading, "active_count", lambda: 1)
-    assert stage.worker_context().get_start_method() == "fork"
-    monkeypatch.setattr(stage.threading, "active_count", lambda: 2)
-    assert stage.worker_context().get_start_method() == "forkserver"
+    monkeypatch.setattr(supervisor.threading, "active_count", lambda: 1)
+    assert supervisor.worker_context().get_start_method() == "fork"
+    monkeypatch.setattr(supervisor.threading, "active_count", lambda: 2)
+    assert supervisor.worker_context().get_start_method() == "forkserver"
 
 
 def test_flickr_suffix_and_part_parsing():
     u = "http://farm4.staticflickr.com/3209/2766212356_4fa6a2a4e1.jpg"
-    assert stage.flickr_sized(u, "_z") == "http://farm4.staticflickr.com/3209/2766212356_4fa6a2a4e1_z.jpg"
-    assert stage.flickr_sized(u.replace(".jpg", "_b.jpg"), "_z") == u.replace(".jpg", "_b.jpg")
-    assert stage.flickr_sized(u, "") == u
-    assert stage.flickr_sized("http://example.org/2766212356_4fa6a2a4e1.jpg", "_z").endswith("e1.jpg")
+    assert reader.flickr_sized(u, "_z") == "http://farm4.staticflickr.com/3209/2766212356_4fa6a2a4e1_z.jpg"
+    assert reader.flickr_sized(u.replace(".jpg", "_b.jpg"), "_z") == u.replace(".jpg", "_b.jpg")
+    assert reader.flickr_sized(u, "") == u
+    assert reader.flickr_sized("http://example.org/2766212356_4fa6a2a4e1.jpg", "_z").endswith("e1.jpg")
     assert stage.parse_part("1/4") == (1, 4) and stage.parse_part(None) == (0, 1)
     with pytest.raises(ConfigError):
         stage.parse_part("4/4")
 
 
 def test_meta_index_lookup(tmp_path):
-    meta = stage.MetaIndex(write_meta(tmp_path / "m.csv", ["a", "NA", "c"]))
+    meta = reader.MetaIndex(write_meta(tmp_path / "m.csv", ["a", "NA", "c"]))
     got = meta.lookup(np.array(["c", "zzz", "NA"], dtype=object))
     assert got["LAT"][0] == pytest.approx(40) and got["LAT"][1] is None and got["LAT"][2] == pytest.approx(0)
     assert got["AUTHOR"] == ["2@N00", None, "1@N00"]
     gaps = tmp_path / "gaps.csv"  # a label column with an empty cell reads as floats in pandas
     gaps.write_text("IMG_ID,LAT,LON,S3_Label\na,1,2,1\nb,3,4,\n")
-    got = stage.MetaIndex(gaps).lookup(np.array(["a", "b"], dtype=object))
+    got = reader.MetaIndex(gaps).lookup(np.array(["a", "b"], dtype=object))
     assert got["S3_Label"] == [1, None] and all(isinstance(v, int) for v in got["S3_Label"][:1])
     gaps.write_text("IMG_ID,LAT,LON,S3_Label\na,1,2,1.5\n")
     with pytest.raises(InputError, match="gaps.csv.*malformed"):
-        stage.MetaIndex(gaps)
+        reader.MetaIndex(gaps)
 
 
 def test_resume_skips_done_shards(server, tmp_path):
@@ -427,7 +428,7 @@ def test_folder_import_takes_positions_and_scenes_from_meta(tmp_path):
         stage.run(make_cfg(root), source=str(photos), meta=bad, name="bad")
     bad.write_text("IMG_ID,LAT,LON,S3_Label\n" + "a,1,2,0\n" * 3 + "b,1,2,urban\n")
     with pytest.raises(InputError, match="bad.csv: line 5, column S3_Label: 'urban' is not a number"):
-        stage.MetaIndex(bad)  # a URL list's --meta is read by the same reader, line numbers across chunks
+        reader.MetaIndex(bad)  # a URL list's --meta is read by the same reader, line numbers across chunks
     with pytest.raises(InputError, match="line 5, column S3_Label"):
         list(places365.read_chunks(bad, chunksize=2))
     # a file name found in two sub-folders matches neither

@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from geoloc_cli import download, http
+from geoloc_cli import http
+from geoloc_cli.config import FetchConfig
+from geoloc_cli.fetch import downloader
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 
@@ -336,11 +338,11 @@ def test_fetcher_maps_transport_errors_to_statuses():
 
     async def main():
         srv, base, _ = await serve(handler)
-        f = download.Fetcher(download.Options(retries=0, read_timeout=1, deadline=5))
+        f = downloader.Fetcher(FetchConfig(retries=0, read_timeout=1, deadline=5))
         try:
-            with pytest.raises(download.ItemFailure) as cut:
+            with pytest.raises(downloader.ItemFailure) as cut:
                 await f.fetch(f"{base}/x.jpg")
-            with pytest.raises(download.ItemFailure) as bad:
+            with pytest.raises(downloader.ItemFailure) as bad:
                 await f.fetch("http://host:notaport/x.jpg")
             return cut.value, bad.value
         finally:
@@ -492,5 +494,5 @@ def test_proxy_failures_are_the_proxys():
     silent, wants_auth = run(main(None)), run(main(407))
     assert "proxy 127.0.0.1" in str(silent) and not isinstance(silent, http.ProxyAuthError)
     assert isinstance(wants_auth, http.ProxyAuthError)
-    assert download._http_failure(http.Response(407, {}, b"")).status == "proxy_auth"
-    assert next(s for kind, s, _ in download._HTTP_ERRORS if isinstance(wants_auth, kind)) == "proxy_auth"
+    assert downloader._http_failure(http.Response(407, {}, b"")).status == "proxy_auth"
+    assert next(s for kind, s, _ in downloader._HTTP_ERRORS if isinstance(wants_auth, kind)) == "proxy_auth"

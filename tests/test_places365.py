@@ -41,6 +41,7 @@ def test_chunks_keep_ids_as_text_allow_missing_positions_and_count_lines_across_
     assert first["IMG_ID"].tolist() == ["NA", "0012"]  # never NaN, never the number 12
     assert first["AUTHOR"].iloc[0] == "NA" and np.isnan(first["LAT"].iloc[1])
     assert first["S3_Label"].iloc[0] == 0 and first["country"].iloc[0] == "FR"
+    assert first["AUTHOR"].iloc[1] == "" and first["country"].isna().iloc[1]  # empty: missing, not '' (but AUTHOR)
     path.write_text("IMG_ID,LAT,LON,S3_Label\n" + "a,1,2,0\n" * 3 + "b,1,2,urban\n")
     with pytest.raises(InputError, match="line 5, column S3_Label: 'urban' is not a number"):
         list(places365.read_chunks(path, chunksize=2))

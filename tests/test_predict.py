@@ -184,6 +184,9 @@ def test_backends_agree_through_the_cli(ckpt, photos):
         assert [t["cell"] for t in a["top"]] == [t["cell"] for t in b["top"]]
         assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-4)
         assert a["top"][0]["place"] == b["top"][0]["place"]
+        for key in ("radius_50_km", "radius_90_km"):  # the credible radii: same post-processing on both paths
+            assert a[key] == pytest.approx(b[key], abs=0.5)
+        assert 0 < a["radius_50_km"] <= a["radius_90_km"] < 20_038
     first = outs["onnx"][0]
     assert len(first["top"]) == 3 and sum(first["scene"].values()) == pytest.approx(1, abs=1e-5)
     assert set(first["scene"]) == {"indoor", "natural", "urban"}
@@ -234,16 +237,20 @@ def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3 * 2
     lon, lat = gj["features"][0]["geometry"]["coordinates"]
     assert (lat, lon) in [pytest.approx(c, abs=1e-6) for c in FINE_CENTRES]
+    assert gj["features"][0]["properties"]["radius_90_km"] >= gj["features"][0]["properties"]["radius_50_km"] > 0
     table = predict(*args)
     assert "place" in table.stdout and "GeoNames" in table.stdout and "no such file" in table.stderr
     assert predict(*args, "--csv", "--json").exit_code == 2
     page = tmp_path / "map.html"
     r = predict(*args, "--map", str(page))
     html = page.read_text()
-    assert html.count("<svg") == 2 * 3, "a world map and a close-up per photo that was predicted"
-    assert html.count("fill-opacity=") >= 3, "cells shaded by probability"
-    assert html.count("<circle cx=") == 3 * 2 * 2, "a marker per candidate, in both maps"
-    assert "src=" not in html and "href=" not in html, "self-contained: nothing to fetch"
+    assert html.count("<svg") == 2 * 3 + 1, "a world map and a close-up per photo, and the basemap once"
+    assert html.count("class='heat'") == 2 * 3, "cells shaded by probability, in both maps"
+    assert html.count("<g class='pred'>") == 3 * 2 * 2, "a marker per candidate, in both maps"
+    assert html.count("class='cities'") == 3, "city names on each close-up"
+    assert "src=" not in html and "http" not in html.replace("http://www.w3.org/2000/svg", ""), \
+        "self-contained: nothing to fetch"
+    assert "id='ne-land'" in html and "no such file" in html
 
 
 def test_bad_inputs_fail_one_by_one(ckpt, tmp_path):

@@ -22,6 +22,7 @@ from geoloc_cli import store
 from geoloc_cli.cli import app
 from geoloc_cli.config import load_config
 from geoloc_cli.errors import InputError, StorageError
+from geoloc_cli.fetch import reader
 from geoloc_cli.store import (
     ShardWriter,
     check_shard,
@@ -397,15 +398,14 @@ def test_exit_code_policy(tmp_path: Path):
 
 def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
     from geoloc_cli import places365
-    from geoloc_cli.stages import fetch
 
     urls = tmp_path / "l.csv"
     urls.write_text("".join(f"id{k % 5},file:///x{k}.jpg\n" for k in range(9)))
     with pytest.raises(InputError, match=r"l.csv: image ids must be unique, 4 appear more than once: 'id0' on lines "
                                          r"1, 6; 'id1' on lines 2, 7; 'id2' on lines 3, 8 \(and 1 more\)"):
-        fetch.count_rows(urls)
+        reader.count_rows(urls)
     urls.write_text("a,file:///a.jpg\nb,file:///b.jpg\n")
-    assert fetch.count_rows(urls) == 2
+    assert reader.count_rows(urls) == 2
     meta = tmp_path / "m.csv"
     for row, where, shown in (("b,95,3", "line 3, column LAT", "95.0"), ("b,1,200.5", "line 3, column LON", "200.5")):
         meta.write_text(f"IMG_ID,LAT,LON\na,1,2\n{row}\n")
@@ -418,7 +418,7 @@ def test_duplicate_ids_and_positions_out_of_range(tmp_path: Path, capsys):
     assert len(next(places365.read_chunks(meta))) == 2
     meta.write_text("IMG_ID,LAT,LON\na,1,2\nb,3,4\na,5,6\n")  # metadata: the documented rule, said aloud
     capsys.readouterr()
-    assert fetch.MetaIndex(meta).lookup(np.array(["a"], dtype=object))["LAT"] == [1.0]
+    assert reader.MetaIndex(meta).lookup(np.array(["a"], dtype=object))["LAT"] == [1.0]
     warning = capsys.readouterr().err
     assert "1 IMG_ID rows repeat an earlier id (first on line 4); each id's first row is used" in warning
 

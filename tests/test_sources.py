@@ -19,6 +19,7 @@ from test_fetch import kill_after, make_cfg, manifest, stored, write_meta
 
 from geoloc_cli import sources
 from geoloc_cli.errors import ConfigError, InputError
+from geoloc_cli.fetch import remote
 from geoloc_cli.sources import Archive, MetaFile, Preset, Remote
 from geoloc_cli.stages import fetch as stage
 from geoloc_cli.store import DataRoot
@@ -206,11 +207,11 @@ def test_plain_http_archive_download_resumes_from_its_part_file(tmp_path):
         dest = tmp_path / "downloads" / "q.tar.gz"
         dest.parent.mkdir()
         (dest.parent / "q.tar.gz.part").write_bytes(data[:1000])  # what a killed download left
-        assert stage.download_resumable(srv.url("file/q.tar.gz"), dest) == dest
+        assert remote.download_resumable(srv.url("file/q.tar.gz"), dest) == dest
         assert dest.read_bytes() == data and srv.ranges == [1000]
-        assert stage.download_resumable(srv.url("file/q.tar.gz"), dest) == dest and srv.hits["/file/q.tar.gz"] == 1
-        with pytest.raises(stage.Unavailable, match="404"):
-            stage.download_resumable(srv.url("file/none.tar.gz"), tmp_path / "none.tar.gz")
+        assert remote.download_resumable(srv.url("file/q.tar.gz"), dest) == dest and srv.hits["/file/q.tar.gz"] == 1
+        with pytest.raises(remote.Unavailable, match="404"):
+            remote.download_resumable(srv.url("file/none.tar.gz"), tmp_path / "none.tar.gz")
 
 
 def test_cmu_names_in_a_local_zip_and_byte_split_tar_parts(tmp_path, monkeypatch):
@@ -324,20 +325,20 @@ def test_a_preset_refuses_a_list_of_your_own_and_via_needs_a_preset(tmp_path):
 
 
 def test_members_over_max_bytes_are_too_large_without_being_read(tmp_path, monkeypatch):
-    from geoloc_cli import download
+    from geoloc_cli.fetch import reader
 
     ids = ["small.jpg", "huge.jpg"]
     meta = write_meta(tmp_path / "m.csv", ids)
     archive = tmp_path / "a.tar"
     archive.write_bytes(tar_bytes({"small.jpg": JPEG, "huge.jpg": b"\xff" * 50_000}))
     read: list[str] = []
-    members = download.archive_members
+    members = reader.archive_members
 
     def spy(kind, paths):
         for m in members(kind, paths):
-            yield download.Member(m.name, m.size, lambda m=m: read.append(m.name) or m.read())
+            yield reader.Member(m.name, m.size, lambda m=m: read.append(m.name) or m.read())
 
-    monkeypatch.setattr(download, "archive_members", spy)
+    monkeypatch.setattr(stage, "archive_members", spy)  # what the stage calls
     out = stage.run(make_cfg(tmp_path / "root", "fetch.max_bytes=40000"), archive=archive, meta=meta,
                     name="t")["t"]
     assert out["status"] == {"ok": 1, "too_large": 1} and read == ["small.jpg"]
@@ -349,11 +350,11 @@ def test_same_named_files_of_two_places_never_share_a_download(tmp_path):
     with LoopbackServer() as srv:
         srv.files["a/00.zip"], srv.files["b/00.zip"] = b"test split", b"train split"
         root = DataRoot(tmp_path / "root")
-        a = stage._get(Remote(url=srv.url("file/a/00.zip")), root)
-        b = stage._get(Remote(url=srv.url("file/b/00.zip")), root)
+        a = remote.fetch_remote(Remote(url=srv.url("file/a/00.zip")), root)
+        b = remote.fetch_remote(Remote(url=srv.url("file/b/00.zip")), root)
         assert a != b and (a.read_bytes(), b.read_bytes()) == (b"test split", b"train split")
-    remote = sources.with_split(sources.PRESETS["osv5m"], "train").archives[0].parts[0][0]
-    assert stage._user_remotes(["https://mirror.example/osv"], remote.mirror_path)[0].url == \
+    osv_part = sources.with_split(sources.PRESETS["osv5m"], "train").archives[0].parts[0][0]
+    assert remote._user_remotes(["https://mirror.example/osv"], osv_part.mirror_path)[0].url == \
         "https://mirror.example/osv/images/train/00.zip"
 
 

@@ -42,6 +42,7 @@ from geoloc_cli.store import (
     read_parquet,
     write_bytes_atomic,
     write_json_atomic,
+    write_text_atomic,
 )
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
@@ -302,6 +303,18 @@ def _write(out_dir: Path, results: dict[str, Any], pred: pd.DataFrame, kinds: li
         "great_circle_distance": pred[f"{HIER}_km"]})
     write_bytes_atomic(out_dir / "predictions.csv", published.to_csv(index=False).encode())
     plot_accuracy(out_dir / "accuracy.png", {k: pred[f"{k}_km"].to_numpy() for k in kinds}, thresholds, title)
+    _error_maps(out_dir, pred, thresholds, title)
+
+
+def _error_maps(out_dir: Path, pred: pd.DataFrame, thresholds: list[float], title: str) -> None:
+    """errors.png and errors.html: each image's true place, coloured by its error, and a line to its prediction."""
+    from geoloc_cli import maps
+    from geoloc_cli.inference import HIER
+
+    cols = [pred[c].to_numpy(np.float64) for c in ("lat", "lon", f"{HIER}_lat", f"{HIER}_lon", f"{HIER}_km")]
+    maps.error_png(out_dir / "errors.png", *cols, thresholds, title)
+    names = pred["img_id"].astype(str).tolist() if "img_id" in pred else None
+    write_text_atomic(out_dir / "errors.html", maps.error_page(*cols, thresholds, title, names))
 
 
 def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path] | None = None,

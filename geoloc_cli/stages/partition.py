@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from geoloc_cli import console, geo, store
+from geoloc_cli import console, geo, maps, store
 from geoloc_cli import partitioning as part
 from geoloc_cli.errors import ConfigError, InputError
 
@@ -204,26 +204,6 @@ def _summary(result: dict) -> None:
 # World map of the cells
 
 
-def _polygons(table: pd.DataFrame, points_per_edge: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Cell outlines as (k, 2) lon/lat arrays, and the table row each one draws.
-
-    A cell crossing the antimeridian is drawn twice, once on each side of the map."""
-    lat, lon = geo.cell_outlines(part.table_cell_ids(table), points_per_edge)
-    lon = np.degrees(np.unwrap(np.radians(lon), axis=1))  # continuous across the antimeridian
-    shift = np.where(lon.mean(axis=1) > 180, -360.0, np.where(lon.mean(axis=1) < -180, 360.0, 0.0))
-    lon = lon + shift[:, None]
-    polys, owner = [], []
-    for k in range(lon.shape[0]):
-        outline = np.stack([lon[k], lat[k]], axis=1)
-        polys.append(outline)
-        owner.append(k)
-        for offset in (-360.0, 360.0):  # the part that sticks out on one side shows on the other
-            if (lon[k] + offset).min() < 180 and (lon[k] + offset).max() > -180:
-                polys.append(outline + [offset, 0.0])
-                owner.append(k)
-    return polys, np.asarray(owner, dtype=np.int64)
-
-
 def _draw_map(tables: dict[str, pd.DataFrame], order: list[str], path: Path) -> None:
     if path.suffix.lower() == ".png":
         _draw_png(tables, order, path)
@@ -243,15 +223,12 @@ def _draw_png(tables: dict[str, pd.DataFrame], order: list[str], path: Path) -> 
         raise InputError("--map .png needs matplotlib (pip install matplotlib), or use --map cells.html") from None
     fig, axes = plt.subplots(len(order), 1, figsize=(12, 6.2 * len(order)), squeeze=False)
     for ax, name in zip(axes[:, 0], order, strict=True):
-        polys, owner = _polygons(tables[name], 6)
+        polys, owner = maps.cell_polygons(part.table_cell_ids(tables[name]), 6)
         values = tables[name]["imgs_per_cell"].to_numpy()[owner]
         collection = PolyCollection(polys, array=values, cmap="viridis", norm=LogNorm(), edgecolors="face",
-                                    linewidths=0.2)
+                                    linewidths=0.2, alpha=0.8)
+        maps.draw_basemap(ax)
         ax.add_collection(collection)
-        ax.set_xlim(-180, 180)
-        ax.set_ylim(-90, 90)
-        ax.set_aspect("equal")
-        ax.set_facecolor("#f2f2f2")
         ax.set_xticks(range(-180, 181, 60))
         ax.set_yticks(range(-90, 91, 30))
         ax.grid(color="white", linewidth=0.5)
@@ -276,28 +253,17 @@ def _colour(values: np.ndarray) -> list[str]:
 
 
 def _html_map(tables: dict[str, pd.DataFrame], order: list[str]) -> str:
-    """A self-contained page: one SVG per partitioning (equirectangular), a tooltip per cell."""
+    """A self-contained page: one world map per partitioning (maps.svg_map), a tooltip per cell."""
     sections = []
     for name in order:
         table = tables[name]
-        polys, owner = _polygons(table, 3)
+        polys, owner = maps.cell_polygons(part.table_cell_ids(table), 3)
         counts = table["imgs_per_cell"].to_numpy()
-        colours = _colour(counts[owner])
         ids = table["hex_id"].tolist()
-        paths = []
-        for poly, colour, cell in zip(polys, colours, owner.tolist(), strict=True):
-            d = "M" + "L".join(f"{x:.3f},{-y:.3f}" for x, y in poly) + "Z"
-            tip = f"{ids[cell]}: {int(counts[cell]):,} images"
-            paths.append(f'<path d="{d}" fill="{colour}"><title>{html.escape(tip)}</title></path>')
-        sections.append(
-            f"<h2>{html.escape(name)}: {len(table):,} cells</h2>"
-            '<svg viewBox="-180 -90 360 180" width="100%" style="background:#eee">'
-            '<g stroke="#fff" stroke-width="0.02">' + "".join(paths) + "</g></svg>"
-        )
+        tips = [f"{ids[cell]}: {int(counts[cell]):,} images" for cell in owner.tolist()]
+        layer = maps.svg_cells(polys, _colour(counts[owner]), tips, "cells", 0.75, "#fff")
+        sections.append(f"<h2>{html.escape(name)}: {len(table):,} cells</h2>"
+                        + maps.svg_map(maps.WORLD, layer, "100%", name))
     legend = "".join(f'<span style="background:{c};padding:0 1em"></span>' for c in _colour(np.logspace(0, 4, 20)))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>geoloc cells</title></head>"
-        "<body style='font-family:sans-serif'><h1>S2 geo-cells</h1>"
-        f"<p>colour: images per cell, log scale (few {legend} many); hover a cell for its token and count.</p>"
-        + "".join(sections) + "</body></html>\n"
-    )
+    return maps.page("S2 geo-cells", f"colour: images per cell, log scale (few {legend} many); hover a cell for its "
+                     "token and count.", "".join(sections))

@@ -26,6 +26,7 @@ from geoloc_cli.photo import exif_gps, photos_in, to_rgb
 from geoloc_cli.store import DataRoot
 
 FORMATS = ("table", "json", "csv", "geojson")
+RADII = ("radius_50_km", "radius_90_km")  # credible radii around rank 1 (inference.rank_places)
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -171,7 +172,8 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
     if map_path is not None:
         from geoloc_cli.store import write_text_atomic
 
-        write_text_atomic(Path(map_path), html_map(results, maps, meta))
+        leaflet = Path(map_path).name.lower().endswith(".leaflet.html")
+        write_text_atomic(Path(map_path), html_map(results, maps, meta, leaflet=leaflet))
         console.info(f"wrote the map to {map_path}")
     if failed:
         console.warn(f"{failed} of {len(results)} photos failed")
@@ -305,7 +307,8 @@ def to_csv(results: list[dict[str, Any]]) -> str:
 
 
 def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """A FeatureCollection: a Point per candidate place (kind "prediction") and per EXIF location ("exif")."""
+    """A FeatureCollection: a Point per candidate place (kind "prediction"; rank 1 with the credible radii)
+    and per EXIF location ("exif")."""
     features = []
     for r in results:
         if "error" in r:
@@ -314,7 +317,8 @@ def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [t["lon"], t["lat"]]},
                              "properties": {"kind": "prediction", "file": r["file"], "rank": t["rank"],
                                             "probability": t["probability"], "cell": t["cell"],
-                                            "place": _place_name(t["place"]), "scene": r["scene"]}})
+                                            "place": _place_name(t["place"]), "scene": r["scene"],
+                                            **({k: r[k] for k in RADII if k in r} if t["rank"] == 1 else {})}})
         if "refined" in r:
             k = r["refined"]
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [k["lon"], k["lat"]]},
@@ -360,98 +364,33 @@ def _table(results: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------ map
 
 
-def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any], max_photos: int = 50) -> str:
-    """A self-contained page (no network access needed): per photo two equirectangular SVGs, the world
-    and a close-up of the candidates, with its most likely cells shaded by probability (S2 cell
-    outlines), numbered top-k markers and the EXIF location. Grey dots are the gazetteer's places of
-    >= 200k inhabitants, for orientation: no coastlines are shipped."""
-    import html
-
+def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any], max_photos: int = 50,
+             leaflet: bool = False) -> str:
+    """A self-contained page (maps.prediction_page): per photo the world and a close-up of its most
+    likely region over Natural Earth coastlines and borders, cells shaded by probability, the top-k, the
+    credible radii, the refined point (a result's "refined": {"lat", "lon"}) and the EXIF location.
+    A name ending in .leaflet.html gets the interactive page on web tiles instead (maps.leaflet_page)."""
     from geoloc_cli import gazetteer
+    from geoloc_cli import maps as m
 
-    places = gazetteer.load()
-    big = places.population >= 200_000
-    # zero-length strokes with round caps: dots whose size follows the stroke width of each view
-    dots = "".join(f"M{x:.2f},{-y:.2f}h0" for x, y in zip(places.lon[big], places.lat[big], strict=True))
     fine = meta["partitionings"]["names"][-1]
     tokens = meta["partitionings"]["cells"][fine]["hex_id"]
-    sections = []
-    for r, m in list(zip(results, maps, strict=True))[:max_photos]:
-        title = html.escape(Path(r["file"]).name)
+    preds: list[Any] = []
+    for r, cells in list(zip(results, maps, strict=True))[:max_photos]:
+        title = Path(r["file"]).name
         if "error" in r:
-            sections.append(f"<h2>{title}</h2><p>error: {html.escape(r['error'])}</p>")
+            preds.append((title, r["error"]))
             continue
-        cells = _cell_paths(m, tokens)
-        svgs = [_svg(view, dots, cells, r) for view in [(-180.0, -90.0, 360.0), _close_up(r)]]
-        sections.append(f"<h2>{title}</h2><div style='display:flex;gap:1%'>{''.join(svgs)}</div>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>geoloc predictions</title></head>"
-            "<body style='font-family:sans-serif;max-width:1600px'><h1>geoloc predictions</h1>"
-            "<p>Left: the world; right: the candidates close up. Red shading: probability of each geo-cell "
-            "(hierarchical prediction, darker = more likely); numbered circles: the top-k candidates; green "
-            f"cross: the photo's EXIF location; grey dots: big cities. {html.escape(gazetteer.ATTRIBUTION)}</p>"
-            + "".join(sections) + "</body></html>\n")
-
-
-def _close_up(r: dict[str, Any], min_width: float = 8.0) -> tuple[float, float, float]:
-    """(x0, y0, width) of a 2:1 view box around the candidates and the EXIF location, with margins."""
-    pts = [(t["lon"], -t["lat"]) for t in r["top"]] + ([(r["exif"]["lon"], -r["exif"]["lat"])] if "exif" in r else [])
-    xs, ys = np.array(pts).T
-    w = min(max(np.ptp(xs) * 1.6, np.ptp(ys) * 4.0, min_width), 360.0)
-    return float(xs.min() + xs.max()) / 2 - w / 2, float(ys.min() + ys.max()) / 2 - w / 4, w
-
-
-def _svg(view: tuple[float, float, float], dots: str, cells: str, r: dict[str, Any]) -> str:
-    """One map: view = (x0, y0, width) in degrees (y = -latitude); line widths and markers scale with the
-    width, so they look the same in the world view and in a close-up."""
-    x0, y0, w = view
-    k = w / 360
-    lines = [f"M{x},-90V90" for x in range(-180, 181, 30)] + [f"M-180,{y}H180" for y in range(-90, 91, 30)]
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='{x0:.4f} {y0:.4f} {w:.4f} {w / 2:.4f}' width='49%'>"
-            f"<rect x='{x0:.4f}' y='{y0:.4f}' width='{w:.4f}' height='{w / 2:.4f}' fill='#dfe9f3'/>"
-            f"<path d='{''.join(lines)}' stroke='#fff' stroke-width='{0.4 * k:.4f}' fill='none'/>"
-            f"<path d='{dots}' stroke='#9a9a9a' stroke-width='{1.3 * k:.4f}' stroke-linecap='round'/>"
-            f"<g stroke-width='{0.25 * k:.4f}'>{cells}</g>{_markers(r, k)}</svg>")
-
-
-def _cell_paths(m: tuple[np.ndarray, np.ndarray], tokens: list[str]) -> str:
-    import html
-
-    from geoloc_cli import geo
-
-    idx, p = m
-    keep = p >= p[0] * 1e-3  # cells 1000x less likely than the best are invisible anyway
-    idx, p = idx[keep], p[keep]
-    try:
-        lat, lon = geo.cell_outlines(geo.from_token([tokens[i] for i in idx]), 3)
-    except ValueError:  # not S2 tokens (a hand-made checkpoint): no outlines to draw
-        return ""
-    lon = np.degrees(np.unwrap(np.radians(lon), axis=1))
-    out = []
-    for k in range(len(idx)):
-        d = "M" + "L".join(f"{x:.4f},{-y:.4f}" for x, y in zip(lon[k], lat[k], strict=True)) + "Z"
-        tip = html.escape(f"{tokens[idx[k]]}: {100 * p[k]:.2f}%")
-        out.append(f"<path d='{d}' fill-opacity='{0.15 + 0.75 * p[k] / p[0]:.3f}'><title>{tip}</title></path>")
-    return f"<g fill='#d62728' stroke='#7f1010'>{''.join(out)}</g>"
-
-
-def _markers(r: dict[str, Any], scale: float = 1.0) -> str:
-    """Numbered circles for the candidates (rank 1 on top) and a cross for the EXIF location; `scale`
-    is the view's width / 360, so markers keep their size on screen."""
-    import html
-
-    rad, sw, fs = 3.2 * scale, 0.4 * scale, 3.6 * scale
-    out = []
-    for t in reversed(r["top"]):
-        tip = html.escape(f"#{t['rank']} {_place_name(t['place'])}: {100 * t['probability']:.1f}%")
-        x, y = t["lon"], -t["lat"]
-        out.append(f"<g><title>{tip}</title><circle cx='{x:.4f}' cy='{y:.4f}' r='{rad:.4f}' fill='#fff' "
-                   f"stroke='#000' stroke-width='{sw:.4f}'/><text x='{x:.4f}' y='{y + fs * 0.38:.4f}' "
-                   f"font-size='{fs:.4f}' text-anchor='middle'>{t['rank']}</text></g>")
-    if "exif" in r:
-        e = r["exif"]
-        x, y, a = e["lon"], -e["lat"], 2 * scale
-        tip = html.escape(f"EXIF: {_place_name(e['place'])}, error {e['error_km']:,.0f} km")
-        out.append(f"<g><title>{tip}</title><path d='M{x - a:.4f},{y - a:.4f}L{x + a:.4f},{y + a:.4f}"
-                   f"M{x - a:.4f},{y + a:.4f}L{x + a:.4f},{y - a:.4f}' stroke='#2ca02c' "
-                   f"stroke-width='{0.8 * scale:.4f}'/></g>")
-    return "".join(out)
+        idx, p = cells
+        keep = p >= p[0] * 1e-3  # cells 1000x less likely than the best are invisible anyway
+        top = [m.Point(t["lat"], t["lon"], f"#{t['rank']} {_place_name(t['place'])}: {100 * t['probability']:.1f}%",
+                       str(t["rank"])) for t in r["top"]]
+        refined = r.get("refined")
+        truth = r.get("exif")
+        preds.append(m.Prediction(
+            title, [tokens[i] for i in idx[keep]], p[keep], top,
+            m.Point(refined["lat"], refined["lon"], "refined position") if refined else None,
+            m.Point(truth["lat"], truth["lon"], f"EXIF: {_place_name(truth['place'])}, error "
+                    f"{truth['error_km']:,.0f} km") if truth else None,
+            (r["radius_50_km"], r["radius_90_km"]) if "radius_50_km" in r else None))
+    return m.leaflet_page(preds) if leaflet else m.prediction_page(preds, gazetteer.ATTRIBUTION, gazetteer.load())

@@ -1,0 +1,5 @@
+"""Fetching images into tar shards, along img2dataset's seams: `reader` (URL lists, metadata, archive
+members), `remote` (registry files: Hub, mirrors, resumable HTTP), `downloader` (HTTP and per-item
+checks: a failure is a row with a status), `writer` (shard planning, tar + manifest part, the merged
+manifest) and `supervisor` (worker processes, progress, errors). `stages/fetch.py` drives them.
+Core: imports only other core modules (no typer or rich, console through the stage)."""
