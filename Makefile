@@ -37,6 +37,10 @@ demo: install
 	# both runs side by side: the dual-branch ViT and the heads trained on its cached RGB embeddings
 	$(GEOLOC) evaluate $(DEMO) --model geoloc-data/demo/runs/demo/model.safetensors \
 		--model geoloc-data/demo/runs/demo-embeddings/model.safetensors
+	# retrieval refinement: a gallery of the training photos' cached RGB embeddings (the demo run's RGB ViT
+	# embedded them above), then the cell centre and the refined position side by side
+	$(GEOLOC) index $(DEMO)
+	$(GEOLOC) evaluate $(DEMO) --refine knn
 	# a held-out photo (the first of the demo_val URL list)
 	$(GEOLOC) predict $$(head -1 geoloc-data/demo/meta/demo_val_urls.csv | cut -d, -f2 | sed 's|^file://||') $(DEMO)
 

@@ -52,6 +52,9 @@ GpusOpt = Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU
 DATA_MODULES = ("pandas", "pyarrow")
 FETCH_MODULES = (*DATA_MODULES, "h11", "certifi", "idna", "httpx", "huggingface_hub")
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; plain log lines instead.")]
+RefineOpt = Annotated[str | None, typer.Option(
+    "--refine", help="knn: refine each position with the nearest gallery photos in its top cells (`geoloc index`; "
+    "retrieval.* settings).")]
 
 
 def _version(show: bool) -> None:
@@ -86,6 +89,12 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--gpus: expected comma-separated integers like 0,1, got {text!r}") from None
+
+
+def _refine(value: str | None) -> str | None:
+    if value not in (None, "none", "knn"):
+        raise ConfigError(f"--refine {value}: expected knn (or none)")
+    return value if value == "knn" else None
 
 
 def _config(config: Path | None, sets: list[str] | None, root: str | None, **options: Any):
@@ -259,6 +268,25 @@ def embed(
 
 
 @app.command(
+    epilog="Examples:  geoloc index  |  geoloc index mp16 --set retrieval.index=ivf  |  "
+    "geoloc evaluate --refine knn --set retrieval.k=20"
+)
+@_handled
+def index(
+    dataset: Annotated[str | None, typer.Argument(help="Gallery dataset (default: retrieval.dataset, "
+                                                       "else train.dataset).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the retrieval gallery (embeddings + positions, FAISS for large ones) for --refine knn."""
+    from geoloc_cli.stages import index as stage
+
+    stage.run(_config(config, set_, root), dataset=dataset)
+
+
+@app.command(
     epilog="Examples:  geoloc train  |  geoloc train --gpus 0,1  |  geoloc train --resume  |  "
     "torchrun --nproc-per-node 8 -m geoloc_cli train"
 )
@@ -309,6 +337,7 @@ def evaluate(
                           "summary block is compared with the recomputed one); repeatable."),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    refine: RefineOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     root: RootOpt = None,
@@ -323,7 +352,7 @@ def evaluate(
     require("matplotlib", extra="plots")  # accuracy.png
     from geoloc_cli.stages import evaluate as stage
     stage.run(cfg, datasets=datasets or None, model=model or None, from_predictions=from_predictions or None,
-              as_json=json_)
+              as_json=json_, refine=_refine(refine))
 
 
 @app.command(
@@ -340,6 +369,7 @@ def predict(
     geojson: Annotated[bool, typer.Option("--geojson", help="Print a GeoJSON FeatureCollection.")] = False,
     map_: Annotated[Path | None, typer.Option("--map", help="Write a self-contained HTML map.")] = None,
     backend: Annotated[str | None, typer.Option(help="auto, onnx or torch (predict.backend).")] = None,
+    refine: RefineOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     root: RootOpt = None,
@@ -354,7 +384,7 @@ def predict(
     fmt = "json" if json_ else "csv" if csv_ else "geojson" if geojson else "table"
     cfg = _config(config, set_, root, **{"runtime.device": device, "predict.top_k": top_k,
                                          "predict.backend": backend})
-    failed = stage.run(cfg, photos=photos, model=model, fmt=fmt, map_path=map_)
+    failed = stage.run(cfg, photos=photos, model=model, fmt=fmt, map_path=map_, refine=_refine(refine))
     if failed:
         raise typer.Exit(1)
 

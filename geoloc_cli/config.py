@@ -191,6 +191,29 @@ class PredictConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    dataset: str = doc("", "Gallery dataset for `geoloc index` and --refine knn ('' = train.dataset); its "
+                       "embeddings (`geoloc embed`) must come from the refining model's RGB branch.")
+    k: int = doc(20, "Gallery neighbours whose positions are aggregated into the refined position.")
+    top_cells: int = doc(1, "Search only among gallery photos in the query's most likely finest cells (of the "
+                         "hierarchical prediction); 0 = the whole gallery. On the demo 1 beats more: the classifier "
+                         "picks the cell better than the nearest embeddings do.")
+    aggregation: str = doc("median", "How neighbours' positions become one: median (weighted geometric median on "
+                           "the sphere), weighted (centroid, softmax(similarity / temperature) weights), mean "
+                           "(centroid) or top1 (the nearest neighbour's position).")
+    temperature: float = doc(0.2, "Softmax temperature of the similarity weights (weighted, median).")
+    index: str = doc("auto", "Search: exact (numpy, any size; only the query's cells are scored), flat / ivf / "
+                     "hnsw (a FAISS index: exact, inverted lists or graph over fp16 codes); auto = exact up to "
+                     "exact_max photos, ivf above (FAISS: the `retrieval` extra; GPU where the build has one).")
+    exact_max: int = doc(1_000_000, "index=auto: galleries up to this many photos use exact search.")
+    candidates: int = doc(1000, "FAISS: global neighbours fetched per query before keeping those in its top cells.")
+    nprobe: int = doc(32, "FAISS ivf: inverted lists visited per query (recall against speed).")
+    exclude: list[str] = doc([], "Datasets whose photos (by id, and by author where both metadata have authors) "
+                             "`geoloc index` leaves out of the gallery, besides evaluate.datasets.")
+    exclude_authors: bool = doc(True, "Also leave out gallery photos by an author of an evaluation photo.")
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -203,6 +226,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     @property
     def root(self) -> Path:
@@ -254,6 +278,13 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.layer_decay": (lambda v: 0 < v <= 1, "0 < decay <= 1"),
     "model.head_hidden": (lambda v: v >= 0, ">= 0"),
     "model.head_trunk": (lambda v: v >= 0, ">= 0"),
+    "retrieval.k": (lambda v: v > 0, "> 0"),
+    "retrieval.top_cells": (lambda v: v >= 0, ">= 0"),
+    "retrieval.aggregation": (lambda v: v in ("mean", "median", "weighted", "top1"), "mean, median, weighted or top1"),
+    "retrieval.temperature": (lambda v: v > 0, "> 0"),
+    "retrieval.index": (lambda v: v in ("auto", "exact", "flat", "ivf", "hnsw"), "auto, exact, flat, ivf or hnsw"),
+    "retrieval.candidates": (lambda v: v > 0, "> 0"),
+    "retrieval.nprobe": (lambda v: v > 0, "> 0"),
 }
 
 

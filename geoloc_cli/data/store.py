@@ -89,6 +89,10 @@ class DataRoot:
         """Cached backbone embeddings (`geoloc embed`), with embedder.json naming what made them."""
         return self.dataset(name) / "emb"
 
+    def gallery(self, name: str) -> Path:
+        """The retrieval gallery `geoloc index` builds from the dataset's embeddings (geoloc_cli/retrieval.py)."""
+        return self.dataset(name) / "gallery"
+
     def manifest(self, name: str) -> Path:
         return self.dataset(name) / "manifest.parquet"
 

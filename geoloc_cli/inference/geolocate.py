@@ -11,7 +11,7 @@ path (ONNX Runtime) uses CellSet, the numpy preprocessing and `rank_places` from
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,14 +142,18 @@ def predicted_location(name: str, cls_idx: np.ndarray, cells: CellSet) -> tuple[
 
 def run_geolocation(model: torch.nn.Module, batches: Iterable[dict[str, Any]], cells: CellSet,
                     seg_channels: int, device: torch.device, amp: torch.dtype | None,
-                    reduce: str = "mean") -> pd.DataFrame:
+                    reduce: str = "mean", on_probs: Callable[[dict[str, np.ndarray]], Any] | None = None,
+                    ) -> pd.DataFrame:
     """One row per image: index, gt lat/lon, scene prediction, and per prediction kind its class,
-    location and great-circle error. Batches of crop stacks are reduced over crops by `reduce`."""
+    location and great-circle error. Batches of crop stacks are reduced over crops by `reduce`; `on_probs`
+    sees each batch's probabilities (evaluate's --refine keeps the top cells)."""
     import pandas as pd
 
     frames = []
     for batch in batches:
         probs = crop_probabilities(model, batch["image"], batch["seg"], seg_channels, device, amp, reduce)
+        if on_probs is not None:
+            on_probs(probs)
         lat, lon = batch["lat"].numpy(), batch["lon"].numpy()
         cols: dict[str, Any] = {"index": batch["index"].numpy(), "lat": lat, "lon": lon}
         if "scene" in probs:

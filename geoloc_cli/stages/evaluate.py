@@ -43,6 +43,7 @@ from geoloc_cli.data.store import (
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo.sphere import haversine_km
 from geoloc_cli.inference.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
+from geoloc_cli.inference.retrieval import REFINED, Refiner
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
@@ -178,8 +179,10 @@ def plot_accuracy(path: Path, curves: dict[str, np.ndarray], thresholds: list[fl
 # --------------------------------------------------------------------------- model evaluation
 
 
-def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, device) -> tuple[dict, pd.DataFrame]:
-    """(metrics, one row per image) of one model on one dataset."""
+def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, device,
+                     refiner: Any = None) -> tuple[dict, pd.DataFrame]:
+    """(metrics, one row per image) of one model on one dataset (with a `retrieval.Refiner`, the refined
+    positions too)."""
     import torch
 
     from geoloc_cli.data.dataset import GeoDataset, locate
@@ -215,14 +218,22 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
                                          num_workers=workers, pin_memory=device.type == "cuda")
     cells = CellSet.from_meta(meta["partitionings"])
     amp = amp_dtype(cfg.train.precision, device)
+    queries, tops = [], []  # --refine: each batch's RGB embeddings and top cells
     with console.progress(f"evaluate {dataset}", len(loader), unit="batch") as bar:
         def batches():
             for b in loader:
+                if refiner is not None:
+                    queries.append(refiner.embed(model, b["image"], device, amp))
                 yield b
                 bar.advance(1)
-        pred = run_geolocation(model, batches(), cells, spec["seg_channels"], device, amp, cfg.evaluate.crop_reduce)
+        keep_top = (lambda p: tops.append(refiner.top(p, cells))) if refiner is not None else None
+        pred = run_geolocation(model, batches(), cells, spec["seg_channels"], device, amp, cfg.evaluate.crop_reduce,
+                               keep_top)
     thresholds = cfg.evaluate.thresholds_km
     results: dict[str, Any] = summarize(pred, cells, thresholds)
+    if refiner is not None:
+        refined = refiner.evaluate(pred, np.concatenate(queries), np.concatenate(tops), cells, rows)
+        results[REFINED] = accuracy(pred[f"{REFINED}_km"].to_numpy(), thresholds)
     base = cells.names[0]
     results[BASELINE] = accuracy(trivial_baseline(cells.count[base], cells.lat[base], cells.lon[base],
                                                   pred["lat"].to_numpy(), pred["lon"].to_numpy()), thresholds)
@@ -236,6 +247,8 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
         results["by_scene"] = by_scene(pred, [*cells.names, "hierarchical"], thresholds)
     results["setup"] = {"dataset": dataset, "crops": crops, "crop_reduce": cfg.evaluate.crop_reduce,
                         "thresholds_km": list(thresholds)}
+    if refiner is not None:
+        results["setup"]["refine"] = refined
     return results, pred
 
 
@@ -305,7 +318,8 @@ def _error_maps(out_dir: Path, pred: pd.DataFrame, thresholds: list[float], titl
 
 
 def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path] | None = None,
-        from_predictions: Path | list[Path] | None = None, as_json: bool = False) -> dict[str, Any]:
+        from_predictions: Path | list[Path] | None = None, as_json: bool = False,
+        refine: str | None = None) -> dict[str, Any]:
     """Evaluate one or more checkpoints (or predictions files); returns the metrics.
 
     Returned (and printed with --json): {dataset: metrics} for one checkpoint, {label: {dataset: metrics}}
@@ -324,7 +338,7 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
     models = [model] if isinstance(model, str | Path) else list(model or [])
     ckpts = [Path(m) for m in models] or [DataRoot(cfg.root).model(cfg.train.run)]
     names = datasets or cfg.evaluate.datasets
-    per_model = {label: evaluate_model(cfg, ckpt, names, quiet_tables=as_json or len(ckpts) > 1)
+    per_model = {label: evaluate_model(cfg, ckpt, names, quiet_tables=as_json or len(ckpts) > 1, refine=refine)
                  for label, ckpt in zip(labels(ckpts), ckpts, strict=True)}
     if len(ckpts) > 1 and not as_json:
         _side_by_side(per_model, names, thresholds)
@@ -334,7 +348,8 @@ def run(cfg: Config, datasets: list[str] | None = None, model: Path | list[Path]
     return out
 
 
-def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: bool = False) -> dict[str, Any]:
+def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: bool = False,
+                   refine: str | None = None) -> dict[str, Any]:
     import torch
 
     from geoloc_cli.dist import limit_cpu_threads, loader_workers, resolve_device
@@ -347,10 +362,13 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
     net, meta, _ = load_inference_checkpoint(ckpt, str(device))
     cfg = with_protocol(cfg, meta)
     thresholds = cfg.evaluate.thresholds_km
-    kinds = [*meta["partitionings"]["names"], "hierarchical"]
+    refiner = Refiner.open(cfg, net) if refine else None
+    kinds = [*meta["partitionings"]["names"], "hierarchical", *([REFINED] if refiner else [])]
     out: dict[str, Any] = {}
     for dataset in datasets:
-        results, pred = evaluate_dataset(cfg, net, meta, dataset, device)
+        results, pred = evaluate_dataset(cfg, net, meta, dataset, device, refiner)
+        if refiner is not None:
+            _report_refine(dataset, results["setup"]["refine"])
         results["setup"]["model"] = str(ckpt)
         out[dataset] = results
         where = eval_dir(ckpt, dataset, cfg.evaluate.crops, cfg.evaluate.crop_reduce)
@@ -372,6 +390,20 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
     return out
 
 
+def _report_refine(dataset: str, setup: dict[str, Any]) -> None:
+    """The leakage check and the refinement's reach, one line each."""
+    leaked = setup["leakage_left_out"]
+    if leaked["by_id"] or leaked["by_author"]:
+        console.warn(f"{dataset}: the gallery holds {leaked['by_id']:,} of its photos (by id) and "
+                     f"{leaked['by_author']:,} more by their authors: left out of the search (run `geoloc index` "
+                     "with this dataset in evaluate.datasets to drop them for good)")
+    else:
+        console.info(f"{dataset}: leakage check passed: no gallery photo shares an id or author with it")
+    if setup["without_neighbours"]:
+        console.info(f"{dataset}: {setup['without_neighbours']:,} photos had no gallery neighbour in their top "
+                     "cells and keep the cell centre")
+
+
 def with_protocol(cfg: Config, meta: dict[str, Any]) -> Config:
     """evaluate.crops / crop_reduce `auto`: the test protocol the checkpoint records (a converted published
     model's own, e.g. GeoEstimation's five crops and their maximum), else a centre crop."""
@@ -388,5 +420,9 @@ def _side_by_side(per_model: dict[str, dict[str, Any]], datasets: list[str], thr
     setups = {(r[d]["setup"]["crops"], r[d]["setup"]["crop_reduce"]) for r in per_model.values() for d in datasets}
     crops = "" if setups == {("center", "mean")} else ", crops " + "; ".join(f"{c} ({m})" for c, m in sorted(setups))
     for dataset in datasets:
-        _table(f"{dataset}: hierarchical prediction{crops}",
-               {label: runs[dataset]["hierarchical"] for label, runs in per_model.items()}, thresholds, first="model")
+        rows = {}
+        for label, runs in per_model.items():
+            rows[label] = runs[dataset]["hierarchical"]
+            if REFINED in runs[dataset]:  # --refine: the refined position under each model's cell centre
+                rows[f"{label} +knn"] = runs[dataset][REFINED]
+        _table(f"{dataset}: hierarchical prediction{crops}", rows, thresholds, first="model")

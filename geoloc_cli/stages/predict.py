@@ -146,7 +146,8 @@ def open_model(ckpt: Path, backend: str, device: str) -> tuple[Any, dict[str, An
 
 
 def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: bool = False,
-        fmt: str | None = None, map_path: Path | None = None, backend: str | None = None) -> int:
+        fmt: str | None = None, map_path: Path | None = None, backend: str | None = None,
+        refine: str | None = None) -> int:
     fmt = fmt or ("json" if as_json else "table")
     if fmt not in FORMATS:
         raise ConfigError(f"output format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -154,10 +155,16 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
         raise ConfigError(f"--map {map_path}: expected an .html file")
     files = collect(photos)  # before the model loads: an empty folder fails at once
     ckpt = Path(model) if model else DataRoot(cfg.root).model(cfg.train.run)
-    net, meta = open_model(ckpt, backend or cfg.predict.backend, cfg.runtime.device)
+    backend = backend or cfg.predict.backend
+    if refine and backend == "onnx":
+        raise ConfigError("--refine knn needs the torch backend: the ONNX export has no embedding output")
+    net, meta = open_model(ckpt, "torch" if refine else backend, cfg.runtime.device)
     try:
+        from geoloc_cli.inference.retrieval import Refiner
+
+        refiner = Refiner.open(cfg, net.model) if refine else None
         results, maps = predict_files(net, meta, files, cfg.predict.top_k, cfg.predict.batch_size,
-                                      cfg.fetch.max_pixels)
+                                      cfg.fetch.max_pixels, refiner)
     finally:
         net.close()
     failed = sum("error" in r for r in results)
@@ -174,20 +181,23 @@ def run(cfg: Config, photos: list[Path], model: Path | None = None, as_json: boo
 
 
 def predict_files(net: Any, meta: dict[str, Any], files: list[Path], top_k: int, batch_size: int,
-                  max_pixels: int) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
-    """Per file a result ({"file", "top", "scene", "exif"?} or {"file", "error"}) and, for the map, the
-    (finest class indices, probabilities) of its most likely cells."""
+                  max_pixels: int, refiner: Any = None,
+                  ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
+    """Per file a result ({"file", "top", "scene", "refined"?, "exif"?} or {"file", "error"}) and, for the map,
+    the (finest class indices, probabilities) of its most likely cells. With a `retrieval.Refiner` (torch
+    backend), "refined" is the position its gallery neighbours give."""
     from geoloc_cli.geo import gazetteer
     from geoloc_cli.inference.geolocate import CellSet
 
     cells = CellSet.from_meta(meta["partitionings"])
     with ThreadPoolExecutor(1) as pool:  # read the place names while the first batch runs
         names = pool.submit(gazetteer.load)
-        return _predict_batches(net, cells, files, top_k, batch_size, max_pixels, names)
+        return _predict_batches(net, cells, files, top_k, batch_size, max_pixels, names, refiner)
 
 
 def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_size: int, max_pixels: int,
-                     names: Future) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
+                     names: Future, refiner: Any = None,
+                     ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray] | None]]:
     from geoloc_cli.inference.geolocate import hierarchical_distribution, rank_places
 
     results: list[dict[str, Any]] = []
@@ -200,17 +210,30 @@ def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_
             probs = net.probabilities([loaded[i].image for i in ok]) if ok else {}
             ranked = rank_places(probs, cells, top_k) if ok else []
             hier = hierarchical_distribution(probs, cells) if ok else np.zeros((0, 0))
+            refined = _refined(net, refiner, [loaded[i].image for i in ok], hier, cells) if ok and refiner else None
             for i, f in enumerate(chunk):
                 if i not in ok:
                     results.append({"file": str(f), "error": loaded[i]})
                     maps.append(None)
                     continue
                 j = ok.index(i)
-                results.append(_describe(str(f), ranked[j], loaded[i].gps, names.result()))
+                results.append(_describe(str(f), ranked[j] | ({"refined": refined[j]} if refined else {}),
+                                         loaded[i].gps, names.result()))
                 order = np.argsort(-hier[j])[:500]
                 maps.append((order, hier[j][order]))
             bar.advance(len(chunk))
     return results, maps
+
+
+def _refined(net: Any, refiner: Any, images: list[Any], hier: np.ndarray, cells: Any) -> list[dict[str, Any]]:
+    """Per photo the refined position, the neighbours it came from and the settings."""
+    from geoloc_cli.inference.retrieval import embed_images, top_classes
+
+    queries = embed_images(net.model, images, net.spec["img_size"], net.meta["preprocess"])
+    lat, lon, used = refiner.refine(cells, queries, top_classes(hier, refiner.cfg.retrieval.top_cells))
+    how = refiner.settings()
+    return [{"lat": round(float(a), 6), "lon": round(float(o), 6), "neighbours": int(n), **how}
+            for a, o, n in zip(lat, lon, used, strict=True)]
 
 
 def _describe(file: str, ranked: dict[str, Any], gps: tuple[float, float] | None, places: Any) -> dict[str, Any]:
@@ -221,9 +244,15 @@ def _describe(file: str, ranked: dict[str, Any], gps: tuple[float, float] | None
     for t, p in zip(top, named, strict=True):
         t["place"] = p
     out = {"file": file, **ranked}
+    if "refined" in out:
+        r = out["refined"]
+        r["place"] = places.nearest([r["lat"]], [r["lon"]])[0]
     if gps is not None:
         out["exif"] = {"lat": gps[0], "lon": gps[1], "place": places.nearest(*gps)[0],
                        "error_km": round(float(haversine_km(gps[0], gps[1], top[0]["lat"], top[0]["lon"])), 1)}
+        if "refined" in out:
+            out["exif"]["refined_error_km"] = round(float(haversine_km(gps[0], gps[1], out["refined"]["lat"],
+                                                                       out["refined"]["lon"])), 1)
     return out
 
 
@@ -290,6 +319,11 @@ def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
                                             "probability": t["probability"], "cell": t["cell"],
                                             "place": _place_name(t["place"]), "scene": r["scene"],
                                             **({k: r[k] for k in RADII if k in r} if t["rank"] == 1 else {})}})
+        if "refined" in r:
+            k = r["refined"]
+            features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [k["lon"], k["lat"]]},
+                             "properties": {"kind": "refined", "file": r["file"], "place": _place_name(k["place"]),
+                                            "neighbours": k["neighbours"]}})
         if "exif" in r:
             e = r["exif"]
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [e["lon"], e["lat"]]},
@@ -310,10 +344,15 @@ def _table(results: list[dict[str, Any]]) -> None:
             rows.append((Path(r["file"]).name if first else "", t["rank"], f"{t['lat']:.4f}", f"{t['lon']:.4f}",
                          _place_name(t["place"]), t["cell"], f"{100 * t['probability']:.1f}%",
                          f"{scene} {100 * r['scene'][scene]:.0f}%" if first and scene else ""))
+        if "refined" in r:
+            k = r["refined"]
+            rows.append(("", "knn", f"{k['lat']:.4f}", f"{k['lon']:.4f}",
+                         f"{_place_name(k['place'])} (refined: {k['neighbours']} gallery neighbours)", "", "", ""))
         if "exif" in r:
             e = r["exif"]
+            off = f"; refined {e['refined_error_km']:,.0f} km" if "refined_error_km" in e else ""
             rows.append(("", "exif", f"{e['lat']:.4f}", f"{e['lon']:.4f}",
-                         f"{_place_name(e['place'])} (true position: rank 1 is {e['error_km']:,.0f} km off)",
+                         f"{_place_name(e['place'])} (true position: rank 1 is {e['error_km']:,.0f} km off{off})",
                          "", "", ""))
     if rows:
         from geoloc_cli.geo.gazetteer import ATTRIBUTION
