@@ -170,7 +170,7 @@ def bench_train(check: Check, name: str, limit: float, *extra: str) -> dict[str,
 def world_config(root: Path, smoke: bool, demo_size: int) -> dict[str, Any]:
     """configs/demo.yaml scaled to a GPU (or, with smoke, to the tests' tiny sizes)."""
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    cfg["paths"]["root"] = str(root)
+    cfg["paths"]["root"] = str(Path(root).resolve())  # (a relative root would resolve against the config file)
     scale = demo_size / cfg["fetch"].get("demo_size", 1200)
     cfg["partition"]["tau_min"] = max(2, round(cfg["partition"]["tau_min"] * scale))
     cfg["partition"]["tau_max"] = {k: max(4, round(v * scale)) for k, v in cfg["partition"]["tau_max"].items()}
