@@ -67,7 +67,8 @@ def train_loader(cfg: Config, epoch: int = 0, device: str = "cpu"):
     pre = build_model(spec).data_config()
     ds = GeoDataset(rows, root.shards(name), seg_dir, cfg.model.img_size, pre, train._targets(cfg),
                     train=cfg.train.augment, seed=cfg.runtime.seed)
-    sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.runtime.seed, groups=rows["shard"].to_numpy())
+    sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.runtime.seed, groups=rows["shard"].to_numpy(),
+                           window=cfg.train.shuffle_window_shards)  # as the stage's
     sampler.set_epoch(epoch)
     ds.set_epoch(epoch)
     info = SimpleNamespace(device=torch.device(device))  # the loader's settings for a process on `device`

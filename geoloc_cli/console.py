@@ -66,6 +66,14 @@ _log_handler = _StderrHandler()
 _log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
 
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def verbosity() -> int:
+    return _state["verbose"]
+
+
 def set_verbose(level: int) -> None:
     """Verbose (`geoloc -v`): errors come with their traceback, and libraries' log records are shown (level 1:
     INFO and above, 2: DEBUG too); 0 restores Python's default (warnings only)."""

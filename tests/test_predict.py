@@ -356,3 +356,13 @@ def test_an_export_is_self_describing(tmp_path, photos):
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == tops[0]
+
+
+def test_predict_of_an_export_imports_no_table_or_training_library():
+    """The predict-only install has no pandas, pyarrow, torch, matplotlib, OpenCV or httpx (CI's
+    predict-only job installs it); here they are made unimportable instead."""
+    code = ("import sys\n"
+            "for m in ('pyarrow', 'pandas', 'torch', 'matplotlib', 'cv2', 'httpx'): sys.modules[m] = None\n"
+            "import geoloc_cli.cli, geoloc_cli.stages.predict, geoloc_cli.inference.onnx_runtime\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -103,6 +103,11 @@ def test_a_shard_is_done_when_intact_with_its_part_and_old_layouts_move(tmp_path
     shard_part(path).rename(tmp_path / "images-000000.parquet")
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts/seg-000001.parquet").write_bytes(b"seg rows")
+    assert shard_done(path)  # readers understand the old layout before a writer moves it
+    whole = path.read_bytes()
+    path.write_bytes(whole + bytes(512))
+    assert "when it was written" in check_shard(path)  # its record where it used to be
+    path.write_bytes(whole)
     migrate_shard_folder(tmp_path)
     assert shard_done(path) and shard_record(path).is_file()
     assert shard_part(tmp_path / "seg-000001.tar").read_bytes() == b"seg rows"

@@ -425,3 +425,31 @@ def test_validation_images_without_a_true_location_are_left_out(world, tmp_path,
     m.to_parquet(manifest)
     with pytest.raises(InputError, match="no true locations"):
         train._check(cfg, 1)
+
+
+def test_the_best_model_follows_train_best_metric_and_a_resume_with_another_starts_anew():
+    import math
+    from types import SimpleNamespace
+
+    t = SimpleNamespace(cfg=load_config(None, ["train.best_metric=val_hierarchical_median_km"]))
+    assert trainer.Trainer.score(t, {"val_hierarchical_median_km": 100.0}) > \
+        trainer.Trainer.score(t, {"val_hierarchical_median_km": 200.0})  # km: lower is better
+    assert trainer.Trainer.score(t, {"val_scene_acc": 0.5}) == -math.inf  # validated without it: never the best
+    assert trainer.Trainer.score(t, {"train_loss": 2.0}) == -2.0  # no validation set: the training loss
+
+    class Net(torch.nn.Linear):
+        def upgrade_state(self, state):
+            return state
+
+    def state(metric: str) -> trainer.TrainState:
+        net = Net(2, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        return trainer.TrainState(net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                  torch.amp.GradScaler(enabled=False), best_metric=metric)
+
+    old = state("val_hierarchical_acc_2500km")
+    old.best, old.step = 0.4, 7
+    same, other = state("val_hierarchical_acc_2500km"), state("val_hierarchical_median_km")
+    same.load_state_dict(old.state_dict())
+    other.load_state_dict(old.state_dict())
+    assert (same.best, same.step) == (0.4, 7) and (other.best, other.step) == (-math.inf, 7)

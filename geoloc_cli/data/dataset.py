@@ -229,9 +229,6 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         return batch  # __getitems__ returns whole batches
 
 
-SHUFFLE_WINDOW_SHARDS = 8  # the "shuffle buffer": samples mix within this many consecutive shards
-
-
 class EpochSampler(torch.utils.data.Sampler[int]):
     """Deterministic per-epoch order split across ranks: rank r takes every world-th index.
 
@@ -244,7 +241,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
-                 groups: np.ndarray | None = None, window: int = SHUFFLE_WINDOW_SHARDS) -> None:
+                 groups: np.ndarray | None = None, window: int = 1) -> None:
+        """`window`: shards mixed together (train.shuffle_window_shards); only with `groups`."""
         assert 0 <= rank < world and window > 0
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
         self.window = window

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo import sphere
@@ -24,10 +23,11 @@ SCENES3 = ("indoor", "natural", "urban")  # S3_Label 0, 1, 2
 SCENE_COLUMNS = {3: "S3_Label", 16: "S16_Label", 365: "S365_Label"}  # scene head size -> column
 SCENE_PROBS = ["Prob_indoor", "Prob_natural", "Prob_urban"]
 ADMIN_COLUMNS = ["country", "region", "sub-region", "city"]
-# every column but the id and the position, with its type as the manifest stores it
-META_TYPES: dict[str, pa.DataType] = {
-    "AUTHOR": pa.string(), **{c: pa.int32() for c in SCENE_COLUMNS.values()},
-    **{c: pa.float64() for c in SCENE_PROBS}, **{c: pa.string() for c in ADMIN_COLUMNS}}
+# every column but the id and the position, with its Arrow type (pyarrow.type_for_alias) as the manifest
+# stores it; names, not pyarrow objects: predict of an export imports this module without pyarrow
+META_TYPES: dict[str, str] = {
+    "AUTHOR": "string", **dict.fromkeys(SCENE_COLUMNS.values(), "int32"),
+    **dict.fromkeys(SCENE_PROBS, "float64"), **dict.fromkeys(ADMIN_COLUMNS, "string")}
 META_COLUMNS = list(META_TYPES)
 PUBLISHED_COLUMNS = [ID, "AUTHOR", LAT, LON, *SCENE_COLUMNS.values(), *SCENE_PROBS]  # the published files' order
 
@@ -43,7 +43,7 @@ def read_chunks(path: Path, chunksize: int = 500_000, columns: Sequence[str] | N
         raise InputError(f"metadata file not found: {path}")
     import pandas as pd  # only here: its import costs ~0.5 s of every fetch otherwise
 
-    text = [c for c, kind in META_TYPES.items() if pa.types.is_string(kind)]  # AUTHOR, admin areas
+    text = [c for c, kind in META_TYPES.items() if kind == "string"]  # AUTHOR, admin areas
     numeric = [LAT, LON, *(c for c in META_TYPES if c not in text)]
     wanted = None if columns is None else list(dict.fromkeys([ID, LAT, LON, *columns]))
     line = 2  # of the chunk's first row (the header is line 1)

@@ -90,7 +90,7 @@ class DataRoot:
         return self.dataset(name) / "emb"
 
     def gallery(self, name: str) -> Path:
-        """The retrieval gallery `geoloc index` builds from the dataset's embeddings (geoloc_cli/retrieval.py)."""
+        """The retrieval gallery `geoloc index` builds from the dataset's embeddings (inference/retrieval.py)."""
         return self.dataset(name) / "gallery"
 
     def manifest(self, name: str) -> Path:
@@ -471,7 +471,7 @@ def check_shard(path: Path) -> str | None:
         size = path.stat().st_size
         if size < END_OF_ARCHIVE or size % 512:
             return f"{size} bytes, not a whole tar archive"
-        record = shard_record(path)
+        record = _existing(shard_record(path), path.with_name(path.name + ".json"))
         if record.is_file():
             want = json.loads(record.read_text()).get("size")
             if want != size:
@@ -490,12 +490,19 @@ def check_shard(path: Path) -> str | None:
 def shard_done(path: Path) -> bool:
     """The one "shard done" rule of every stage that writes shards: the tar is intact (`check_shard`)
     and its part, written after it, exists."""
-    return check_shard(path) is None and shard_part(path).is_file()
+    path = Path(path)
+    legacy = (path.with_suffix(".parquet"), path.parent / "parts" / (path.stem + ".parquet"))  # before 0.2
+    return check_shard(path) is None and any(p.is_file() for p in (shard_part(path), *legacy))
+
+
+def _existing(path: Path, legacy: Path) -> Path:
+    """`path`, or where an older geoloc kept the same file (until the next write moves it)."""
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def check_members(path: Path, members: int) -> None:
     """For a reader that has listed a shard's members anyway: the count must be the one recorded."""
-    record = shard_record(path)
+    record = _existing(shard_record(path), Path(path).with_name(Path(path).name + ".json"))
     with contextlib.suppress(OSError, ValueError, KeyError):  # no record: a shard from before records
         want = json.loads(record.read_text())["members"]
         if want != members:

@@ -99,7 +99,8 @@ def flickr_sized(url: str, suffix: str) -> str:
         return url
     return urllib.parse.urlunsplit(parts._replace(path=f"{head}/{m['stem']}{suffix}{m['ext']}"))
 # Metadata columns as the manifest stores them.
-INDEXED_TYPES = {"LAT": pa.float64(), "LON": pa.float64(), **places365.META_TYPES}
+INDEXED_TYPES = {"LAT": pa.float64(), "LON": pa.float64(),
+                 **{c: pa.type_for_alias(t) for c, t in places365.META_TYPES.items()}}
 
 
 class MetaIndex:

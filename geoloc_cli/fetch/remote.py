@@ -1,4 +1,4 @@
-"""Files from the dataset registry's remotes (sources.py): metadata CSVs, URL lists and image archives,
+"""Files from the dataset registry's remotes (data/sources.py): metadata CSVs, URL lists and image archives,
 from a user's mirrors, the Hugging Face Hub (cache, resume, gated repos) or plain HTTP (resumable),
 checked against their sha256; the reader side of fetch for what is not a photo."""
 

@@ -138,7 +138,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("shard", pa.string()),
     # the metadata's other columns (manifests written before the administrative areas existed read them
     # as nulls: fetch._conform)
-    *META_TYPES.items(),
+    *((c, pa.type_for_alias(t)) for c, t in META_TYPES.items()),
 ])
 
 

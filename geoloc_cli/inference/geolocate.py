@@ -203,11 +203,14 @@ def rank_places(probs: dict[str, np.ndarray], cells: CellSet, top_k: int) -> lis
     return out
 
 
+RADII = ("radius_50_km", "radius_90_km")  # the credible radii around rank 1 that rank_places gives
+
+
 def _radii(p: np.ndarray, cells: CellSet, best: int) -> dict[str, float]:
     fine = cells.finest
     r50, r90 = credible_radii_km(p, cells.lat[fine], cells.lon[fine], (cells.lat[fine][best], cells.lon[fine][best]),
                                  (0.5, 0.9), cell_radius_km(cells.hex_id[fine][best]))
-    return {"radius_50_km": round(r50, 1), "radius_90_km": round(r90, 1)}
+    return dict(zip(RADII, (round(r50, 1), round(r90, 1)), strict=True))
 
 
 def hierarchical_distribution(probs: dict[str, np.ndarray], cells: CellSet) -> np.ndarray:

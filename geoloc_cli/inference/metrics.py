@@ -14,11 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geoloc_cli.data.places365 import ADMIN_COLUMNS
 from geoloc_cli.geo.sphere import haversine_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_KM = 1492.7  # OSV-5M's GeoScore scale
-ADMIN_LEVELS = ("country", "region", "sub-region", "city")
+ADMIN_LEVELS = tuple(ADMIN_COLUMNS)  # the metadata's administrative areas, coarsest first
 
 
 def accuracy(dist_km: np.ndarray, thresholds: Sequence[float] = THRESHOLDS_KM) -> dict[str, float]:

@@ -220,17 +220,18 @@ def collect(emb_dir: Path, rows: pd.DataFrame, dim: int) -> tuple[np.ndarray, pd
 
 def save(folder: Path, emb: np.ndarray, items: pd.DataFrame, record: dict[str, Any], index: Any) -> None:
     """The gallery's files as one generation (a killed write leaves the previous gallery or none)."""
-    from geoloc_cli.data.store import generation
+    from geoloc_cli.data.store import atomic_path, generation, write_json_atomic, write_parquet_atomic
 
-    with generation(folder) as staged:
-        with open(staged.path(EMBEDDINGS), "wb") as f:
+    with generation(folder) as staged:  # every file through atomic_path: an OS failure is one StorageError
+        with atomic_path(staged.path(EMBEDDINGS)) as tmp, open(tmp, "wb") as f:
             np.save(f, emb)
-        items[[ID, "author", "lat", "lon"]].to_parquet(staged.path(ITEMS), index=False)
+        write_parquet_atomic(items[[ID, "author", "lat", "lon"]], staged.path(ITEMS))
         if index is not None:
-            faiss_module().write_index(index, str(staged.path(FAISS)))
+            with atomic_path(staged.path(FAISS)) as tmp:
+                faiss_module().write_index(index, str(tmp))
         else:
             staged.remove(FAISS)
-        staged.path(RECORD).write_text(json.dumps(record, indent=2))
+        write_json_atomic(staged.path(RECORD), record)
 
 
 def load(folder: Path) -> Gallery:

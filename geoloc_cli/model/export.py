@@ -142,7 +142,7 @@ def _externalize(src: Path, dst: Path) -> bool:
 
 
 class _Probabilities(nn.Module):
-    """GeoModel -> tuple of softmax probabilities in head order (as inference.probabilities)."""
+    """GeoModel -> tuple of softmax probabilities in head order (as inference.geolocate.probabilities)."""
 
     def __init__(self, model: nn.Module, heads: list[str]) -> None:
         super().__init__()

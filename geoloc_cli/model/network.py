@@ -177,7 +177,7 @@ class GeoModel(nn.Module):
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 photos (the training loader's) -> normalised floats, on their device, with the same
-        operations as inference.normalize; float input is taken as normalised already."""
+        operations as inference.geolocate.normalize; float input is taken as normalised already."""
         if image.dtype != torch.uint8:
             return image
         mean, std = self._normalisation(image.device)

@@ -6,7 +6,7 @@ checkpoint's RGB branch). Photos get the evaluation view (centre crop by the bac
 the same uint8 pixels GeoModel normalises on the device; batches run under bf16 autocast on a GPU
 (`embed.precision`), and the pooled features are stored as fp16. For the layout (one embedding shard per
 image shard, aligned by key; embedder.json + embedder.safetensors recording what made them) see
-geoloc_cli/embeddings.py.
+geoloc_cli/data/embeddings.py.
 
 Resumable and atomic like segment: each shard file appears whole, finished shards are skipped, and a run
 on a dataset whose embeddings were begun by another model is refused (delete emb/ to start over); a rerun

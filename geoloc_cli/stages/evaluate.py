@@ -32,6 +32,7 @@ from geoloc_cli.config import Config
 from geoloc_cli.data.places365 import SCENE_COLUMNS, SCENES3
 from geoloc_cli.data.sources import PRESETS
 from geoloc_cli.data.store import (
+    ID,
     OK,
     DataRoot,
     atomic_path,
@@ -241,9 +242,9 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
         results["scene"] = {"accuracy": acc}
     if cfg.evaluate.admin_metrics and (admin := _admin(pred)) is not None:
         results["admin"] = admin
-    pred.insert(0, "img_id", rows["id"].to_numpy()[pred["index"].to_numpy()])
-    if "S3_Label" in rows:
-        pred["s3"] = pd.to_numeric(rows["S3_Label"], errors="coerce").to_numpy()[pred["index"].to_numpy()]
+    pred.insert(0, "img_id", rows[ID].to_numpy()[pred["index"].to_numpy()])
+    if SCENE_COLUMNS[3] in rows:
+        pred["s3"] = pd.to_numeric(rows[SCENE_COLUMNS[3]], errors="coerce").to_numpy()[pred["index"].to_numpy()]
         results["by_scene"] = by_scene(pred, [*cells.names, "hierarchical"], thresholds)
     results["setup"] = {"dataset": dataset, "crops": crops, "crop_reduce": cfg.evaluate.crop_reduce,
                         "thresholds_km": list(thresholds)}
@@ -380,7 +381,7 @@ def evaluate_model(cfg: Config, ckpt: Path, datasets: list[str], quiet_tables: b
                caption=f"written to {where}")
         if "admin" in results:
             console.table(f"{dataset}: hierarchical prediction in the right area (OSV-5M's definition) - %",
-                          ["country", "region", "sub-region", "city"],
+                          list(ADMIN_LEVELS),
                           [tuple(f"{100 * results['admin'][f'{lv}_acc']:.1f}" for lv in ADMIN_LEVELS)])
         if "scene" in results:
             console.info(f"scene accuracy: {100 * results['scene']['accuracy']:.1f}%")

@@ -328,12 +328,13 @@ def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[Non
     """One writer per dataset; --part i/N runs are meant to fill one dataset from several machines at
     once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
     folder = root.dataset(name)
-    migrate_shard_folder(root.shards(name))  # (idempotent: parts starting together may both move files)
     if part != (0, 1):
         with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
+            migrate_shard_folder(root.shards(name))  # (idempotent: parts starting together may both move files)
             yield
         return
     with locked(folder, "fetch"):
+        migrate_shard_folder(root.shards(name))
         # the only writer: a killed run's leftovers go (parts running together write these files too)
         remove_temps(folder, "manifest.parquet", "stats.json", "fetch.json")
         yield

@@ -12,7 +12,7 @@ import pandas as pd
 
 from geoloc_cli import console
 from geoloc_cli.config import Config
-from geoloc_cli.data.places365 import SCENES3
+from geoloc_cli.data.places365 import SCENE_COLUMNS, SCENES3
 from geoloc_cli.data.store import (
     ID,
     OK,
@@ -55,14 +55,14 @@ def build_index(manifest: pd.DataFrame, labels: pd.DataFrame, partitionings: lis
     if min_size:
         df = keep(df, _shorter_side(df) >= min_size, f"shorter side < {min_size} px")
     labels = labels.drop_duplicates(ID).set_index(ID)[partitionings]
-    df = df.join(labels, on="id")
+    df = df.join(labels, on=ID)
     has_all = df[partitionings].notna().all(axis=1) & (df[partitionings].fillna(-1) >= 0).all(axis=1)
     df = keep(df, has_all, "no class in every partitioning")
     df = df.astype({p: "int64" for p in partitionings})
     if scene_of_interest != 3:
-        if "S3_Label" not in df.columns:
+        if SCENE_COLUMNS[3] not in df.columns:
             raise InputError("scene_of_interest needs the S3_Label column: fetch with --meta *_places365.csv")
-        df = keep(df, df["S3_Label"] == scene_of_interest, f"scene is not {SCENES3[scene_of_interest]}")
+        df = keep(df, df[SCENE_COLUMNS[3]] == scene_of_interest, f"scene is not {SCENES3[scene_of_interest]}")
     return df.reset_index(drop=True), drops
 
 

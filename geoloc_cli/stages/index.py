@@ -1,5 +1,5 @@
 """`geoloc index`: the retrieval gallery of a dataset (default retrieval.dataset, else train.dataset) from its
-cached embeddings, for `--refine knn` in predict and evaluate. Layout and search: geoloc_cli/retrieval.py.
+cached embeddings, for `--refine knn` in predict and evaluate. Layout and search: geoloc_cli/inference/retrieval.py.
 
 Photos of the evaluation datasets (evaluate.datasets and retrieval.exclude, those fetched) are left out by id
 and, where both metadata have authors (retrieval.exclude_authors), by author; the counts are reported and

@@ -24,9 +24,9 @@ from geoloc_cli.config import Config
 from geoloc_cli.data.photo import exif_gps, photos_in, to_rgb
 from geoloc_cli.data.store import DataRoot
 from geoloc_cli.errors import ConfigError, GeolocError, InputError, require
+from geoloc_cli.inference.geolocate import RADII
 
 FORMATS = ("table", "json", "csv", "geojson")
-RADII = ("radius_50_km", "radius_90_km")  # credible radii around rank 1 (inference.rank_places)
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -392,5 +392,5 @@ def html_map(results: list[dict[str, Any]], maps: list[Any], meta: dict[str, Any
             m.Point(refined["lat"], refined["lon"], "refined position") if refined else None,
             m.Point(truth["lat"], truth["lon"], f"EXIF: {_place_name(truth['place'])}, error "
                     f"{truth['error_km']:,.0f} km") if truth else None,
-            (r["radius_50_km"], r["radius_90_km"]) if "radius_50_km" in r else None))
+            tuple(r[k] for k in RADII) if RADII[0] in r else None))
     return m.leaflet_page(preds) if leaflet else m.prediction_page(preds, gazetteer.ATTRIBUTION, gazetteer.load())

@@ -5,10 +5,10 @@ or starts one process per GPU (or per `runtime.nproc` CPU process, gloo) with to
 elastic launcher, the engine behind torchrun; under torchrun it just trains. Only rank 0 prints and
 writes. Outputs in runs/<run>/: config.yaml, metrics.jsonl, resume.pt (weights, optimizer, scheduler,
 scaler, EMA, step, every rank's RNG and running loss sums; written atomically every checkpoint_every
-steps and at each epoch end), last.safetensors and model.safetensors (best validation accuracy at
-2500 km, hierarchical) as inference checkpoints - the EMA weights when train.ema_decay > 0. Each
-epoch's metrics record, checkpoints and resume state are committed together (store.generation), and
-one process at a time writes a run (store.locked).
+steps and at each epoch end), last.safetensors and model.safetensors (the epoch best by
+train.best_metric, by default the hierarchical accuracy at 2500 km) as inference checkpoints - the EMA
+weights when train.ema_decay > 0. Each epoch's metrics record, checkpoints and resume state are
+committed together (store.generation), and one process at a time writes a run (store.locked).
 
 `--resume` continues exactly: the sample order and augmentation are functions of (seed, epoch,
 index), so the same weights come out as from an uninterrupted run (tested with kill -9 on CPU).
@@ -148,9 +148,9 @@ def _check_seg_maker(cfg: Config, root: DataRoot, name: str, warn: bool) -> None
 
 
 def _has_seg(root: DataRoot, name: str, rows: pd.DataFrame) -> bool:
-    from geoloc_cli.data.store import seg_shard_for
+    from geoloc_cli.data.store import seg_shard_for, shard_done
 
-    return all((root.seg(name) / seg_shard_for(s)).is_file() for s in rows["shard"].unique())
+    return all(shard_done(root.seg(name) / seg_shard_for(s)) for s in rows["shard"].unique())
 
 
 def _visible_devices(gpus: list[int]) -> str:
@@ -203,7 +203,7 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     if cfg.runtime.gpus:  # local rank i drives the i-th listed GPU (workers inherit the variable)
         os.environ["CUDA_VISIBLE_DEVICES"] = _visible_devices(cfg.runtime.gpus)
     try:
-        results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume)
+        results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume, console.is_quiet(), console.verbosity())
     except ChildFailedError as e:  # a worker's own error (and traceback) is in the failure record
         rank, failure = min(e.failures.items())
         msg = failure.message.get("message", failure.message) if isinstance(failure.message, dict) else failure.message
@@ -219,7 +219,9 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     return [results[r] for r in sorted(results)]
 
 
-def _entry(cfg_dict: dict[str, Any], resume: bool) -> dict[str, Any]:
+def _entry(cfg_dict: dict[str, Any], resume: bool, quiet: bool, verbose: int) -> dict[str, Any]:
+    console.set_quiet(quiet)  # a spawned worker starts with the console's defaults: the command's -q/-v
+    console.set_verbose(verbose)
     try:
         return train(cfgmod.from_dict(cfg_dict), resume)
     except OSError as e:  # disk full, read-only...: one line for the launcher, not a traceback
@@ -303,7 +305,7 @@ def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
         history.append(record)
         _end_epoch(cfg, plan, trainer, record, cells)
     if info.main:
-        _export_onnx(plan.run_dir / "model.safetensors")
+        _export_onnx(plan.root.model(cfg.train.run))
     dist.barrier()
     return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
             "params": _weights(model), "ema": _weights(state.ema.module) if state.ema else None}

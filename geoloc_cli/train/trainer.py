@@ -85,7 +85,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
 
 def build_loss(cfg: Config, heads: Iterable[str], cells: Any | None, device: torch.device):
     """The weighted multi-task loss, with haversine label smoothing where train.label_smoothing_km asks
-    (`cells`: the inference.CellSet whose centres it smooths over)."""
+    (`cells`: the inference.geolocate.CellSet whose centres it smooths over)."""
     from geoloc_cli.train.losses import MultitaskLoss
 
     smoothing = {}
@@ -110,6 +110,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs completed
     best: float = -math.inf  # best score of train.best_metric so far (higher is better: see Trainer.score)
+    best_metric: str = ""  # the metric `best` scores (a resume with another one starts the comparison anew)
     sums: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums (mid-epoch resume)
 
     @classmethod
@@ -120,7 +121,7 @@ class TrainState:
         amp = dist.amp_dtype(cfg.train.precision, device)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
         ema = Ema(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        return cls(model, opt, sched, scaler, ema)
+        return cls(model, opt, sched, scaler, ema, best_metric=cfg.train.best_metric)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -131,7 +132,7 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "step": self.step, "epoch": self.epoch, "best": self.best}
+                "step": self.step, "epoch": self.epoch, "best": self.best, "best_metric": self.best_metric}
 
     def load_state_dict(self, blob: dict[str, Any], source: Path | str = "resume state") -> None:
         """Restore from `state_dict()`'s blob; a blob that does not fit the model is a ConfigError."""
@@ -153,7 +154,10 @@ class TrainState:
                 self.ema.load_state_dict({**blob["ema"], "module": model.upgrade_state(blob["ema"]["module"])})
             else:  # EMA switched on for the rest of a run: start it from the current weights
                 self.ema.module.load_state_dict(model.state_dict())
-        self.step, self.epoch, self.best = int(blob["step"]), int(blob["epoch"]), float(blob["best"])
+        self.step, self.epoch = int(blob["step"]), int(blob["epoch"])
+        # states from before best_metric was recorded scored the default metric
+        if blob.get("best_metric", "val_hierarchical_acc_2500km") == self.best_metric:
+            self.best = float(blob["best"])
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -261,11 +265,14 @@ class Trainer:
 
     def score(self, record: dict[str, float]) -> float:
         """The epoch's score for choosing model.safetensors (higher is better): train.best_metric, or the
-        training loss where the run has no validation set."""
+        training loss where the run has no validation set; -inf (never the best) for an epoch whose
+        validation did not give the metric (e.g. no scene labels for val_scene_acc)."""
         name = self.cfg.train.best_metric
-        if name not in record:
-            name = "train_loss"
-        return best_metric_sign(name) * record.get(name, 0.0)
+        if name in record:
+            return best_metric_sign(name) * record[name]
+        if any(k.startswith("val_") for k in record) or not name.startswith("val_"):
+            return -math.inf
+        return -record.get("train_loss", 0.0)
 
     def validate(self, loader: Any, cells: Any) -> dict[str, float]:
         """Great-circle accuracy of the eval model on the validation set (each rank its share, gathered)."""
