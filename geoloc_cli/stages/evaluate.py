@@ -192,19 +192,7 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
 
     root = DataRoot(cfg.root)
     spec = meta["spec"]
-    hint = f"run `geoloc fetch {dataset}`" + (f" ({PRESETS[dataset].what})" if dataset in PRESETS else "")
-    manifest = read_parquet(root.manifest(dataset), f"manifest of {dataset!r}", hint)
-    rows = manifest[manifest["status"] == OK].reset_index(drop=True)
-    if rows.empty:
-        raise InputError(f"dataset {dataset!r} has no downloaded images")
-    located = rows["lat"].notna() & rows["lon"].notna()
-    if not located.any():
-        raise InputError(f"dataset {dataset!r} has no true locations to score against: fetch it with "
-                         "--meta *_places365.csv (or photos with EXIF GPS)")
-    if not located.all():  # scoring them as misses would understate every accuracy
-        console.warn(f"{dataset}: {int((~located).sum()):,} of {len(rows):,} images have no true location "
-                     "and are left out of the metrics")
-        rows = rows[located].reset_index(drop=True)
+    rows = _located_rows(root, dataset)
     seg_dir = root.seg(dataset) if spec["seg_channels"] else None
     if seg_dir is not None and not seg_dir.is_dir():
         raise InputError(f"the model needs segmentation maps: run `geoloc segment {dataset}`")
@@ -251,6 +239,25 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     if refiner is not None:
         results["setup"]["refine"] = refined
     return results, pred
+
+
+def _located_rows(root: DataRoot, dataset: str) -> pd.DataFrame:
+    """The dataset's downloaded images with a true location (scoring the others as misses would
+    understate every accuracy)."""
+    hint = f"run `geoloc fetch {dataset}`" + (f" ({PRESETS[dataset].what})" if dataset in PRESETS else "")
+    manifest = read_parquet(root.manifest(dataset), f"manifest of {dataset!r}", hint)
+    rows = manifest[manifest["status"] == OK].reset_index(drop=True)
+    if rows.empty:
+        raise InputError(f"dataset {dataset!r} has no downloaded images")
+    located = rows["lat"].notna() & rows["lon"].notna()
+    if not located.any():
+        raise InputError(f"dataset {dataset!r} has no true locations to score against: fetch it with "
+                         "--meta *_places365.csv (or photos with EXIF GPS)")
+    if not located.all():
+        console.warn(f"{dataset}: {int((~located).sum()):,} of {len(rows):,} images have no true location "
+                     "and are left out of the metrics")
+        rows = rows[located].reset_index(drop=True)
+    return rows
 
 
 def _admin(pred: pd.DataFrame) -> dict[str, float] | None:
