@@ -9,17 +9,19 @@ time with a report. OUT_DIR gets gpu_check.json (every step: status, seconds, nu
 gpu_check.md (the table for benchmarks/README.md) and gpu_check.log (every command's output).
 
 1. environment: GPU, cores, /dev/shm, library versions; stop if CUDA is missing (not with --smoke);
-2. bench_train_gpu.py, ViT-B/16 dual branch bf16 late fusion eager: images/s, MFU, memory;
-3. pytest -m gpu (tests/test_gpu.py): train, resume, segment, evaluate, predict on CUDA;
-4. a scaled demo world through fetch, partition, filter, segment (SegFormer-B0-sized random model,
-   512 px, bf16), train (ViT-B/16 dual branch, bf16, 2 epochs), evaluate, and predict with torch on
-   CUDA and ONNX Runtime on the CPU (same top-k); offline: random weights, HF_HUB_OFFLINE=1;
-5. bench_train_gpu.py for exchange fusion, and compiled late fusion; the training DataLoader alone
-   with 16 workers on the demo world's shards;
-6. train compiled on the demo world (1 epoch);
-7. bench_segment.py: the model alone and the stage with 2 and 14 decode threads;
-8. bench_embed.py: `geoloc embed` with CLIP ViT-L/14 (random weights, bf16) and head training on MP-16-sized
-   embeddings (4.7 M x 1024 fp16, the published cells): images/s, samples/s, loader against step.
+2. (bench) bench_train_gpu.py, ViT-B/16 dual branch bf16 late fusion eager: images/s, MFU, memory;
+   (batch) the same at batch 256;
+3. (pytest) pytest -m gpu (tests/test_gpu.py): train, resume, segment, evaluate, predict on CUDA;
+4. (world) a scaled demo world through fetch, partition, filter, segment (SegFormer-B0-sized random
+   model, 512 px, bf16), train (ViT-B/16 dual branch, bf16, 2 epochs), evaluate, and predict with torch
+   on CUDA and ONNX Runtime on the CPU (same top-k); offline: random weights, HF_HUB_OFFLINE=1; then
+   bench_train_gpu.py for exchange fusion and the training DataLoader alone with 16 workers;
+5. (segment) bench_segment.py: the model alone and the stage with 2 and 14 decode threads;
+6. (embed) bench_embed.py: `geoloc embed` with CLIP ViT-L/14 (random weights, bf16) and head training on
+   MP-16-sized embeddings (4.7 M x 1024 fp16, the published cells): images/s, samples/s, loader vs step;
+7. (compiled) compiled late fusion, and train compiled on the demo world (1 epoch): last, since on an
+   H200 compiling gave no speed-up and costs ~100 s per graph.
+`--steps` picks groups (the names in brackets), e.g. to finish what an earlier run's budget skipped.
 Targets (from the GPU readiness issue): dual-branch bf16 training >= 40% MFU; the loader >= 1.5x the
 model's images/s; no GPU path raising. A missed speed target is reported in the step's note; a command
 that fails, or torch and ONNX disagreeing on a photo's top cell, fails the step (and exit code 1).
