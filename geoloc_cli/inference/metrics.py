@@ -14,10 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geoloc_cli.config import EvaluateConfig
 from geoloc_cli.data.places365 import ADMIN_COLUMNS
 from geoloc_cli.geo.sphere import haversine_km
 
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+# the published protocol's thresholds, as the config's default has them (GeoEstimation's summary block uses them)
+THRESHOLDS_KM = tuple(EvaluateConfig().thresholds_km)
 GEOSCORE_KM = 1492.7  # OSV-5M's GeoScore scale
 ADMIN_LEVELS = tuple(ADMIN_COLUMNS)  # the metadata's administrative areas, coarsest first
 
