@@ -162,6 +162,6 @@ def test_predict_with_torch_on_cuda_agrees_with_onnx_on_the_cpu(world, reference
 def test_ddp_on_two_gpus_with_nccl_keeps_the_ranks_identical(world):
     cfg = load_config(world[0], ["train.run=nccl", "train.epochs=1", "train.val_dataset=", "runtime.gpus=[0,1]",
                                  "runtime.device=auto", "model.fusion=exchange"])
-    results = train.launch(cfg, master_port=free_port())
+    results = train.launch(cfg, master_port=free_port(), weights=True)
     assert [r["rank"] for r in results] == [0, 1]
     assert weight_diff(results[0]["params"], results[1]["params"]) == 0

@@ -111,8 +111,9 @@ def test_ddp_two_gloo_processes_match_one_process(world, fusion):
     cfg_path, root = world
     common = ["train.epochs=1", "train.val_dataset=", "runtime.device=cpu", "train.grad_clip=0",
               f"model.fusion={fusion}"]
-    single = train.launch(load_config(cfg_path, [*common, "train.run=one", "runtime.nproc=1"]))
-    double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=free_port())
+    single = train.launch(load_config(cfg_path, [*common, "train.run=one", "runtime.nproc=1"]), weights=True)
+    double = train.launch(load_config(cfg_path, [*common, "train.run=two", "runtime.nproc=2"]), master_port=free_port(),
+                          weights=True)
     assert double[0]["history"][0]["step"] >= 2, "DDP must get past its second step"
     assert [r["rank"] for r in double] == [0, 1]
     assert weight_diff(double[0]["params"], double[1]["params"]) == 0, "DDP ranks must hold identical weights"

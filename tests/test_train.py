@@ -39,7 +39,7 @@ def world(tmp_path_factory) -> tuple[Path, Path]:
 def reference(world) -> dict:
     """An uninterrupted run of the world's config (run 'ref')."""
     cfg_path, _ = world
-    (result,) = train.launch(load_config(cfg_path, ["train.run=ref"]))
+    (result,) = train.launch(load_config(cfg_path, ["train.run=ref"]), weights=True)
     return result
 
 
@@ -235,7 +235,7 @@ ONE_EPOCH = ["train.epochs=1", "train.val_dataset=", "train.ema_decay=0"]
 @pytest.fixture(scope="module")
 def eager(world) -> dict:
     """One epoch without validation or EMA (run 'eager')."""
-    (result,) = train.launch(load_config(world[0], [*ONE_EPOCH, "train.run=eager"]))
+    (result,) = train.launch(load_config(world[0], [*ONE_EPOCH, "train.run=eager"]), weights=True)
     return result
 
 
@@ -257,7 +257,8 @@ def test_ema_update_follows_the_warmed_up_decay():
 
 def test_gradient_accumulation_matches_the_full_batch(world, eager):
     cfg_path, _ = world
-    (accum,) = train.launch(load_config(cfg_path, [*ONE_EPOCH, "train.run=accum", "train.grad_accum=2"]))
+    (accum,) = train.launch(load_config(cfg_path, [*ONE_EPOCH, "train.run=accum", "train.grad_accum=2"]),
+                            weights=True)
     assert weight_diff(accum["params"], eager["params"]) <= 1e-5
     assert accum["history"][0]["train_loss"] == pytest.approx(eager["history"][0]["train_loss"], rel=1e-5)
 
@@ -279,7 +280,8 @@ def test_compiled_model_trains_like_the_eager_one(world, eager, monkeypatch):
     monkeypatch.setattr(trainer, "COMPILE_BACKEND", "aot_eager")  # inductor needs ~40 s of C++ builds on CPU
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    (compiled,) = train.launch(load_config(cfg_path, [*common, "train.run=compiled", "train.compile=true"]))
+    (compiled,) = train.launch(load_config(cfg_path, [*common, "train.run=compiled", "train.compile=true"]),
+                               weights=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the forward went through dynamo"
     assert weight_diff(compiled["params"], eager["params"]) <= 1e-5
     assert compiled["history"][0]["train_loss"] == pytest.approx(eager["history"][0]["train_loss"], rel=1e-4)

@@ -163,9 +163,10 @@ def _visible_devices(gpus: list[int]) -> str:
 
 
 def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 0,
-           master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[dict[str, Any]]:
+           master_addr: str = "127.0.0.1", master_port: int = 29500, weights: bool = False) -> list[dict[str, Any]]:
     """Train in this process or in one process per GPU / `runtime.nproc` (on each of `nnodes` nodes);
-    returns each local rank's summary (history, weights as numpy arrays), in rank order."""
+    returns each local rank's summary (history; with `weights`, the final weights as numpy arrays, what
+    tests compare - a copy of the whole model the CLI never needs), in rank order."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank {node_rank} with --nnodes {nnodes}: need 0 <= node rank < nodes")
     # one writer per run, checked first: only the process that writes (global rank 0, or the launcher of
@@ -175,11 +176,11 @@ def launch(cfg: Config, resume: bool = False, nnodes: int = 1, node_rank: int = 
     with locked(run_dir, "train") if writes else contextlib.nullcontext():
         if writes:  # an epoch's commit a kill cut short is completed before anything reads resume.pt
             store.recover(run_dir)
-        return _launch(cfg, resume, nnodes, node_rank, master_addr, master_port)
+        return _launch(cfg, resume, nnodes, node_rank, master_addr, master_port, weights)
 
 
 def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr: str,
-            master_port: int) -> list[dict[str, Any]]:
+            master_port: int, weights: bool) -> list[dict[str, Any]]:
     under_torchrun = "LOCAL_RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else _nproc(cfg) * nnodes
     plan = _check(cfg, world)
@@ -189,7 +190,7 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     if resume and not plan.root.resume(cfg.train.run).is_file():
         raise InputError(f"--resume: no resume state in {plan.run_dir} (resume.pt)")
     if under_torchrun or world == 1:
-        return [train(cfg, resume)]
+        return [train(cfg, resume, weights)]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -203,7 +204,8 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     if cfg.runtime.gpus:  # local rank i drives the i-th listed GPU (workers inherit the variable)
         os.environ["CUDA_VISIBLE_DEVICES"] = _visible_devices(cfg.runtime.gpus)
     try:
-        results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume, console.is_quiet(), console.verbosity())
+        results = elastic_launch(lc, _entry)(cfgmod.to_dict(cfg), resume, weights, console.is_quiet(),
+                                                 console.verbosity())
     except ChildFailedError as e:  # a worker's own error (and traceback) is in the failure record
         rank, failure = min(e.failures.items())
         msg = failure.message.get("message", failure.message) if isinstance(failure.message, dict) else failure.message
@@ -219,11 +221,11 @@ def _launch(cfg: Config, resume: bool, nnodes: int, node_rank: int, master_addr:
     return [results[r] for r in sorted(results)]
 
 
-def _entry(cfg_dict: dict[str, Any], resume: bool, quiet: bool, verbose: int) -> dict[str, Any]:
+def _entry(cfg_dict: dict[str, Any], resume: bool, weights: bool, quiet: bool, verbose: int) -> dict[str, Any]:
     console.set_quiet(quiet)  # a spawned worker starts with the console's defaults: the command's -q/-v
     console.set_verbose(verbose)
     try:
-        return train(cfgmod.from_dict(cfg_dict), resume)
+        return train(cfgmod.from_dict(cfg_dict), resume, weights)
     except OSError as e:  # disk full, read-only...: one line for the launcher, not a traceback
         raise storage_error(e) from None
 
@@ -251,18 +253,18 @@ def _device_spec(cfg: Config) -> str:
     return cfg.runtime.device
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train on this process's device (one rank of the run); returns the rank's summary."""
+def train(cfg: Config, resume: bool = False, weights: bool = False) -> dict[str, Any]:
+    """Train on this process's device (one rank of the run); returns the rank's summary (see `launch`)."""
     from geoloc_cli import dist
 
     info = dist.setup(_device_spec(cfg))
     try:
-        return _train(cfg, info, resume)
+        return _train(cfg, info, resume, weights)
     finally:
         dist.teardown()
 
 
-def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
+def _train(cfg: Config, info, resume: bool, weights: bool) -> dict[str, Any]:
     import torch
 
     from geoloc_cli import dist
@@ -307,8 +309,10 @@ def _train(cfg: Config, info, resume: bool) -> dict[str, Any]:
     if info.main:
         _export_onnx(plan.root.model(cfg.train.run))
     dist.barrier()
-    return {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history,
-            "params": _weights(model), "ema": _weights(state.ema.module) if state.ema else None}
+    summary = {"rank": info.rank, "run_dir": str(plan.run_dir), "history": history}
+    if weights:
+        summary |= {"params": _weights(model), "ema": _weights(state.ema.module) if state.ema else None}
+    return summary
 
 
 def _weights(model) -> dict[str, np.ndarray]:
