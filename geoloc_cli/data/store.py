@@ -462,16 +462,14 @@ END_OF_ARCHIVE = 1024  # a tar ends with two zero blocks (Python pads the last r
 def check_shard(path: Path) -> str | None:
     """Why the shard at `path` cannot be trusted, or None when it is intact. Cheap (a stat and two small
     reads): the size must be what was recorded when it was written and the archive must end with its
-    end-of-archive blocks; a shard from before records were kept gets the second check only.
-
-    This is the one "shard done" rule: every stage that skips a written shard, and every reader of
-    shards, goes through it."""
+    end-of-archive blocks; a shard from before records were kept gets the second check only. Every
+    reader of shards goes through it, and `shard_done` (the writers' rule) builds on it."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size < END_OF_ARCHIVE or size % 512:
             return f"{size} bytes, not a whole tar archive"
-        record = _existing(shard_record(path), path.with_name(path.name + ".json"))
+        record = _record_of(path)
         if record.is_file():
             want = json.loads(record.read_text()).get("size")
             if want != size:
@@ -490,19 +488,27 @@ def check_shard(path: Path) -> str | None:
 def shard_done(path: Path) -> bool:
     """The one "shard done" rule of every stage that writes shards: the tar is intact (`check_shard`)
     and its part, written after it, exists."""
-    path = Path(path)
-    legacy = (path.with_suffix(".parquet"), path.parent / "parts" / (path.stem + ".parquet"))  # before 0.2
-    return check_shard(path) is None and any(p.is_file() for p in (shard_part(path), *legacy))
+    return check_shard(path) is None and _part_of(Path(path)).is_file()
 
 
-def _existing(path: Path, legacy: Path) -> Path:
-    """`path`, or where an older geoloc kept the same file (until the next write moves it)."""
-    return legacy if not path.exists() and legacy.exists() else path
+def _record_of(path: Path) -> Path:
+    """The shard's record: in .records/, or beside the shard where an older geoloc kept it (until the next
+    write moves it: `migrate_shard_folder`)."""
+    return _found(shard_record(path), path.with_name(path.name + ".json"))
+
+
+def _part_of(path: Path) -> Path:
+    """The shard's part: in .parts/, or where an older geoloc kept it (beside the shard; segment: parts/)."""
+    return _found(shard_part(path), path.with_suffix(".parquet"), path.parent / "parts" / (path.stem + ".parquet"))
+
+
+def _found(path: Path, *legacy: Path) -> Path:
+    return path if path.exists() else next((p for p in legacy if p.exists()), path)
 
 
 def check_members(path: Path, members: int) -> None:
     """For a reader that has listed a shard's members anyway: the count must be the one recorded."""
-    record = _existing(shard_record(path), Path(path).with_name(Path(path).name + ".json"))
+    record = _record_of(Path(path))
     with contextlib.suppress(OSError, ValueError, KeyError):  # no record: a shard from before records
         want = json.loads(record.read_text())["members"]
         if want != members:
