@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from geoloc_cli import dist
-from geoloc_cli.config import Config, smoothing_km
+from geoloc_cli.config import Config, TrainConfig, smoothing_km
 from geoloc_cli.data.store import atomic_path
 from geoloc_cli.errors import ConfigError, InputError
 
@@ -156,7 +156,7 @@ class TrainState:
                 self.ema.module.load_state_dict(model.state_dict())
         self.step, self.epoch = int(blob["step"]), int(blob["epoch"])
         # states from before best_metric was recorded scored the default metric
-        if blob.get("best_metric", "val_hierarchical_acc_2500km") == self.best_metric:
+        if blob.get("best_metric", TrainConfig().best_metric) == self.best_metric:
             self.best = float(blob["best"])
 
 
