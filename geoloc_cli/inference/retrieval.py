@@ -195,6 +195,19 @@ def leaks(items: pd.DataFrame, ids: set[str], authors: set[str], by_author: bool
     return out
 
 
+def leakage(items: pd.DataFrame, manifest: pd.DataFrame, by_author: bool) -> tuple[np.ndarray, dict[str, int]]:
+    """(gallery rows that leak, the check's counts: by id, and by author alone) against one evaluation
+    dataset's manifest."""
+    leak = leaks(items, *eval_keys(manifest), by_author)
+    return leak["id"] | leak["author"], {"by_id": int(leak["id"].sum()),
+                                         "by_author": int((leak["author"] & ~leak["id"]).sum())}
+
+
+def gallery_dataset(cfg: Any) -> str:
+    """The dataset whose gallery refines: retrieval.dataset, else the training dataset."""
+    return cfg.retrieval.dataset or cfg.train.dataset
+
+
 def gallery_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest's stored, located photos in shard order: key, shard, id, author, lat, lon."""
     import pandas as pd
@@ -307,15 +320,16 @@ def neighbours(gallery: Gallery, cells: CellSet, queries: np.ndarray, top: np.nd
     """(scores, rows) (q, k) of each query's most similar allowed gallery photos inside its most likely finest
     cells `top` (anywhere with top_cells 0); rows -1 where fewer exist."""
     allowed = np.ones(len(gallery), bool) if allowed is None else allowed
-    if top_cells <= 0 and gallery.index is None:
-        return exact_search(queries, gallery.emb, k, allowed)
-    cls, order, starts = gallery.cell_groups(cells)
     if gallery.index is not None:  # FAISS: global candidates, then the query's cells and the allowed rows
         s, i = faiss_search(gallery.index, queries, max(candidates, k), nprobe)
         keep = (i >= 0) & allowed[np.maximum(i, 0)]
         if top_cells > 0:
+            cls = gallery.cell_groups(cells)[0]
             keep &= (cls[np.maximum(i, 0)][:, :, None] == top[:, None, :]).any(-1)
         return _first_k(s, i, keep, k)
+    if top_cells <= 0:
+        return exact_search(queries, gallery.emb, k, allowed)
+    _, order, starts = gallery.cell_groups(cells)
     out_s = np.full((len(queries), k), -np.inf, np.float32)
     out_i = np.full((len(queries), k), -1, np.int64)
     for q in range(len(queries)):  # exact: score only the rows of the query's cells
@@ -398,7 +412,7 @@ class Refiner:
     def open(cls, cfg: Any, model: Any) -> Refiner:
         from geoloc_cli.data.store import DataRoot
 
-        folder = DataRoot(cfg.root).gallery(cfg.retrieval.dataset or cfg.train.dataset)
+        folder = DataRoot(cfg.root).gallery(gallery_dataset(cfg))
         gallery = load(folder)
         check_embedder(gallery, model, folder)
         return cls(cfg, gallery, folder)
@@ -425,9 +439,8 @@ class Refiner:
     def leakage(self, rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
         """(gallery rows allowed, the check's counts) against one evaluation dataset's photos (manifest rows)."""
         ok = rows.assign(status=OK) if "status" not in rows else rows
-        leak = leaks(self.gallery.items, *eval_keys(ok), self.cfg.retrieval.exclude_authors)
-        bad = leak["id"] | leak["author"]
-        return ~bad, {"by_id": int(leak["id"].sum()), "by_author": int((leak["author"] & ~leak["id"]).sum())}
+        bad, counts = leakage(self.gallery.items, ok, self.cfg.retrieval.exclude_authors)
+        return ~bad, counts
 
     def evaluate(self, pred: pd.DataFrame, queries: np.ndarray, top: np.ndarray, cells: CellSet,
                  rows: pd.DataFrame) -> dict[str, Any]:

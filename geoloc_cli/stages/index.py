@@ -19,17 +19,13 @@ from geoloc_cli.data.store import DataRoot, locked, read_parquet, recover
 from geoloc_cli.errors import InputError
 
 
-def gallery_dataset(cfg: Config) -> str:
-    return cfg.retrieval.dataset or cfg.train.dataset
-
-
 def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
     """Build and save the gallery; returns its record."""
     from geoloc_cli.data.embeddings import load_embedder, read_record
     from geoloc_cli.inference import retrieval
 
     root = DataRoot(cfg.root)
-    name = dataset or gallery_dataset(cfg)
+    name = dataset or retrieval.gallery_dataset(cfg)
     made = read_record(root.emb(name))
     if made is None:
         raise InputError(f"dataset {name!r} has no embeddings: run `geoloc embed {name}` first (with "
@@ -69,10 +65,9 @@ def _exclude(cfg: Config, root: DataRoot, name: str, emb, items) -> tuple[Any, A
             console.warn(f"index {name}: evaluation dataset {other!r} is not fetched: its photos cannot be "
                          "checked for now (evaluate checks again)")
             continue
-        ids, authors = retrieval.eval_keys(read_parquet(root.manifest(other), f"manifest of {other!r}"))
-        leak = retrieval.leaks(items, ids, authors, cfg.retrieval.exclude_authors)
-        excluded[other] = {"by_id": int(leak["id"].sum()), "by_author": int((leak["author"] & ~leak["id"]).sum())}
-        drop |= leak["id"] | leak["author"]
+        bad, excluded[other] = retrieval.leakage(items, read_parquet(root.manifest(other), f"manifest of {other!r}"),
+                                                 cfg.retrieval.exclude_authors)
+        drop |= bad
     if drop.all():
         raise InputError(f"index {name}: every photo shares an id or author with an evaluation dataset "
                          f"({', '.join(excluded)}); nothing is left for a gallery")
