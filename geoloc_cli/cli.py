@@ -435,6 +435,7 @@ def convert(
 ) -> None:
     """Convert a published checkpoint into a geoloc inference checkpoint (predict, evaluate, export)."""
     from geoloc_cli import console
+
     cfg = _config(config, set_, root)
     require(*DATA_MODULES, "torch", "timm")
     from geoloc_cli.model.convert import convert as run_convert
