@@ -233,6 +233,10 @@ def test_csv_geojson_table_and_map(ckpt, photos, tmp_path):
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 3 * 2 + 1 and rows[-1]["failure"].startswith("no such file")
     assert [x["rank"] for x in rows[:2]] == ["1", "2"] and rows[0]["place"] and rows[0]["country"]
+    assert list(rows[0])[:15] == ["file", "rank", "lat", "lon", "probability", "cell", "place", "country", "place_km",
+                                  "scene", "scene_probability", "true_lat", "true_lon", "error_km", "failure"]
+    assert float(rows[0]["radius_90_km"]) >= float(rows[0]["radius_50_km"]) > 0 and rows[1]["radius_50_km"] == ""
+    assert rows[0]["refined_lat"] == "", "no --refine, no refined position"
     gj = json.loads(predict(*args, "--geojson").stdout)
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3 * 2
     lon, lat = gj["features"][0]["geometry"]["coordinates"]

@@ -4,6 +4,8 @@ leaves evaluation photos out, refined positions come from gallery neighbours, an
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -159,6 +161,10 @@ def test_predict_refine_knn_adds_the_refined_position(world):
     res = json.loads(r.stdout[r.stdout.index("["):])[0]
     assert res["refined"]["method"] == "knn" and res["refined"]["neighbours"] >= 1
     assert -90 <= res["refined"]["lat"] <= 90
+    rows = list(csv.DictReader(io.StringIO(geoloc(cfg, "predict", photo, "--refine", "knn", "--csv").stdout)))
+    assert float(rows[0]["refined_lat"]) == pytest.approx(res["refined"]["lat"], abs=1e-6)
+    assert float(rows[0]["refined_lon"]) == pytest.approx(res["refined"]["lon"], abs=1e-6)
+    assert rows[1]["refined_lat"] == "", "only the rank-1 row carries it"
     r = geoloc(cfg, "predict", photo, "--refine", "knn", "--backend", "onnx")
     assert r.exit_code == 2 and "torch backend" in r.output
 

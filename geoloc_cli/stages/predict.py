@@ -281,12 +281,15 @@ def _place_name(p: dict[str, Any]) -> str:
 
 
 CSV_COLUMNS = ["file", "rank", "lat", "lon", "probability", "cell", "place", "country", "place_km", "scene",
-               "scene_probability", "true_lat", "true_lon", "error_km", "failure"]
+               "scene_probability", "true_lat", "true_lon", "error_km", "failure",
+               # added after the first release's columns, so positional readers keep working
+               *RADII, "refined_lat", "refined_lon", "refined_error_km"]
 
 
 def to_csv(results: list[dict[str, Any]]) -> str:
     """One row per (photo, rank); a photo that could not be read is one row with only file and failure.
-    true_lat/true_lon/error_km: the EXIF position and its distance to rank 1, when the photo has one."""
+    true_lat/true_lon/error_km: the EXIF position and its distance to rank 1, when the photo has one. On the
+    rank-1 row only: the credible radii around it and, with --refine, the refined position (and its error)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -302,8 +305,16 @@ def to_csv(results: list[dict[str, Any]]) -> str:
                         "country": t["place"]["country"], "place_km": t["place"]["km"], "scene": scene,
                         "scene_probability": f"{r['scene'][scene]:.4f}" if scene else "",
                         "true_lat": truth.get("lat", ""), "true_lon": truth.get("lon", ""),
-                        "error_km": truth.get("error_km", "") if t["rank"] == 1 else ""})
+                        **(_first_row(r) if t["rank"] == 1 else {})})
     return buf.getvalue()
+
+
+def _first_row(r: dict[str, Any]) -> dict[str, Any]:
+    """The CSV cells only the rank-1 row carries."""
+    refined, truth = r.get("refined", {}), r.get("exif", {})
+    return {"error_km": truth.get("error_km", ""), **{k: r.get(k, "") for k in RADII},
+            "refined_lat": refined.get("lat", ""), "refined_lon": refined.get("lon", ""),
+            "refined_error_km": truth.get("refined_error_km", "")}
 
 
 def to_geojson(results: list[dict[str, Any]]) -> dict[str, Any]:
