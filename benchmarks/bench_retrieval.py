@@ -103,6 +103,7 @@ def main() -> None:
                    help="where the synthetic gallery's .npy is written once and memory-mapped from ('' = in RAM)")
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log while a long run goes on
     faiss = retrieval.faiss_module()
     a.clusters = a.clusters or max(1, a.n // 235)
     t = time.perf_counter()

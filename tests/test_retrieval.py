@@ -207,3 +207,33 @@ def test_a_faiss_gallery_refines_as_exact_search_does(world):
     approx = retrieval.refine(gallery, cells, queries, top, conf)
     for a, b in zip(exact, approx, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(("seg_channels", "fusion"), [(0, "late"), (3, "late"), (3, "gated"), (3, "exchange")])
+def test_refine_queries_come_from_the_forward_that_classified_the_batch(seg_channels, fusion):
+    """Watched, a forward keeps its RGB feature and that is the query: the branch runs once per batch, not
+    twice. Exchange fusion keeps none (its branch runs block by block) and the batch is embedded anew. The
+    queries are the same numbers either way, crop stacks included."""
+    import torch
+
+    from geoloc_cli.inference.geolocate import crop_probabilities
+    from geoloc_cli.model.network import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("vit_tiny_patch16_224", 32, seg_channels, fusion, {"coarse": 5},
+                     {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8})
+    model = build_model(spec).eval()
+    image = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)  # 2 photos, 3 crops each
+    seg = torch.randint(0, 150, (2, 3, 32, 32), dtype=torch.uint8)
+    runs = []
+    model.rgb.register_forward_hook(lambda *_: runs.append(1))
+    refiner = retrieval.Refiner(cfg=None, gallery=None, folder=Path())
+    with refiner.watching(model):
+        crop_probabilities(model, image, seg, seg_channels, torch.device("cpu"), None)
+        kept = refiner.kept_queries(crops=3)
+    assert len(runs) == (0 if fusion == "exchange" else 1) and (kept is None) == (fusion == "exchange")
+    fresh = retrieval.embed_pixels(model, image, "cpu")
+    assert fresh.shape == (2, 32) and np.allclose(np.linalg.norm(fresh, axis=1), 1, atol=1e-5)
+    if kept is not None:
+        np.testing.assert_allclose(kept, fresh, atol=1e-5)
+    assert refiner.kept_queries(crops=3) is None, "a feature is used once, for its own batch"

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,9 +292,17 @@ def embed_pixels(model: Any, pixels: Any, device: Any, amp: Any = None) -> np.nd
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=amp or torch.float32,
                                                 enabled=amp is not None):
         x = pixels.to(device)
-        f = model.embed(x.flatten(0, 1) if x.ndim == 5 else x).float()
-        if x.ndim == 5:
-            f = torch.nn.functional.normalize(f, dim=-1).view(x.shape[0], x.shape[1], -1).mean(1)
+        return unit_queries(model.embed(x.flatten(0, 1) if x.ndim == 5 else x), x.shape[1] if x.ndim == 5 else 0)
+
+
+def unit_queries(feature: Any, crops: int) -> np.ndarray:
+    """RGB features (B, dim), or (B * K, dim) of K crops each -> (B, dim) unit float32 queries (crops
+    averaged after normalising each)."""
+    import torch
+
+    f = feature.float()
+    if crops:
+        f = torch.nn.functional.normalize(f, dim=-1).view(-1, crops, f.shape[-1]).mean(1)
     return normalise(f.cpu().numpy(), np.float32)
 
 
@@ -407,6 +417,7 @@ class Refiner:
     cfg: Any
     gallery: Gallery
     folder: Path
+    _kept: list[Any] = field(default_factory=list, repr=False)  # RGB outputs of the watched forward
 
     @classmethod
     def open(cls, cfg: Any, model: Any) -> Refiner:
@@ -424,8 +435,28 @@ class Refiner:
                 "temperature": r.temperature, "gallery": str(self.folder), "gallery_photos": len(self.gallery),
                 "index": self.gallery.record["index"]}
 
-    def embed(self, model: Any, pixels: Any, device: Any, amp: Any = None) -> np.ndarray:
-        return embed_pixels(model, pixels, device, amp)
+    @contextmanager
+    def watching(self, model: Any) -> Iterator[None]:
+        """Keep the RGB branch's output of each forward inside the block (a forward hook), so a batch's
+        queries come from the forward that classified it instead of running the branch again: half of a
+        dual-branch model's work, all of an RGB-only one's. Exchange fusion runs the branch block by block,
+        never as a whole: nothing is kept."""
+        self._kept = []
+        handle = model.rgb.register_forward_hook(lambda _module, _args, out: self._kept.append(out.detach()))
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._kept = []
+
+    def kept_queries(self, crops: int = 0) -> np.ndarray | None:
+        """Unit RGB queries from the watched forward that just ran (`crops` per photo, 0 for one view), or
+        None when it kept none (exchange fusion): then embed the batch with `embed_pixels`."""
+        kept, self._kept = self._kept, []
+        if not kept:
+            return None
+        assert len(kept) == 1, f"the RGB branch ran {len(kept)} times in one forward"
+        return unit_queries(kept[0], crops)
 
     def top(self, probs: dict[str, np.ndarray], cells: CellSet) -> np.ndarray:
         from geoloc_cli.inference.geolocate import hierarchical_distribution

@@ -21,6 +21,7 @@ counts as correct at t km when its error is <= t.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from geoloc_cli.data.store import (
 from geoloc_cli.errors import InputError
 from geoloc_cli.geo.sphere import haversine_km
 from geoloc_cli.inference.metrics import ADMIN_LEVELS, THRESHOLDS_KM, accuracy, trivial_baseline
-from geoloc_cli.inference.retrieval import REFINED, Refiner
+from geoloc_cli.inference.retrieval import REFINED, Refiner, embed_pixels
 
 PUBLISHED_COLUMNS = ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
 BASELINE = "largest cell (baseline)"
@@ -208,12 +209,15 @@ def evaluate_dataset(cfg: Config, model, meta: dict[str, Any], dataset: str, dev
     cells = CellSet.from_meta(meta["partitionings"])
     amp = amp_dtype(cfg.train.precision, device)
     queries, tops = [], []  # --refine: each batch's RGB embeddings and top cells
-    with console.progress(f"evaluate {dataset}", len(loader), unit="batch") as bar:
+    watch = refiner.watching(model) if refiner is not None else contextlib.nullcontext()
+    with watch, console.progress(f"evaluate {dataset}", len(loader), unit="batch") as bar:
         def batches():
             for b in loader:
+                yield b  # run_geolocation classifies b before it asks for the next
                 if refiner is not None:
-                    queries.append(refiner.embed(model, b["image"], device, amp))
-                yield b
+                    x = b["image"]
+                    q = refiner.kept_queries(x.shape[1] if x.ndim == 5 else 0)
+                    queries.append(embed_pixels(model, x, device, amp) if q is None else q)
                 bar.advance(1)
         keep_top = (lambda p: tops.append(refiner.top(p, cells))) if refiner is not None else None
         pred = run_geolocation(model, batches(), cells, spec["seg_channels"], device, amp, cfg.evaluate.crop_reduce,

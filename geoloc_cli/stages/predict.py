@@ -8,6 +8,7 @@ other photos are still predicted; `run` returns how many failed (the CLI's exit 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -207,10 +208,11 @@ def _predict_batches(net: Any, cells: Any, files: list[Path], top_k: int, batch_
             chunk = files[s:s + batch_size]
             loaded = [load_photo(f, max_pixels) for f in chunk]
             ok = [i for i, p in enumerate(loaded) if isinstance(p, Photo)]
-            probs = net.probabilities([loaded[i].image for i in ok]) if ok else {}
-            ranked = rank_places(probs, cells, top_k) if ok else []
-            hier = hierarchical_distribution(probs, cells) if ok else np.zeros((0, 0))
-            refined = _refined(net, refiner, [loaded[i].image for i in ok], hier, cells) if ok and refiner else None
+            with refiner.watching(net.model) if refiner else contextlib.nullcontext():
+                probs = net.probabilities([loaded[i].image for i in ok]) if ok else {}
+                ranked = rank_places(probs, cells, top_k) if ok else []
+                hier = hierarchical_distribution(probs, cells) if ok else np.zeros((0, 0))
+                refined = _refined(net, refiner, [loaded[i].image for i in ok], hier, cells) if ok and refiner else None
             for i, f in enumerate(chunk):
                 if i not in ok:
                     results.append({"file": str(f), "error": loaded[i]})
@@ -229,7 +231,9 @@ def _refined(net: Any, refiner: Any, images: list[Any], hier: np.ndarray, cells:
     """Per photo the refined position, the neighbours it came from and the settings."""
     from geoloc_cli.inference.retrieval import embed_images, top_classes
 
-    queries = embed_images(net.model, images, net.spec["img_size"], net.meta["preprocess"])
+    queries = refiner.kept_queries()  # from the forward that classified these photos
+    if queries is None:
+        queries = embed_images(net.model, images, net.spec["img_size"], net.meta["preprocess"])
     lat, lon, used = refiner.refine(cells, queries, top_classes(hier, refiner.cfg.retrieval.top_cells))
     how = refiner.settings()
     return [{"lat": round(float(a), 6), "lon": round(float(o), 6), "neighbours": int(n), **how}
