@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -21,6 +21,10 @@ from geoloc_cli.errors import ConfigError
 DEFAULT_CONFIG_FILE = "geoloc.yaml"
 # The configs shipped with geoloc (the repository's configs/, linked into the package and so in the wheel)
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+# Choices are Literal types: the type checker, `_check_type` and the error message all read the one list.
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 def doc(default: Any, text: str) -> Any:
@@ -80,7 +84,7 @@ class PartitionConfig:
 
 @dataclass
 class FilterConfig:
-    scene_of_interest: int = doc(3, "Keep one scene only: 0 indoor, 1 natural, 2 urban, 3 all.")
+    scene_of_interest: Literal[0, 1, 2, 3] = doc(3, "Keep one scene only: 0 indoor, 1 natural, 2 urban, 3 all.")
     min_size: int = doc(0, "Drop images whose shorter side, as downloaded (before resizing), is below this.")
 
 
@@ -93,13 +97,14 @@ class SegmentConfig:
     )
     batch_size: int = doc(32, "Images per inference batch.")
     input_size: int = doc(512, "Images are resized to this square size before segmentation.")
-    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    precision: Precision = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
 
 
 @dataclass
 class EmbedConfig:
     batch_size: int = doc(256, "Photos per batch of `geoloc embed`.")
-    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16; stored embeddings are fp16.")
+    precision: Precision = doc(
+        "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16; stored embeddings are fp16.")
 
 
 @dataclass
@@ -114,10 +119,12 @@ class ModelConfig:
         "geoloc inference checkpoint (.safetensors: its branches' weights).")
     img_size: int = doc(224, "Input resolution of both branches (passed to timm only where the architecture takes "
                         "it; CNNs take any size).")
-    seg_channels: int = doc(3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
-    fusion: str = doc("late", "How branches are fused: late (one learned weighting), gated (the seed model's "
-                      "per-sample gate) or exchange (CLS tokens averaged after every block).")
-    scene_classes: int = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
+    seg_channels: Literal[0, 3, 150] = doc(
+        3, "Segmentation branch input: 0 = RGB only, 3 = palette colours, 150 = one-hot.")
+    fusion: Literal["late", "gated", "exchange"] = doc(
+        "late", "How branches are fused: late (one learned weighting), gated (the seed model's per-sample gate) or "
+        "exchange (CLS tokens averaged after every block).")
+    scene_classes: Literal[3, 16, 365] = doc(3, "Scene head size: 3 (indoor/natural/urban), 16 or 365.")
     partitionings: list[str] = doc(["coarse", "middle", "fine"], "Geo-cell heads, one per partitioning.")
     overrides: dict[str, Any] = doc({}, "Extra keyword arguments for timm.create_model (e.g. depth).")
     head_hidden: int = doc(0, "Heads: 0 = one linear layer per head, N = a small MLP per head (one hidden layer of "
@@ -134,7 +141,7 @@ class TrainConfig:
     batch_size: int = doc(256, "Global batch size (split across GPUs).")
     lr: float = doc(1e-4, "Peak learning rate.")
     weight_decay: float = doc(0.05, "AdamW weight decay.")
-    optimizer: str = doc("adamw", "adamw or sgd.")
+    optimizer: Literal["adamw", "sgd"] = doc("adamw", "adamw or sgd.")
     warmup_epochs: float = doc(1.0, "Linear warm-up length, then cosine decay.")
     label_smoothing_km: float | dict[str, float] = doc(
         0.0, "Haversine label smoothing (PIGEON): each partitioning's target is softmax(-distance to each cell "
@@ -143,7 +150,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = doc(
         {"coarse": 0.5, "middle": 0.3, "fine": 0.2, "scene": 1.0}, "Weight of each head's loss."
     )
-    precision: str = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
+    precision: Precision = doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")
     grad_clip: float = doc(1.0, "Clip the gradient norm to this (0 = off).")
     grad_accum: int = doc(1, "Gradient accumulation steps.")
     checkpoint_every: int = doc(1000, "Save resume state every N optimizer steps (and at each epoch end).")
@@ -153,7 +160,7 @@ class TrainConfig:
     augment: bool = doc(True, "Random resized crop + flip (same geometry for photo and seg map).")
     ema_decay: float = doc(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     compile: bool = doc(False, "torch.compile the model (GPU; helps long runs, costs start-up time).")
-    source: str = doc(
+    source: Literal["images", "embeddings"] = doc(
         "images", "What training reads: images (photos through the whole network) or embeddings (the heads only, "
         "on the frozen backbone's fp16 features from `geoloc embed`; the checkpoint still holds the backbone).")
     trainable_blocks: int = doc(
@@ -174,10 +181,11 @@ class EvaluateConfig:
     datasets: list[str] = doc(["yfcc25600"], "Datasets to evaluate on.")
     thresholds_km: list[float] = doc([1, 25, 200, 750, 2500], "Accuracy thresholds in km.")
     batch_size: int = doc(64, "Images per inference batch.")
-    crops: str = doc("auto", "Test-time crops: center, five (corners + centre) or ten (five + flips); auto = the "
-                     "protocol the checkpoint records (a converted published model's own), else center.")
-    crop_reduce: str = doc("auto", "How crop probabilities are combined: mean or max; auto = the checkpoint's "
-                           "protocol, else mean.")
+    crops: Literal["auto", "center", "five", "ten"] = doc(
+        "auto", "Test-time crops: center, five (corners + centre) or ten (five + flips); auto = the protocol the "
+        "checkpoint records (a converted published model's own), else center.")
+    crop_reduce: Literal["auto", "mean", "max"] = doc(
+        "auto", "How crop probabilities are combined: mean or max; auto = the checkpoint's protocol, else mean.")
     admin_metrics: bool = doc(True, "Also score the hierarchical prediction's country / region / sub-region / city "
                               "as OSV-5M does (reverse_geocoder package: the `metrics` extra).")
 
@@ -186,8 +194,8 @@ class EvaluateConfig:
 class PredictConfig:
     top_k: int = doc(5, "Number of candidate places per photo.")
     batch_size: int = doc(16, "Photos per inference batch.")
-    backend: str = doc("auto", "auto (ONNX Runtime when an exported .onnx sits beside the checkpoint, else torch), "
-                       "onnx or torch.")
+    backend: Literal["auto", "onnx", "torch"] = doc(
+        "auto", "auto (ONNX Runtime when an exported .onnx sits beside the checkpoint, else torch), onnx or torch.")
 
 
 @dataclass
@@ -198,13 +206,15 @@ class RetrievalConfig:
     top_cells: int = doc(1, "Search only among gallery photos in the query's most likely finest cells (of the "
                          "hierarchical prediction); 0 = the whole gallery. On the demo 1 beats more: the classifier "
                          "picks the cell better than the nearest embeddings do.")
-    aggregation: str = doc("median", "How neighbours' positions become one: median (weighted geometric median on "
-                           "the sphere), weighted (centroid, softmax(similarity / temperature) weights), mean "
-                           "(centroid) or top1 (the nearest neighbour's position).")
+    aggregation: Literal["median", "weighted", "mean", "top1"] = doc(
+        "median", "How neighbours' positions become one: median (weighted geometric median on the sphere), weighted "
+        "(centroid, softmax(similarity / temperature) weights), mean (centroid) or top1 (the nearest "
+        "neighbour's position).")
     temperature: float = doc(0.2, "Softmax temperature of the similarity weights (weighted, median).")
-    index: str = doc("auto", "Search: exact (numpy, any size; only the query's cells are scored), flat / ivf / "
-                     "hnsw (a FAISS index: exact, inverted lists or graph over fp16 codes); auto = exact up to "
-                     "exact_max photos, ivf above (FAISS: the `retrieval` extra; GPU where the build has one).")
+    index: Literal["auto", "exact", "flat", "ivf", "hnsw"] = doc(
+        "auto", "Search: exact (numpy, any size; only the query's cells are scored), flat / ivf / hnsw (a FAISS "
+        "index: exact, inverted lists or graph over fp16 codes); auto = exact up to exact_max photos, ivf "
+        "above (FAISS: the `retrieval` extra; GPU where the build has one).")
     exact_max: int = doc(1_000_000, "index=auto: galleries up to this many photos use exact search.")
     candidates: int = doc(1000, "FAISS: global neighbours fetched per query before keeping those in its top cells.")
     nprobe: int = doc(32, "FAISS ivf: inverted lists visited per query (recall against speed).")
@@ -249,40 +259,26 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "partition.tau_min": (lambda v: v >= 0, ">= 0"),
     "partition.lvl_min": (lambda v: 0 <= v <= 30, "0..30"),
     "partition.lvl_max": (lambda v: 0 <= v <= 30, "0..30"),
-    "filter.scene_of_interest": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
-    "segment.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "segment.batch_size": (lambda v: v > 0, "> 0"),
-    "embed.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "embed.batch_size": (lambda v: v > 0, "> 0"),
-    "model.seg_channels": (lambda v: v in (0, 3, 150), "0, 3 or 150"),
-    "model.fusion": (lambda v: v in ("late", "gated", "exchange"), "late, gated or exchange"),
-    "model.scene_classes": (lambda v: v in (3, 16, 365), "3, 16 or 365"),
     "model.img_size": (lambda v: v > 0, "> 0"),
     "model.partitionings": (lambda v: len(v) > 0, "at least one partitioning"),
     "train.epochs": (lambda v: v > 0, "> 0"),
     "train.batch_size": (lambda v: v > 0, "> 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
-    "train.optimizer": (lambda v: v in ("adamw", "sgd"), "adamw or sgd"),
-    "train.precision": (lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
     "train.grad_accum": (lambda v: v > 0, "> 0"),
     "train.checkpoint_every": (lambda v: v > 0, "> 0"),
     "predict.top_k": (lambda v: v > 0, "> 0"),
     "predict.batch_size": (lambda v: v > 0, "> 0"),
-    "predict.backend": (lambda v: v in ("auto", "onnx", "torch"), "auto, onnx or torch"),
-    "evaluate.crops": (lambda v: v in ("auto", "center", "five", "ten"), "auto, center, five or ten"),
-    "evaluate.crop_reduce": (lambda v: v in ("auto", "mean", "max"), "auto, mean or max"),
     "train.shuffle_window_shards": (lambda v: v > 0, "> 0"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "0 <= decay < 1"),
-    "train.source": (lambda v: v in ("images", "embeddings"), "images or embeddings"),
     "train.trainable_blocks": (lambda v: v >= -1, ">= -1"),
     "train.layer_decay": (lambda v: 0 < v <= 1, "0 < decay <= 1"),
     "model.head_hidden": (lambda v: v >= 0, ">= 0"),
     "model.head_trunk": (lambda v: v >= 0, ">= 0"),
     "retrieval.k": (lambda v: v > 0, "> 0"),
     "retrieval.top_cells": (lambda v: v >= 0, ">= 0"),
-    "retrieval.aggregation": (lambda v: v in ("mean", "median", "weighted", "top1"), "mean, median, weighted or top1"),
     "retrieval.temperature": (lambda v: v > 0, "> 0"),
-    "retrieval.index": (lambda v: v in ("auto", "exact", "flat", "ivf", "hnsw"), "auto, exact, flat, ivf or hnsw"),
     "retrieval.candidates": (lambda v: v > 0, "> 0"),
     "retrieval.nprobe": (lambda v: v > 0, "> 0"),
 }
@@ -292,6 +288,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return `value` converted to `tp` where that is lossless (int -> float), else raise ConfigError."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:  # True == 1: a YAML `yes` is no choice of 0/1/2/3
+            raise ConfigError(f"{key}: {value!r} is not allowed (expected {_one_of(choices)})")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -328,6 +329,17 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _one_of(choices: tuple[Any, ...]) -> str:
+    """'a, b or c'."""
+    words = [str(c) for c in choices]
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
+
+def _is_text(tp: Any) -> bool:
+    """A field whose value is text: str, or a Literal of strings."""
+    return tp is str or typing.get_origin(tp) is Literal and all(isinstance(c, str) for c in typing.get_args(tp))
 
 
 def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -403,7 +415,7 @@ def parse_override(text: str) -> dict[str, Any]:
     path, raw = text.split("=", 1)
     if not all(path.strip().split(".")):
         raise ConfigError(f"--set {text!r}: empty key")
-    if _field_type(path.strip()) is str and not raw.strip().startswith(("'", '"')):
+    if _is_text(_field_type(path.strip())) and not raw.strip().startswith(("'", '"')):
         return _nest(path.strip(), raw.strip())  # a quoted value ('' for empty) is parsed as YAML below
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
