@@ -114,6 +114,23 @@ def test_a_geoloc_checkpoint_is_a_weights_source(tmp_path):
         build_model(family("resnet"), pretrained=str(path))
 
 
+def test_a_checkpoint_as_weights_brings_its_preprocessing(tmp_path):
+    """A converted published model normalises photos its own way; fine-tuning from it must too."""
+    from geoloc_cli.model.network import save_inference_checkpoint
+
+    source = build_model(family("vit-p8"))
+    source.preprocess = {**source.preprocess, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5],
+                         "interpolation": "bilinear", "crop_pct": 0.875}
+    path = tmp_path / "converted.safetensors"
+    save_inference_checkpoint(path, source, {"partitionings": {}})
+    tuned = build_model(family("vit-p8"), pretrained=str(path))
+    pre = tuned.data_config()
+    assert (pre["mean"], pre["std"], pre["interpolation"], pre["crop_pct"]) == ([0.1, 0.2, 0.3], [0.5] * 3,
+                                                                                  "bilinear", 0.875)
+    assert pre["input_size"] == source.data_config()["input_size"]
+    assert build_model(family("vit-p8")).data_config()["mean"] != [0.1, 0.2, 0.3], "timm's own without a checkpoint"
+
+
 # ------------------------------------------------------------------------------------- fine-tuning
 
 

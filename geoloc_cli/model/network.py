@@ -128,6 +128,18 @@ def _checkpoint_branch(path: Path, branch: str) -> dict[str, torch.Tensor] | Non
     return state
 
 
+def _recorded_preprocess(pretrained: str) -> dict[str, Any] | None:
+    """The preprocessing recorded by a geoloc checkpoint given as model.pretrained (a converted published
+    model's own mean/std/crop), None for anything else."""
+    path = Path(pretrained)
+    if pretrained in ("auto", "none", "") or path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        return read_checkpoint_meta(path).get("preprocess")
+    except InputError:  # a timm weights file
+        return None
+
+
 def _check_exchange(spec: ModelSpec, branch: nn.Module) -> None:
     """Exchange fusion swaps CLS tokens after every transformer block: it needs a timm VisionTransformer
     (blocks on a token sequence whose first token is a CLS token)."""
@@ -172,8 +184,11 @@ class GeoModel(nn.Module):
         self.heads = nn.ModuleDict({name: _head(width, n, spec.head_hidden) for name, n in spec.heads.items()})
         self.frozen: list[nn.Module] = []  # backbone parts that stay in eval mode (see freeze)
         # the photo's preprocessing (mean/std, size, crop): the backbone's own data config, or what a
-        # checkpoint recorded (load_inference_checkpoint sets it)
+        # checkpoint recorded (load_inference_checkpoint sets it; a checkpoint as model.pretrained, below)
         self.preprocess = self._timm_data_config()
+        recorded = _recorded_preprocess(pretrained)
+        if recorded is not None:  # its branches learned on photos normalised its way; this model's size stays
+            self.preprocess |= {k: v for k, v in recorded.items() if k != "input_size"}
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 photos (the training loader's) -> normalised floats, on their device, with the same
