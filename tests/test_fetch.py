@@ -316,6 +316,22 @@ def test_parts_are_disjoint_and_combine(server, tmp_path):
     assert sorted(stored(root, "p")) == [f"{k:09d}" for k in range(14)]
 
 
+def test_parts_of_another_split_are_refused_while_one_runs(tmp_path):
+    """0/2 and 0/4 would both write shard 0: while a run splits the list in 2, one splitting it in 4 stops
+    with a one-line LockedError; another slice of the same split, and a later run of any split, go ahead."""
+    from geoloc_cli.errors import LockedError
+
+    root = DataRoot(tmp_path / "root")
+    with stage.fetch_lock(root, "p", (0, 2)):
+        with pytest.raises(LockedError, match=r"fetched in 2 parts right now \(--part i/2\)"), \
+                stage.fetch_lock(root, "p", (1, 4)):
+            pass
+        with stage.fetch_lock(root, "p", (1, 2)):
+            pass
+    with stage.fetch_lock(root, "p", (1, 4)):
+        pass
+
+
 def kill_after(cmd: list[str], shards: Path, parts: int, timeout: float = 30) -> int:
     """Run cmd, SIGKILL it once `parts` shards are done; return how many were done then."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

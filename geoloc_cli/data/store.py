@@ -259,6 +259,24 @@ def locked(folder: Path, stage: str, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def lock_held(folder: Path, stage: str) -> bool:
+    """Whether a process holds `<folder>/.<stage>.lock` (shared or exclusive), as `locked` takes it."""
+    path = Path(folder) / f".{stage}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise storage_error(e, f"reading {path}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the probe's lock, if it got it)
+
+
 # --------------------------------------------------------------------------------------------------
 # Generations: files that belong together, committed together
 

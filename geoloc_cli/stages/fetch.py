@@ -33,6 +33,7 @@ from geoloc_cli.data.store import (
     OK,
     DataRoot,
     atomic_path,
+    lock_held,
     locked,
     migrate_shard_folder,
     remove_temps,
@@ -40,7 +41,7 @@ from geoloc_cli.data.store import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from geoloc_cli.errors import ConfigError, GeolocError, InputError
+from geoloc_cli.errors import ConfigError, GeolocError, InputError, LockedError
 from geoloc_cli.fetch.reader import MetaIndex, archive_members, count_rows, flickr_sized, read_list_chunks
 from geoloc_cli.fetch.remote import Gated, Unavailable, ensure_file, obtain_part
 from geoloc_cli.fetch.supervisor import run_archive_jobs, run_jobs
@@ -329,7 +330,10 @@ def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[Non
     once, so each takes the dataset's lock shared (a whole-list run is kept out) and its part's lock."""
     folder = root.dataset(name)
     if part != (0, 1):
-        with locked(folder, "fetch", shared=True), locked(folder, f"fetch-part-{part[0]}-of-{part[1]}"):
+        i, n = part
+        with locked(folder, "fetch", shared=True), locked(folder, f"fetch-parts-of-{n}", shared=True), \
+                locked(folder, f"fetch-part-{i}-of-{n}"):
+            _one_split(folder, n)
             migrate_shard_folder(root.shards(name))  # (idempotent: parts starting together may both move files)
             yield
         return
@@ -338,6 +342,17 @@ def fetch_lock(root: DataRoot, name: str, part: tuple[int, int]) -> Iterator[Non
         # the only writer: a killed run's leftovers go (parts running together write these files too)
         remove_temps(folder, "manifest.parquet", "stats.json", "fetch.json")
         yield
+
+
+def _one_split(folder: Path, n: int) -> None:
+    """Refuse to run beside --part runs that split the list into another number of parts: 0/2 and 0/4 would
+    both write shard 0 (and 4, 8, ...), and one run's part file could end up describing the other's tar.
+    (Checked after taking this split's lock, so two runs starting together with different N both stop.)"""
+    for lock in folder.glob(".fetch-parts-of-*.lock"):
+        m = int(lock.name.removeprefix(".fetch-parts-of-").removesuffix(".lock"))
+        if m != n and lock_held(folder, f"fetch-parts-of-{m}"):
+            raise LockedError(f"{folder} is being fetched in {m} parts right now (--part i/{m}); run the other "
+                              f"slices as i/{m} too, or wait for those runs to end")
 
 
 def _fetch_list(cfg: Any, root: DataRoot, name: str, urls_csv: Path, meta_csv: Path | None, retry_failed: bool,
