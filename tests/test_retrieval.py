@@ -49,11 +49,16 @@ def test_exact_search_merges_chunks_and_respects_the_mask(monkeypatch):
     assert (i[:, 3:] == -1).all() and np.isinf(s[:, 3:]).all() and (i[:, :3] >= 0).all()
 
 
-def test_faiss_flat_agrees_with_exact_search_and_ivf_recalls_most():
-    pytest.importorskip("faiss")
+def test_faiss_flat_agrees_with_exact_search_and_ivf_recalls_most(monkeypatch, tmp_path):
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(retrieval, "CHUNK", 700)  # the flat index's rows are written in several chunks
     g, q = retrieval.normalise(unit(3000, 32)), unit(20, 32, seed=3)
     _, exact = retrieval.exact_search(q, g, 10)
-    _, flat = retrieval.faiss_search(retrieval.build_faiss(g, "flat"), q, 10)
+    index = retrieval.build_faiss(g, "flat")
+    faiss.write_index(index, str(tmp_path / "flat.index"))  # as a gallery stores it
+    index = faiss.read_index(str(tmp_path / "flat.index"))
+    assert index.ntotal == 3000
+    _, flat = retrieval.faiss_search(index, q, 10)
     np.testing.assert_array_equal(flat, exact)
     _, ivf = retrieval.faiss_search(retrieval.build_faiss(g, "ivf", nlist=16), q, 10, nprobe=16)  # all lists
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf, exact, strict=True)]) >= 0.95
