@@ -9,7 +9,7 @@ as `geoloc index` galleries are (written once under --cache and reused, so the M
 with less RAM than gallery plus index); queries are new draws from the same mixture. Exact search is geoloc's
 numpy search over the whole gallery (retrieval.exact_search: float32 chunks, a running top k) - the ground
 truth of recall@10. Then each FAISS index geoloc builds (retrieval.build_faiss: flat = exact inner product in
-float32, ivf = inverted lists over fp16 codes at a few nprobe values, hnsw with --hnsw) is timed: build (train
+float32, ivf = inverted lists over fp16 codes at a few nprobe values, hnsw; `--indexes` picks) is timed: build (train
 + add), the memory it added (RssAnon: the process's own pages, not the gallery's page cache), queries/s for a
 batch of queries, recall@10. An index that would not fit in the memory available is skipped with a line that
 says so. Refinement itself searches only a query's top cells, far fewer rows; this is the global search a
@@ -96,8 +96,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", default="8,32,128", help="IVF lists visited, comma-separated")
-    p.add_argument("--hnsw", action="store_true", help="also build HNSW (slow to build at full size)")
-    p.add_argument("--no-flat", action="store_true", help="skip IndexFlatIP (float32: 4 n dim bytes)")
+    p.add_argument("--indexes", default="flat,ivf", help="FAISS indexes to build and time, comma-separated, of "
+                   "flat (float32: 4 n dim bytes), ivf and hnsw (slow to build at full size); '' = exact search only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path(__file__).parent / "out" / "retrieval",
                    help="where the synthetic gallery's .npy is written once and memory-mapped from ('' = in RAM)")
@@ -120,7 +120,9 @@ def main() -> None:
     print(f"exact numpy: {a.queries / secs:,.1f} queries/s")
     if faiss is None:
         print("faiss is not installed: pip install 'geoloc[retrieval]'")
-    kinds = [*([] if a.no_flat else ["flat"]), "ivf", *(["hnsw"] if a.hnsw else [])]
+    kinds = [k for k in a.indexes.split(",") if k]
+    if set(kinds) - {"flat", "ivf", "hnsw"}:
+        p.error(f"--indexes: {a.indexes!r}: expected flat, ivf and/or hnsw")
     for kind in kinds if faiss else []:
         need = a.n * a.dim * (4 if kind == "flat" else 2) / 2**30  # float32 rows, or fp16 codes
         if need > 0.9 * available_gb():

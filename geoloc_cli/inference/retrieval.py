@@ -81,9 +81,13 @@ def exact_search(queries: np.ndarray, emb: np.ndarray, k: int,
         sims = q @ emb[s:s + CHUNK].astype(np.float32).T
         if allowed is not None:
             sims[:, ~allowed[s:s + CHUNK]] = -np.inf
-        cat_s = np.concatenate([best_s, sims], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(s, s + sims.shape[1]), sims.shape)], axis=1)
-        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]  # cat_s has k + chunk > k columns
+        # the chunk's own top k first, so the merge sorts out 2k columns, not k + chunk (and no (q, chunk)
+        # array of row numbers is made)
+        n = sims.shape[1]
+        mine = np.argpartition(sims, n - k, axis=1)[:, n - k:] if n > k else np.broadcast_to(np.arange(n), sims.shape)
+        cat_s = np.concatenate([best_s, np.take_along_axis(sims, mine, 1)], axis=1)
+        cat_i = np.concatenate([best_i, mine + s], axis=1)
+        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]  # cat_s has k + min(k, n) > k columns
         best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
     order = np.argsort(-best_s, axis=1, kind="stable")
     best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
