@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -82,6 +83,23 @@ def queries(centres: np.ndarray, q: int, noise: float, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def cell_search_qps(emb: np.ndarray, q: np.ndarray, k: int, n_cells: int, seed: int) -> float:
+    """queries/s of --refine knn's default search (retrieval.top_cells=1): exact, over the gallery rows of the
+    query's predicted cell only (retrieval.neighbours). Rows are dealt to `n_cells` cells at random, so a
+    cell's photos lie spread over the memory-mapped file as a real cell's do; each query gets a random cell."""
+    rng = np.random.default_rng(seed + 2)
+    cls = rng.integers(0, n_cells, len(emb))
+    order = np.argsort(cls, kind="stable")
+    cells = SimpleNamespace(finest="fine", hex_id={"fine": np.arange(n_cells).astype(str)})
+    gallery = retrieval.Gallery(emb, items=None, record={})
+    starts = np.searchsorted(cls[order], np.arange(n_cells + 1))
+    gallery._cells[hash(tuple(cells.hex_id["fine"]))] = (cls, order, starts)  # what Gallery.cell_groups keeps
+    top = rng.integers(0, n_cells, (len(q), 1))
+    t = time.perf_counter()
+    retrieval.neighbours(gallery, cells, q, top, k, top_cells=1, candidates=1000)
+    return len(q) / (time.perf_counter() - t)
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth, strict=True)]))
 
@@ -96,6 +114,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", default="8,32,128", help="IVF lists visited, comma-separated")
+    p.add_argument("--cells", type=int, default=12_895, help="cells the gallery is dealt to for the in-cell "
+                   "search (MP-16's fine partition: 12,895 cells, ~365 photos each)")
     p.add_argument("--indexes", default="flat,ivf", help="FAISS indexes to build and time, comma-separated, of "
                    "flat (float32: 4 n dim bytes), ivf and hnsw (slow to build at full size); '' = exact search only")
     p.add_argument("--seed", type=int, default=0)
@@ -118,6 +138,10 @@ def main() -> None:
     secs = time.perf_counter() - t
     out["exact_numpy"] = {"qps": round(a.queries / secs, 2), "recall@10": 1.0, "memory_gb": 0.0, "build_s": 0.0}
     print(f"exact numpy: {a.queries / secs:,.1f} queries/s")
+    qps = cell_search_qps(emb, q, a.k, a.cells, a.seed)
+    out["exact_in_top_cell"] = {"qps": round(qps, 1), "cells": a.cells, "rows_per_cell": round(a.n / a.cells)}
+    print(f"exact in the query's top cell (--refine knn's default; {a.n / a.cells:,.0f} rows per cell): "
+          f"{qps:,.0f} queries/s")
     if faiss is None:
         print("faiss is not installed: pip install 'geoloc[retrieval]'")
     kinds = [k for k in a.indexes.split(",") if k]

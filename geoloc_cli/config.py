@@ -212,11 +212,12 @@ class RetrievalConfig:
         "neighbour's position).")
     temperature: float = doc(0.2, "Softmax temperature of the similarity weights (weighted, median).")
     index: Literal["auto", "exact", "flat", "ivf", "hnsw"] = doc(
-        "auto", "Search: exact (numpy, any size; only the query's cells are scored), flat / ivf / hnsw (a FAISS "
-        "index: exact, inverted lists or graph over fp16 codes); auto = exact up to exact_max photos, ivf "
-        "above (FAISS: the `retrieval` extra; GPU where the build has one).")
-    exact_max: int = doc(1_000_000, "index=auto: galleries up to this many photos use exact search.")
-    candidates: int = doc(1000, "FAISS: global neighbours fetched per query before keeping those in its top cells.")
+        "auto", "How `geoloc index` prepares whole-gallery search (top_cells 0; inside cells the search is always "
+        "exact, a few hundred photos per cell): exact (numpy), or a FAISS index, flat / ivf / hnsw (exact, "
+        "inverted lists or graph over fp16 codes; the `retrieval` extra; GPU where the build has one); auto = "
+        "ivf when top_cells is 0 and the gallery has more than exact_max photos, else exact.")
+    exact_max: int = doc(1_000_000, "index=auto: larger galleries searched whole (top_cells 0) get an IVF index.")
+    candidates: int = doc(1000, "FAISS (top_cells 0): neighbours fetched per query before dropping left-out photos.")
     nprobe: int = doc(32, "FAISS ivf: inverted lists visited per query (recall against speed).")
     exclude: list[str] = doc([], "Datasets whose photos (by id, and by author where both metadata have authors) "
                              "`geoloc index` leaves out of the gallery, besides evaluate.datasets.")

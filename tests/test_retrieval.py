@@ -195,23 +195,31 @@ def test_without_faiss_small_and_large_galleries_search_exactly(monkeypatch):
         retrieval.choose_index("ivf", 10, 1000)
 
 
-def test_a_faiss_gallery_refines_as_exact_search_does(world):
-    """FAISS's global candidates filtered to the top cells give the exact, cell-restricted neighbours."""
+def test_faiss_serves_whole_gallery_search_and_cells_are_searched_exactly(world, monkeypatch):
+    """top_cells 0 through FAISS's flat index gives exact search's neighbours; inside the top cells the search
+    is exact and leaves a FAISS index alone (a global approximate search filtered to one cell can miss it)."""
     pytest.importorskip("faiss")
     from geoloc_cli.data.store import read_checkpoint_meta
     from geoloc_cli.inference.geolocate import CellSet
 
     cfg, root = world
-    conf = load_config(cfg)
+    in_cells, whole = load_config(cfg), load_config(cfg, ["retrieval.top_cells=0"])
     cells = CellSet.from_meta(read_checkpoint_meta(root.model("demo"))["partitionings"])
     gallery = retrieval.load(root.gallery("demo"))
     queries = retrieval.normalise(np.random.default_rng(0).standard_normal((8, gallery.emb.shape[1])), np.float32)
     top = np.tile(np.unique(gallery.cell_groups(cells)[0][gallery.cell_groups(cells)[0] >= 0])[:2], (8, 1))
-    exact = retrieval.refine(gallery, cells, queries, top, conf)
+    exact = {n: retrieval.refine(gallery, cells, queries, top, c) for n, c in (("cells", in_cells), ("whole", whole))}
     gallery.index = retrieval.build_faiss(gallery.emb, "flat")
-    approx = retrieval.refine(gallery, cells, queries, top, conf)
-    for a, b in zip(exact, approx, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    searches = []
+    real = retrieval.faiss_search
+    monkeypatch.setattr(retrieval, "faiss_search", lambda *a, **kw: searches.append(1) or real(*a, **kw))
+    for name, conf in (("cells", in_cells), ("whole", whole)):
+        for a, b in zip(exact[name], retrieval.refine(gallery, cells, queries, top, conf), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len(searches) == 1, "FAISS searched once: for the whole gallery, not inside cells"
+    assert retrieval.choose_index("auto", 10**7, 1000) == "exact", "cells are searched exactly at any size"
+    assert retrieval.choose_index("auto", 10**7, 1000, top_cells=0) == "ivf"
+    assert retrieval.choose_index("auto", 1000, 1000, top_cells=0) == "exact"
 
 
 @pytest.mark.parametrize(("seg_channels", "fusion"), [(0, "late"), (3, "late"), (3, "gated"), (3, "exchange")])

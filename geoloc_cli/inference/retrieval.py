@@ -8,14 +8,16 @@ generation (store.generation):
   embeddings.npy   (n, dim) float16, rows L2-normalised (cosine similarity = inner product); only the RGB
                    feature, the part a query photo's RGB branch gives
   items.parquet    id, author (null where the metadata has none), lat, lon of each row
-  faiss.index      for large galleries only (retrieval.index): IndexFlatIP, IVF or HNSW over fp16 vectors
+  faiss.index      only for whole-gallery search of a large gallery (retrieval.index): IndexFlatIP, or IVF
+                   or HNSW over fp16 vectors
   gallery.json     what made it: the dataset, the embedder record, a fingerprint of the embedder's weights,
                    the count, the index type, and how many photos were left out for sharing an id or an
                    author with an evaluation dataset (so a gallery never holds an evaluation photo).
 
 Refinement: a query's top `top_cells` finest cells of the hierarchical prediction; its k most similar
-gallery photos in those cells (exact: only the rows of those cells are scored; with a FAISS index:
-`candidates` global neighbours, filtered); their positions aggregated on the sphere. A query with no
+gallery photos in those cells, exactly (only the rows of those cells are scored: a few hundred for an MP-16
+fine cell); with top_cells 0 the whole gallery (exact numpy search, or the FAISS index's `candidates`
+nearest, left-out photos dropped); their positions aggregated on the sphere. A query with no
 neighbour keeps its cell centre. Queries are the RGB branch's pooled feature of the evaluation view, as
 `geoloc embed` computes it, so the refining model must be the gallery's embedder (checked by fingerprint).
 """
@@ -106,11 +108,12 @@ def faiss_module() -> Any:
     return faiss
 
 
-def choose_index(kind: str, n: int, exact_max: int) -> str:
-    """retrieval.index resolved for a gallery of n rows: auto = exact numpy search up to exact_max rows,
-    IVF above (exact when FAISS is not installed)."""
+def choose_index(kind: str, n: int, exact_max: int, top_cells: int = 1) -> str:
+    """retrieval.index resolved for a gallery of n rows: auto = exact, unless refinement searches the whole
+    gallery (top_cells 0) and it has more than exact_max rows: then IVF (exact when FAISS is not installed).
+    Searching inside the top cells is exact whatever the index: it scores a few hundred rows per query."""
     if kind == "auto":
-        kind = "exact" if n <= exact_max or faiss_module() is None else "ivf"
+        kind = "exact" if top_cells > 0 or n <= exact_max or faiss_module() is None else "ivf"
     if kind != "exact" and faiss_module() is None:
         raise ConfigError(f"retrieval.index={kind} needs FAISS: pip install 'geoloc[retrieval]' (or set "
                           "retrieval.index=exact)")
@@ -347,15 +350,13 @@ def top_classes(hier: np.ndarray, top_cells: int) -> np.ndarray:
 def neighbours(gallery: Gallery, cells: CellSet, queries: np.ndarray, top: np.ndarray, k: int, top_cells: int,
                candidates: int, allowed: np.ndarray | None = None, nprobe: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows) (q, k) of each query's most similar allowed gallery photos inside its most likely finest
-    cells `top` (anywhere with top_cells 0); rows -1 where fewer exist."""
+    cells `top` (anywhere with top_cells 0); rows -1 where fewer exist. Inside cells the search is exact and
+    ignores a FAISS index: a global approximate search filtered to one cell can miss the cell's photos
+    altogether (IVF's recall@10 on a synthetic MP-16-sized gallery: 0.71-0.79, benchmarks/README.md)."""
     allowed = np.ones(len(gallery), bool) if allowed is None else allowed
-    if gallery.index is not None:  # FAISS: global candidates, then the query's cells and the allowed rows
+    if top_cells <= 0 and gallery.index is not None:  # FAISS: global candidates, the allowed ones kept
         s, i = faiss_search(gallery.index, queries, max(candidates, k), nprobe)
-        keep = (i >= 0) & allowed[np.maximum(i, 0)]
-        if top_cells > 0:
-            cls = gallery.cell_groups(cells)[0]
-            keep &= (cls[np.maximum(i, 0)][:, :, None] == top[:, None, :]).any(-1)
-        return _first_k(s, i, keep, k)
+        return _first_k(s, i, (i >= 0) & allowed[np.maximum(i, 0)], k)
     if top_cells <= 0:
         return exact_search(queries, gallery.emb, k, allowed)
     _, order, starts = gallery.cell_groups(cells)

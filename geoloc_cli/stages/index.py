@@ -37,7 +37,8 @@ def run(cfg: Config, dataset: str | None = None) -> dict[str, Any]:
         manifest = read_parquet(root.manifest(name), f"manifest of {name!r}", f"run `geoloc fetch {name}`")
         emb, items = retrieval.collect(root.emb(name), retrieval.gallery_rows(manifest), int(made["dim"]))
         emb, items, excluded = _exclude(cfg, root, name, emb, items)
-        kind = retrieval.choose_index(cfg.retrieval.index, len(emb), cfg.retrieval.exact_max)
+        kind = retrieval.choose_index(cfg.retrieval.index, len(emb), cfg.retrieval.exact_max,
+                                      cfg.retrieval.top_cells)
         index = retrieval.build_faiss(emb, kind, seed=cfg.runtime.seed) if kind != "exact" else None
         record = {"dataset": name, "embedder": made,
                   "embedder_fingerprint": retrieval.fingerprint(
