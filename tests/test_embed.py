@@ -122,16 +122,26 @@ def test_another_backbone_is_refused_by_embed_and_by_train(world):
     assert r.exit_code == 2 and "made by another model" in r.output
 
 
-def test_other_preprocessing_is_refused_by_train(world):
+def test_the_embeddings_preprocessing_goes_on_into_embed_and_the_checkpoint(world):
+    """Embeddings made with another normalisation than timm's today (a converted checkpoint's own, an older
+    timm): a rerun of embed keeps it, and heads trained on them record it, so photos are normalised as the
+    embedded ones were."""
+    from geoloc_cli.data.store import read_checkpoint_meta
+
     cfg, root = world
     path = root.emb("demo") / RECORD
     good = path.read_text()
     record = json.loads(good)
-    record["preprocess"]["mean"] = [0.0, 0.0, 0.0]
+    record["preprocess"]["mean"] = [0.1, 0.2, 0.3]
     path.write_text(json.dumps(record))
     try:
-        r = geoloc(cfg, "train")
-        assert r.exit_code == 2 and "other preprocessing" in r.output
+        r = geoloc(cfg, "embed")
+        assert r.exit_code == 0, r.output
+        assert json.loads(path.read_text())["preprocess"]["mean"] == [0.1, 0.2, 0.3]
+        r = geoloc(cfg, "train", "--set", "train.run=recorded-preprocessing", "--set", "train.epochs=1")
+        assert r.exit_code == 0, r.output
+        meta = read_checkpoint_meta(root.run("recorded-preprocessing") / "model.safetensors")
+        assert meta["preprocess"]["mean"] == [0.1, 0.2, 0.3]
     finally:
         path.write_text(good)
 

@@ -225,8 +225,9 @@ def test_faiss_serves_whole_gallery_search_and_cells_are_searched_exactly(world,
 @pytest.mark.parametrize(("seg_channels", "fusion"), [(0, "late"), (3, "late"), (3, "gated"), (3, "exchange")])
 def test_refine_queries_come_from_the_forward_that_classified_the_batch(seg_channels, fusion):
     """Watched, a forward keeps its RGB feature and that is the query: the branch runs once per batch, not
-    twice. Exchange fusion keeps none (its branch runs block by block) and the batch is embedded anew. The
-    queries are the same numbers either way, crop stacks included."""
+    twice. Exchange fusion keeps none (its branch runs block by block) and the batch is embedded anew, as
+    evaluate does, without that embedding passing for the next batch's. The queries are the same numbers
+    as a fresh embedding, batch after batch, crop stacks included."""
     import torch
 
     from geoloc_cli.inference.geolocate import crop_probabilities
@@ -236,17 +237,18 @@ def test_refine_queries_come_from_the_forward_that_classified_the_batch(seg_chan
     spec = ModelSpec("vit_tiny_patch16_224", 32, seg_channels, fusion, {"coarse": 5},
                      {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8})
     model = build_model(spec).eval()
-    image = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)  # 2 photos, 3 crops each
-    seg = torch.randint(0, 150, (2, 3, 32, 32), dtype=torch.uint8)
+    batches = [(torch.randint(0, 256, (b, 3, 3, 32, 32), dtype=torch.uint8),  # b photos, 3 crops each
+                torch.randint(0, 150, (b, 3, 32, 32), dtype=torch.uint8)) for b in (2, 3)]
+    fresh = [retrieval.embed_pixels(model, image, "cpu") for image, _ in batches]
     runs = []
     model.rgb.register_forward_hook(lambda *_: runs.append(1))
     refiner = retrieval.Refiner(cfg=None, gallery=None, folder=Path())
     with refiner.watching(model):
-        crop_probabilities(model, image, seg, seg_channels, torch.device("cpu"), None)
-        kept = refiner.kept_queries(crops=3)
-    assert len(runs) == (0 if fusion == "exchange" else 1) and (kept is None) == (fusion == "exchange")
-    fresh = retrieval.embed_pixels(model, image, "cpu")
-    assert fresh.shape == (2, 32) and np.allclose(np.linalg.norm(fresh, axis=1), 1, atol=1e-5)
-    if kept is not None:
-        np.testing.assert_allclose(kept, fresh, atol=1e-5)
-    assert refiner.kept_queries(crops=3) is None, "a feature is used once, for its own batch"
+        for (image, seg), want in zip(batches, fresh, strict=True):
+            runs.clear()
+            crop_probabilities(model, image, seg, seg_channels, torch.device("cpu"), None)
+            kept = refiner.kept_queries(crops=3)
+            assert len(runs) == (0 if fusion == "exchange" else 1) and (kept is None) == (fusion == "exchange")
+            got = retrieval.embed_pixels(model, image, "cpu") if kept is None else kept
+            assert got.shape == want.shape and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+            np.testing.assert_allclose(got, want, atol=1e-5)

@@ -89,12 +89,15 @@ def branch_weights(model: Any) -> dict[str, Any]:
     return weights
 
 
-def load_branches(model: Any, emb_dir: Path) -> None:
-    """The recorded branches' weights into `model` (strict: the record already matched the config)."""
+def load_branches(model: Any, emb_dir: Path, record: dict[str, Any]) -> None:
+    """The recorded branches' weights and preprocessing into `model` (strict: the record already matched the
+    config). Photos are then normalised as the embeddings' photos were, whatever timm's data config for the
+    backbone says today or a checkpoint given as model.pretrained recorded."""
     weights = load_embedder(emb_dir)
     model.rgb.load_state_dict({k: v for k, v in weights.items() if not k.startswith("seg.")})
     if model.seg is not None:
         model.seg.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("seg.")})
+    model.preprocess = {**model.preprocess, **record["preprocess"]}
 
 
 def load_embedder(emb_dir: Path) -> dict[str, Any]:

@@ -460,13 +460,19 @@ class Refiner:
         """Keep the RGB branch's output of each forward inside the block (a forward hook), so a batch's
         queries come from the forward that classified it instead of running the branch again: half of a
         dual-branch model's work, all of an RGB-only one's. Exchange fusion runs the branch block by block,
-        never as a whole: nothing is kept."""
+        never as a whole: nothing is kept, and the caller embeds the batch (`embed_pixels`)."""
         self._kept = []
-        handle = model.rgb.register_forward_hook(lambda _module, _args, out: self._kept.append(out.detach()))
+        handles = [
+            # each forward starts afresh: what an embedding outside a forward left (exchange fusion's
+            # `embed_pixels`) must not pass for the next batch's feature
+            model.register_forward_pre_hook(lambda *_: self._kept.clear()),
+            model.rgb.register_forward_hook(lambda _module, _args, out: self._kept.append(out.detach())),
+        ]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             self._kept = []
 
     def kept_queries(self, crops: int = 0) -> np.ndarray | None:

@@ -101,11 +101,8 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     if model is None:
         model = build_model(model_spec(cfg, {}), "none" if made else cfg.model.pretrained)
     if made:
-        load_branches(model, emb_dir)
+        load_branches(model, emb_dir, made)  # (its preprocessing too: a rerun goes on as it began)
     record = {**want, "preprocess": model.data_config(), "dim": model.rgb.num_features}
-    if made is not None and made != record and begun:
-        raise ConfigError(f"{name}: its embeddings so far were made with other preprocessing "
-                          f"({mismatch(made, record)}): delete {emb_dir} to start over")
     if made != record:
         write_record(emb_dir, record, branch_weights(model))
     return model.eval()

@@ -421,16 +421,13 @@ def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
         model = build_model(spec, cfg.model.pretrained)
         model.freeze(cfg.train.trainable_blocks)
         return model
-    from geoloc_cli.data.embeddings import check_record, load_branches, mismatch
+    from geoloc_cli.data.embeddings import check_record, load_branches
 
     emb_dir = root.emb(cfg.train.dataset)
     model = build_model(spec, "none")
-    load_branches(model, emb_dir)
+    # the checkpoint records the embeddings' preprocessing: photos at inference are normalised as theirs were
+    load_branches(model, emb_dir, check_record(cfg, emb_dir, cfg.train.dataset))
     model.freeze(0)
-    diff = mismatch(check_record(cfg, emb_dir, cfg.train.dataset), {"preprocess": model.data_config()})
-    if diff:  # the same names, another timm (its data config changed): the heads would learn other features
-        raise ConfigError(f"{cfg.train.dataset}: its embeddings were made with other preprocessing ({diff}): "
-                          f"run `geoloc embed {cfg.train.dataset}` again")
     return model
 
 
