@@ -292,7 +292,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) or value not in choices:  # True == 1: a YAML `yes` is no choice of 0/1/2/3
+        # the type too: True == 1 and 3.0 == 3, but a YAML `yes` or `3.0` is no choice of 0/1/2/3
+        if not any(type(value) is type(c) and value == c for c in choices):
             raise ConfigError(f"{key}: {value!r} is not allowed (expected {_one_of(choices)})")
         return value
     if origin in (typing.Union, types.UnionType):

@@ -44,6 +44,7 @@ def test_default_file_is_picked_up(tmp_path: Path, monkeypatch):
         ("model.fusion=early", "model.fusion: 'early' is not allowed (expected late, gated or exchange)"),
         ("filter.scene_of_interest=true", "filter.scene_of_interest: True is not allowed"),  # True == 1
         ("model.scene_classes='3'", "model.scene_classes: '3' is not allowed"),
+        ("model.scene_classes=365.0", "model.scene_classes: 365.0 is not allowed"),
         ("runtime.gpus=[a]", "runtime.gpus[0]: expected int"),
         ("train.augment=3", "train.augment: expected bool"),
         ("model.partitionings=[coarse,huge]", "model.partitionings"),

@@ -271,7 +271,9 @@ def save(folder: Path, emb: np.ndarray, items: pd.DataFrame, record: dict[str, A
         write_json_atomic(staged.path(RECORD), record)
 
 
-def load(folder: Path) -> Gallery:
+def load(folder: Path, with_index: bool = True) -> Gallery:
+    """A gallery, memory-mapped; its FAISS index only `with_index` (whole-gallery search needs it, search
+    inside cells does not, and an MP-16 flat index is 18 GB)."""
     import pandas as pd
 
     from geoloc_cli.data.store import check_committed
@@ -285,7 +287,7 @@ def load(folder: Path) -> Gallery:
     items = pd.read_parquet(Path(folder) / ITEMS)
     assert len(emb) == len(items) == record["count"], (len(emb), len(items), record["count"])
     index = None
-    if record["index"] != "exact":
+    if with_index and record["index"] != "exact":
         faiss = faiss_module()
         if faiss is None:
             raise ConfigError(f"{folder} has a FAISS index ({record['index']}): pip install 'geoloc[retrieval]'")
@@ -444,7 +446,7 @@ class Refiner:
         from geoloc_cli.data.store import DataRoot
 
         folder = DataRoot(cfg.root).gallery(gallery_dataset(cfg))
-        gallery = load(folder)
+        gallery = load(folder, with_index=cfg.retrieval.top_cells == 0)
         check_embedder(gallery, model, folder)
         return cls(cfg, gallery, folder)
 
@@ -453,7 +455,7 @@ class Refiner:
         r = self.cfg.retrieval
         return {"method": "knn", "k": r.k, "top_cells": r.top_cells, "aggregation": r.aggregation,
                 "temperature": r.temperature, "gallery": str(self.folder), "gallery_photos": len(self.gallery),
-                "index": self.gallery.record["index"]}
+                "search": self.gallery.record["index"] if self.gallery.index is not None else "exact"}
 
     @contextmanager
     def watching(self, model: Any) -> Iterator[None]:
