@@ -263,7 +263,7 @@ def lock_held(folder: Path, stage: str) -> bool:
     """Whether a process holds `<folder>/.<stage>.lock` (shared or exclusive), as `locked` takes it."""
     path = Path(folder) / f".{stage}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # (NFS grants an exclusive flock only to a descriptor open for writing)
     except FileNotFoundError:
         return False
     except OSError as e:
@@ -273,6 +273,8 @@ def lock_held(folder: Path, stage: str) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError as e:
+        raise storage_error(e, f"probing {path}") from None
     finally:
         os.close(fd)  # (releases the probe's lock, if it got it)
 
