@@ -354,7 +354,7 @@ def neighbours(gallery: Gallery, cells: CellSet, queries: np.ndarray, top: np.nd
     """(scores, rows) (q, k) of each query's most similar allowed gallery photos inside its most likely finest
     cells `top` (anywhere with top_cells 0); rows -1 where fewer exist. Inside cells the search is exact and
     ignores a FAISS index: a global approximate search filtered to one cell can miss the cell's photos
-    altogether (IVF's recall@10 on a synthetic MP-16-sized gallery: 0.71-0.79, benchmarks/README.md)."""
+    altogether (IVF's recall@10 on a synthetic MP-16-sized gallery: 0.71-0.86 at nprobe 8-512, benchmarks/README.md)."""
     allowed = np.ones(len(gallery), bool) if allowed is None else allowed
     if top_cells <= 0 and gallery.index is not None:  # FAISS: global candidates, the allowed ones kept
         s, i = faiss_search(gallery.index, queries, max(candidates, k), nprobe)

@@ -349,8 +349,8 @@ def _one_split(folder: Path, n: int) -> None:
     both write shard 0 (and 4, 8, ...), and one run's part file could end up describing the other's tar.
     (Checked after taking this split's lock, so two runs starting together with different N both stop.)"""
     for lock in folder.glob(".fetch-parts-of-*.lock"):
-        m = int(lock.name.removeprefix(".fetch-parts-of-").removesuffix(".lock"))
-        if m != n and lock_held(folder, f"fetch-parts-of-{m}"):
+        m = lock.name.removeprefix(".fetch-parts-of-").removesuffix(".lock")
+        if m.isdigit() and int(m) != n and lock_held(folder, f"fetch-parts-of-{m}"):
             raise LockedError(f"{folder} is being fetched in {m} parts right now (--part i/{m}); run the other "
                               f"slices as i/{m} too, or wait for those runs to end")
 
