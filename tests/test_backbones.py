@@ -190,3 +190,24 @@ def test_fine_tuning_keys_are_checked():
     assert load_config(None, ["train.source=embeddings"]).model.seg_channels == 3  # maps are embedded too
     with pytest.raises(ConfigError, match="trainable_blocks=0"):
         load_config(None, ["train.source=embeddings", "model.seg_channels=0", "train.trainable_blocks=2"])
+
+
+def test_a_frozen_backbone_whose_weights_are_unreachable_is_refused(monkeypatch):
+    """model.pretrained=auto offline falls back to random weights with a warning; where the backbone stays
+    frozen (embed, trainable_blocks=0) that is refused, while model.pretrained=none asks for random weights."""
+    from geoloc_cli.errors import InputError
+    from geoloc_cli.model import network
+
+    real = network.create_backbone
+
+    def offline(*args, **weights):
+        if weights.get("pretrained"):
+            raise OSError("no network")
+        return real(*args, **weights)
+
+    monkeypatch.setattr(network, "create_backbone", offline)
+    with pytest.warns(UserWarning, match="random init"):
+        fallen = build_model(family("vit-p8"), pretrained="auto")
+    with pytest.raises(InputError, match="not reachable and the heads would learn nothing; .*model.pretrained=none"):
+        network.require_pretrained(fallen, "the heads would learn nothing")
+    network.require_pretrained(build_model(family("vit-p8"), pretrained="none"), "random on purpose is fine")

@@ -270,3 +270,14 @@ def test_two_device_processes_write_the_same_shards_as_one(tmp_path):
         out[len(devices)] = [read_shard(j.emb_shard) for j in jobs]
     for (k1, e1, _), (k2, e2, _) in zip(out[1], out[2], strict=True):
         assert k1 == k2 and np.allclose(e1, e2, atol=1e-3)
+
+
+def test_one_weights_file_spelled_two_ways_is_the_same_embedder(tmp_path, monkeypatch):
+    from geoloc_cli.data.embeddings import mismatch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    for other in (str(tmp_path / "w.safetensors"), "./w.safetensors"):
+        assert mismatch({"pretrained": "w.safetensors"}, {"pretrained": other}) == ""
+    assert "pretrained" in mismatch({"pretrained": "w.safetensors"}, {"pretrained": "auto"})
+    assert "pretrained" in mismatch({"pretrained": "gone.safetensors"}, {"pretrained": "./gone.safetensors"})

@@ -20,7 +20,9 @@ the training stage's data.EmbeddingDataset is built on `gather`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,17 @@ def write_record(emb_dir: Path, record: dict[str, Any], weights: dict[str, Any])
 
 def mismatch(made: dict[str, Any], want: dict[str, Any]) -> str:
     """'' when `want` is what made the embeddings, else the differing keys as one line."""
-    diff = [f"{k}: {made.get(k)!r} there, {want[k]!r} here" for k in want if made.get(k) != want[k]]
+    diff = [f"{k}: {made.get(k)!r} there, {want[k]!r} here" for k in want if not _same(k, made.get(k), want[k])]
     return "; ".join(diff)
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if key == "pretrained" and isinstance(a, str) and isinstance(b, str):
+        with contextlib.suppress(OSError):  # one weights file spelled two ways (./x, an absolute path)
+            return os.path.samefile(a, b)
+    return False
 
 
 def check_record(cfg: Any, emb_dir: Path, name: str) -> dict[str, Any]:

@@ -88,9 +88,7 @@ def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str, branch: st
     if pretrained in ("none", ""):
         return create(pretrained=False)
     if pretrained != "auto":
-        path = Path(pretrained)
-        if not path.is_file():
-            raise InputError(f"model.pretrained: weights file {path} does not exist")
+        path = check_weights_file(pretrained)
         state = _checkpoint_branch(path, branch)
         if state is None:  # a timm weights file
             return create(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
@@ -108,7 +106,26 @@ def _create_weighted(spec: ModelSpec, in_chans: int, pretrained: str, branch: st
     except Exception as e:  # noqa: BLE001 - any download/IO failure means "not reachable"
         warnings.warn(f"pretrained weights for {spec.backbone} not reachable ({type(e).__name__}); random init",
                       stacklevel=2)
-        return create(pretrained=False)
+        net = create(pretrained=False)
+        net.random_fallback = True  # (where the backbone stays frozen, require_pretrained refuses it)
+        return net
+
+
+def check_weights_file(pretrained: str) -> Path:
+    """model.pretrained naming a file: that file, or a one-line error."""
+    path = Path(pretrained)
+    if not path.is_file():
+        raise InputError(f"model.pretrained: weights file {path} does not exist")
+    return path
+
+
+def require_pretrained(model: GeoModel, why: str) -> None:
+    """Refuse a model whose branches fell back to random weights (model.pretrained=auto, offline) where the
+    backbone stays frozen: its features would mean nothing."""
+    if any(getattr(b, "random_fallback", False) for b in model.branches()):
+        raise InputError(f"model.pretrained=auto: the weights of {model.spec.backbone} are not reachable and {why}; "
+                         "fetch them where there is a network (the timm / Hugging Face cache, then HF_HUB_OFFLINE=1), "
+                         "give a weights file, or set model.pretrained=none to use random weights on purpose")
 
 
 def _checkpoint_branch(path: Path, branch: str) -> dict[str, torch.Tensor] | None:

@@ -88,8 +88,10 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
     """The embedder for this dataset: the recorded one when its record matches the config (a rerun goes on
     with the very weights it began with, even a random initialisation), else `model` or the configured
     backbone, recorded now. Refused when another model made some of the dataset's embeddings already."""
-    from geoloc_cli.model.network import build_model, model_spec
+    from geoloc_cli.model.network import build_model, check_weights_file, model_spec, require_pretrained
 
+    if cfg.model.pretrained not in ("auto", "none", ""):
+        check_weights_file(cfg.model.pretrained)  # (before the record's comparison names it "another model")
     want = embedder_record(cfg)
     made = read_record(emb_dir)
     begun = any(emb_dir.glob("emb-*.safetensors"))
@@ -100,6 +102,7 @@ def _claim(cfg: Config, emb_dir: Path, name: str, model: Any):
         made = None
     if model is None:
         model = build_model(model_spec(cfg, {}), "none" if made else cfg.model.pretrained)
+        require_pretrained(model, "embeddings of a random, frozen backbone would mean nothing")
     if made:
         load_branches(model, emb_dir, made)  # (its preprocessing too: a rerun goes on as it began)
     record = {**want, "preprocess": model.data_config(), "dim": model.rgb.num_features}

@@ -414,11 +414,13 @@ def _epoch_loader(ds, sampler, local_batch: int, workers: int, seed: int, info, 
 def _build(cfg: Config, root: DataRoot, heads: dict[str, int]):
     """The model to train, frozen as train.trainable_blocks says; with train.source=embeddings its backbone
     is the one that made the embeddings (their record holds its weights)."""
-    from geoloc_cli.model.network import build_model, model_spec
+    from geoloc_cli.model.network import build_model, model_spec, require_pretrained
 
     spec = model_spec(cfg, heads)
     if cfg.train.source == "images":
         model = build_model(spec, cfg.model.pretrained)
+        if cfg.train.trainable_blocks == 0:
+            require_pretrained(model, "train.trainable_blocks=0 would train heads on a random, frozen backbone")
         model.freeze(cfg.train.trainable_blocks)
         return model
     from geoloc_cli.data.embeddings import check_record, load_branches
