@@ -47,6 +47,13 @@ out, err = _console(False), _console(True)
 def set_quiet(quiet: bool) -> None:
     """Quiet: no progress bars; progress is logged as plain lines every few seconds instead."""
     _state["quiet"] = quiet
+    if quiet:  # the libraries' own tqdm bars too (Hub downloads, transformers' "Loading weights"): through
+        # the environment, which libraries not imported yet and spawned workers read
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:  # (imported already: it read the environment then)
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -34,3 +34,20 @@ def test_progress_without_a_terminal_is_plain_lines(capsys, quiet):
         console.set_quiet(False)
     err = capsys.readouterr().err
     assert ("epoch 1/1: 3/3" in err and "loss=0.5" in err) != quiet  # quiet: not even the final line
+
+
+def test_quiet_also_silences_the_libraries_progress_bars(monkeypatch):
+    """-q: Hugging Face's and transformers' own tqdm bars go too (the README promises no bars)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setitem(console._state, "quiet", False)
+    try:
+        console.set_quiet(True)
+        assert are_progress_bars_disabled()
+        import os
+
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for spawned workers and later imports
+    finally:
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # (enabling again wants the variable gone)
+        enable_progress_bars()
