@@ -38,16 +38,12 @@ def test_progress_without_a_terminal_is_plain_lines(capsys, quiet):
 
 def test_quiet_also_silences_the_libraries_progress_bars(monkeypatch):
     """-q: Hugging Face's and transformers' own tqdm bars go too (the README promises no bars)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    import os
 
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # (restored afterwards)
     monkeypatch.setitem(console._state, "quiet", False)
-    try:
-        console.set_quiet(True)
-        assert are_progress_bars_disabled()
-        import os
-
-        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for spawned workers and later imports
-    finally:
-        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # (enabling again wants the variable gone)
-        enable_progress_bars()
+    console.set_quiet(True)
+    assert are_progress_bars_disabled()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for spawned workers and later imports
