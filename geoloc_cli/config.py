@@ -8,6 +8,7 @@ documentation in `metadata["doc"]`; `geoloc config` prints the resolved tree.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,6 +295,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
         # the type too: True == 1 and 3.0 == 3, but a YAML `yes` or `3.0` is no choice of 0/1/2/3
         if not any(type(value) is type(c) and value == c for c in choices):
+            kinds = {type(c) for c in choices}
+            if len(kinds) == 1 and type(value) not in kinds:
+                raise ConfigError(f"{key}: expected {kinds.pop().__name__} ({_one_of(choices)}), got {value!r}")
             raise ConfigError(f"{key}: {value!r} is not allowed (expected {_one_of(choices)})")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -353,7 +357,9 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(key), names, 1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"{full}: unknown key ({hint}known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.")

@@ -35,16 +35,16 @@ def test_default_file_is_picked_up(tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lrr=1", "train.lrr: unknown key"),
+        ("train.lrr=1", "train.lrr: unknown key (did you mean train.lr?"),
         ("nope.x=1", "nope: unknown key"),
         ("train.lr=abc", "train.lr: expected float"),
         ("train.epochs=1.5", "train.epochs: expected int"),
         ("train.epochs=0", "train.epochs: 0 is not allowed"),
         ("model.seg_channels=7", "model.seg_channels: 7 is not allowed (expected 0, 3 or 150)"),
         ("model.fusion=early", "model.fusion: 'early' is not allowed (expected late, gated or exchange)"),
-        ("filter.scene_of_interest=true", "filter.scene_of_interest: True is not allowed"),  # True == 1
-        ("model.scene_classes='3'", "model.scene_classes: '3' is not allowed"),
-        ("model.scene_classes=365.0", "model.scene_classes: 365.0 is not allowed"),
+        ("filter.scene_of_interest=true", "filter.scene_of_interest: expected int (0, 1, 2 or 3), got True"),
+        ("model.scene_classes='3'", "model.scene_classes: expected int (3, 16 or 365), got '3'"),
+        ("model.scene_classes=365.0", "model.scene_classes: expected int (3, 16 or 365), got 365.0"),
         ("runtime.gpus=[a]", "runtime.gpus[0]: expected int"),
         ("train.augment=3", "train.augment: expected bool"),
         ("model.partitionings=[coarse,huge]", "model.partitionings"),

@@ -597,7 +597,7 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"model checkpoint {path} does not exist")
+        raise InputError(f"model checkpoint {path} does not exist (train one with `geoloc train`, or pass --model)")
     try:
         with safe_open(str(path), framework="numpy") as f:
             raw = (f.metadata() or {}).get("geoloc")
