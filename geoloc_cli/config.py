@@ -116,7 +116,8 @@ class ModelConfig:
         "vit_large_patch14_clip_quickgelu_224.openai, DataComp CLIP, DINOv2/v3, SigLIP/SigLIP2, EVA, ConvNeXt, "
         "ResNet) or an hf-hub:org/name id; its own data config sets mean/std/crop/interpolation.")
     pretrained: str = doc(
-        "auto", "Backbone weights: auto (timm's if reachable, else random), none, a local timm weights file, or a "
+        "auto", "Backbone weights: auto (timm's if reachable, else random with a warning; refused where the backbone "
+        "stays frozen: embed, train.trainable_blocks=0), none (random), a local timm weights file, or a "
         "geoloc inference checkpoint (.safetensors: its branches' weights).")
     img_size: int = doc(224, "Input resolution of both branches (passed to timm only where the architecture takes "
                         "it; CNNs take any size).")
