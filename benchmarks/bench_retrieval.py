@@ -87,9 +87,7 @@ def cell_search_qps(emb: np.ndarray, q: np.ndarray, k: int, n_cells: int, seed: 
     query's predicted cell only (retrieval.neighbours). Rows are dealt to `n_cells` cells at random, so a
     cell's photos lie spread over the memory-mapped file as a real cell's do; each query gets a random cell."""
     rng = np.random.default_rng(seed + 2)
-    cls = rng.integers(0, n_cells, len(emb))
-    order = np.argsort(cls, kind="stable")
-    groups = cls, order, np.searchsorted(cls[order], np.arange(n_cells + 1))
+    groups = retrieval.group_rows(rng.integers(0, n_cells, len(emb)), n_cells)
     gallery = retrieval.Gallery(emb, items=None, record={})
     gallery.cell_groups = lambda _cells: groups  # (rows -> cells without positions to assign)
     top = rng.integers(0, n_cells, (len(q), 1))

@@ -197,10 +197,15 @@ class Gallery:
             fine = cells.finest
             table = pd.DataFrame({"hex_id": cells.hex_id[fine], "class_label": np.arange(len(cells.hex_id[fine]))})
             cls = assign_classes(self.items["lat"].to_numpy(), self.items["lon"].to_numpy(), table)
-            order = np.argsort(cls, kind="stable")
-            starts = np.searchsorted(cls[order], np.arange(len(table) + 1))
-            self._cells[key] = (cls, order, starts)
+            self._cells[key] = group_rows(cls, len(table))
         return self._cells[key]
+
+
+def group_rows(cls: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cls, rows sorted by class, start of each class in that order): what `neighbours` reads a cell's rows
+    from (class -1, outside every cell, sorts first and belongs to none)."""
+    order = np.argsort(cls, kind="stable")
+    return cls, order, np.searchsorted(cls[order], np.arange(n_classes + 1))
 
 
 def eval_keys(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
