@@ -136,10 +136,11 @@ def _checkpoint_branch(path: Path, branch: str) -> dict[str, torch.Tensor] | Non
         read_checkpoint_meta(path)
     except InputError:
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     prefix = f"model.{branch}."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    with safe_open(str(path), framework="pt") as f:  # only this branch's tensors: the file holds both and more
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (no __iter__)
     if not state:
         raise InputError(f"model.pretrained: {path} has no {branch} branch")
     return state
